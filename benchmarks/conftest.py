@@ -1,0 +1,132 @@
+"""Shared machinery for the benchmark suite.
+
+``pytest benchmarks/`` measures at full size (median of repeats after warm-up) and writes
+``benchmarks/results/<name>.json`` plus ``benchmarks/results/summary.md``.
+``pytest benchmarks/ --quick`` runs the same code at small sizes with one repeat (CI uses it so the
+benchmarks cannot rot) and writes to a temporary folder instead, leaving the committed results alone.
+``--gpu`` adds the CUDA benchmarks and fails if no CUDA device is present.
+
+Every benchmark measures quantkit and its baselines side by side in one run and records ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", help="small sizes, one repeat (for CI)")
+    parser.addoption("--gpu", action="store_true", help="also run the CUDA benchmarks")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run with --gpu)")
+    if config.getoption("--gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--gpu was given but torch sees no CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu"):
+        return
+    skip = pytest.mark.skip(reason="CUDA benchmark: run with --gpu")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class Bench:
+    """Sizes, timing and result recording for one benchmark session."""
+
+    def __init__(self, quick: bool, out_dir: Path):
+        self.quick = quick
+        self.out_dir = out_dir
+        self.repeats = 1 if quick else 7
+
+    def size(self, full, quick):
+        """The problem size for this mode."""
+        return quick if self.quick else full
+
+    def time(self, fn, *, repeats=None, warmup=1, sync=None) -> float:
+        """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls.
+
+        ``sync`` (e.g. torch.cuda.synchronize) is called before each clock read.
+        """
+        repeats = repeats or self.repeats
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if sync:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def record(self, name: str, result: dict, markdown: str) -> None:
+        """Write ``<name>.json`` (raw figures) and ``<name>.md`` (the summary's section)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        payload = {"name": name, "quick": self.quick, "machine": machine(), "result": result}
+        (self.out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float))
+        (self.out_dir / f"{name}.md").write_text(markdown.rstrip() + "\n")
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def markdown_table(header: list, rows: list) -> str:
+    """A GitHub Markdown table; floats are shown with 4 significant digits."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def bench(request, tmp_path_factory):
+    quick = request.config.getoption("--quick")
+    out_dir = tmp_path_factory.mktemp("bench-results") if quick else RESULTS
+    return Bench(quick, out_dir)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Gather every ``<name>.md`` of the full-mode results into ``summary.md``."""
+    if session.config.getoption("--quick") or not RESULTS.exists():
+        return
+    sections = sorted(p for p in RESULTS.glob("*.md") if p.name != "summary.md")
+    if not sections:
+        return
+    m = machine()
+    head = ["# quantkit benchmark summary", "",
+            f"Produced by `pytest benchmarks/` on {m['processor']}, {m['cpus']} CPUs, "
+            f"{m['platform']}, torch {m.get('torch', '-')}" + (f", GPU {m['gpu']}" if 'gpu' in m else "")
+            + ". Medians of repeats after warm-up; ratios are within one run.", ""]
+    body = [p.read_text() for p in sections]
+    (RESULTS / "summary.md").write_text("\n".join(head) + "\n" + "\n".join(body))

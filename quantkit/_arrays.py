@@ -1,0 +1,144 @@
+"""Array kinds and argument checks shared by the public entry points.
+
+quantkit takes NumPy arrays and torch tensors. torch is never imported here: a torch tensor can only
+exist if the caller already imported torch, so ``sys.modules`` tells whether to look for one.
+Inputs are never modified: conversions make new arrays, and kernels only read them.
+"""
+
+from __future__ import annotations
+
+import numbers
+import sys
+
+import numpy as np
+
+from ._constants import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+
+#: Kinds of array a caller can pass: a NumPy array, a CPU torch tensor, a CUDA torch tensor.
+NUMPY, TORCH_CPU, TORCH_CUDA = "numpy", "torch", "cuda"
+
+_NUMPY_FLOATS = (np.float16, np.float32, np.float64)
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def is_torch_tensor(x) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def kind_of(x) -> str:
+    """NUMPY, TORCH_CPU or TORCH_CUDA for a supported array; TypeError otherwise."""
+    if isinstance(x, np.ndarray):
+        return NUMPY
+    if is_torch_tensor(x):
+        if x.device.type == "cpu":
+            return TORCH_CPU
+        if x.device.type == "cuda":
+            return TORCH_CUDA
+        raise TypeError(f"tensors on device {x.device} are not supported; use a CPU or CUDA tensor")
+    raise TypeError(f"expected a NumPy array or a torch tensor, got {type(x).__name__}")
+
+
+def float32_numpy(x, name: str = "x") -> np.ndarray:
+    """x (NumPy array or CPU tensor) as a float32 NumPy array, zero-copy when it already is one.
+
+    float16, bfloat16 and float64 are converted (a new array); any other dtype is a TypeError.
+    """
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.float32:
+            return x
+        if x.dtype.type in _NUMPY_FLOATS:
+            return x.astype(np.float32)
+        raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {x.dtype}")
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise TypeError(f"{name} must be a CPU tensor here, got one on {x.device}")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/"
+                            f"float64), got {x.dtype}")
+        return x.detach().to(torch.float32).numpy()
+    raise TypeError(f"{name} must be a NumPy array or a torch tensor, got {type(x).__name__}")
+
+
+def wrap_like(a: np.ndarray, kind: str):
+    """Return the NumPy result ``a`` as the caller's kind (zero-copy torch tensor for TORCH_CPU)."""
+    if kind == TORCH_CPU:
+        return _torch().from_numpy(a)
+    return a
+
+
+def normalize_axis(axis, ndim: int, name: str = "axis") -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array with {ndim} dimension(s)")
+    return int(axis) % ndim
+
+
+def check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+        raise TypeError(f"block_size must be an int or None, got {type(block_size).__name__}")
+    b = int(block_size)
+    if not (MIN_BLOCK_SIZE <= b <= MAX_BLOCK_SIZE and b & (b - 1) == 0):
+        raise ValueError(f"block_size must be a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}],"
+                         f" got {block_size}")
+    return b
+
+
+def n_blocks(size: int, block_size: int) -> int:
+    return -(-size // block_size)
+
+
+def alpha_array(alpha, expected_shape: tuple) -> np.ndarray:
+    """alpha as a float32 NumPy array of ``expected_shape``: finite and >= 0, else ValueError.
+
+    ``expected_shape`` is ``()`` per tensor, ``(channels,)`` per channel, ``(n_blocks,)`` per block.
+    """
+    if is_torch_tensor(alpha):
+        if alpha.is_floating_point() or alpha.dtype in _torch_int_dtypes():
+            alpha = alpha.detach().cpu().to(_torch().float64).numpy()
+        else:
+            raise TypeError(f"alpha must hold real numbers, got a tensor of {alpha.dtype}")
+    if isinstance(alpha, (bool, np.bool_)):
+        raise TypeError("alpha must be a real number or an array of them, got a bool")
+    try:
+        a = np.asarray(alpha)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"alpha must be a real number or an array of them: {exc}") from None
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"alpha must be a real number or an array of them, got dtype {a.dtype}")
+    if a.shape != expected_shape:
+        if expected_shape == ():
+            raise ValueError(f"alpha must be a scalar for per-tensor quantization, got shape "
+                             f"{a.shape} (pass axis= or block_size= for one alpha per slice)")
+        raise ValueError(f"alpha must have shape {expected_shape}, got {a.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        a32 = a.astype(np.float32)
+    finite = np.isfinite(a32)
+    if not finite.all():
+        first = int(np.argmin(finite.reshape(-1)))
+        raise ValueError(f"alpha must be finite in float32; entry {first} is "
+                         f"{a.reshape(-1)[first]!r}")
+    if (a32 < 0).any():
+        first = int(np.argmax((a32 < 0).reshape(-1)))
+        raise ValueError(f"alpha must be >= 0; entry {first} is {a.reshape(-1)[first]!r}")
+    return a32
+
+
+def _torch_int_dtypes():
+    torch = _torch()
+    return (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def nonfinite_error(x: np.ndarray, count: int, name: str = "x") -> ValueError:
+    """The error for ``count`` NaN/Inf elements in ``x``, naming the first in C order."""
+    flat_bad = ~np.isfinite(x).reshape(-1)
+    first = int(np.argmax(flat_bad))
+    index = tuple(int(i) for i in np.unravel_index(first, x.shape)) if x.ndim else ()
+    value = x.reshape(-1)[first]
+    return ValueError(f"{name} has {count} non-finite value(s) (NaN or Inf); the first is "
+                      f"{value} at index {index}")

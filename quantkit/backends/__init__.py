@@ -1,0 +1,1 @@
+"""Kernel backends: ``numba_cpu`` (NumPy arrays and CPU tensors) and ``cuda`` (CUDA tensors)."""

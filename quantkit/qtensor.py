@@ -1,0 +1,80 @@
+"""QTensor: int8 codes plus their float32 scales and granularity."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _arrays
+
+
+class QTensor:
+    """An int8-quantized tensor: ``x_hat = float32(data) * scale`` (broadcast by granularity).
+
+    Attributes:
+        data: int8 codes, a NumPy array or a torch tensor of the original shape.
+        scale: float32 dequantization step(s), the same kind as ``data``: a scalar (0-d) per tensor,
+            one per slice along ``axis`` per channel, one per block per block.
+        axis: the channel axis (normalized to be >= 0) or None.
+        block_size: the block length over the C-order flattening, or None.
+
+    The constructor checks that these fit together, so a QTensor rebuilt from a file is consistent.
+    """
+
+    __slots__ = ("data", "scale", "axis", "block_size")
+
+    def __init__(self, data, scale, *, axis=None, block_size=None):
+        kind = _arrays.kind_of(data)
+        if str(data.dtype) not in ("int8", "torch.int8"):
+            raise TypeError(f"data must hold int8 codes, got {data.dtype}")
+        if _arrays.kind_of(scale) != kind:
+            raise TypeError(f"scale must be the same kind of array as data ({kind}), "
+                            f"got {type(scale).__name__}")
+        if str(scale.dtype) not in ("float32", "torch.float32"):
+            raise TypeError(f"scale must be float32, got {scale.dtype}")
+        if axis is not None and block_size is not None:
+            raise ValueError("a QTensor has either an axis or a block_size, not both")
+        shape = tuple(data.shape)
+        if axis is not None:
+            axis = _arrays.normalize_axis(axis, len(shape))
+            expected = (shape[axis],)
+        elif block_size is not None:
+            block_size = _arrays.check_block_size(block_size)
+            expected = (_arrays.n_blocks(int(np.prod(shape, dtype=np.int64)), block_size),)
+        else:
+            expected = ()
+        if tuple(scale.shape) != expected:
+            raise ValueError(f"scale must have shape {expected} for this granularity, "
+                             f"got {tuple(scale.shape)}")
+        self.data = data
+        self.scale = scale
+        self.axis = axis
+        self.block_size = block_size
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def granularity(self) -> str:
+        """"tensor", "channel" or "block"."""
+        if self.axis is not None:
+            return "channel"
+        return "tensor" if self.block_size is None else "block"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes plus scales."""
+        count = int(np.prod(self.data.shape, dtype=np.int64))
+        return count + 4 * max(1, int(np.prod(self.scale.shape, dtype=np.int64)))
+
+    def dequantize(self):
+        """The float32 approximation ``float32(data) * scale``, the same kind as ``data``."""
+        from .ops import dequantize  # ops builds QTensors; the import is deferred to avoid a cycle
+
+        return dequantize(self)
+
+    def __repr__(self) -> str:
+        detail = {"channel": f", axis={self.axis}", "block": f", block_size={self.block_size}",
+                  "tensor": ""}[self.granularity]
+        kind = "torch" if _arrays.is_torch_tensor(self.data) else "numpy"
+        return f"QTensor(shape={self.shape}, granularity={self.granularity!r}{detail}, {kind})"
