@@ -35,8 +35,7 @@ __all__ = ["QMAX", "QTensor", "dequantize", "quantize", *_LAZY]
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(import_module(f".{name_module}", __name__), name) \
-            if (name_module := _LAZY[name]) else None
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'quantkit' has no attribute {name!r}")
