@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from ._constants import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+from ._constants import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_POSITIVE_ALPHA
 
 #: Kinds of array a caller can pass: a NumPy array, a CPU torch tensor, a CUDA torch tensor.
 NUMPY, TORCH_CPU, TORCH_CUDA = "numpy", "torch", "cuda"
@@ -126,6 +126,11 @@ def alpha_array(alpha, expected_shape: tuple) -> np.ndarray:
     if (a32 < 0).any():
         first = int(np.argmax((a32 < 0).reshape(-1)))
         raise ValueError(f"alpha must be >= 0; entry {first} is {a.reshape(-1)[first]!r}")
+    tiny = (a32 > 0) & (a32 < np.float32(MIN_POSITIVE_ALPHA))
+    if tiny.any():
+        first = int(np.argmax(tiny.reshape(-1)))
+        raise ValueError(f"alpha must be 0 or at least {MIN_POSITIVE_ALPHA} (127/alpha must fit "
+                         f"in float32); entry {first} is {a.reshape(-1)[first]!r}")
     return a32
 
 

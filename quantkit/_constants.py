@@ -6,3 +6,7 @@ QMAX = 127
 #: Smallest and largest block sizes for blockwise quantization (powers of two).
 MIN_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 4096
+
+#: Smallest positive alpha: below it ``float32(127 / alpha)`` overflows float32. alpha is either 0 or
+#: at least this (float32(127) / FLT_MAX, rounded up to float32).
+MIN_POSITIVE_ALPHA = 3.7321948e-37

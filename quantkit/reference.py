@@ -10,9 +10,9 @@ Symmetric int8, narrow range (``QMAX = 127``)::
     q         = clamp(rint(x * inv_scale), -127, 127)     int8; rint rounds half to even
     x_hat     = float32(q) * scale
 
-All products and quotients are float32 operations (one rounding each). ``inv_scale`` saturates at
-the largest float32 where ``127 / alpha`` overflows (``alpha < 127 / FLT_MAX``, about 3.7e-37), so a
-subnormal alpha gives finite multipliers and codes at +-127 rather than NaN.
+All products and quotients are float32 operations (one rounding each). alpha is float32, finite,
+and either 0 or at least ``MIN_POSITIVE_ALPHA`` (about 3.7e-37, where ``127 / alpha`` would overflow
+float32); the public API rejects other alphas, so ``inv_scale`` is always finite.
 
 Inputs to the quantize functions must be finite float32; the public API (:mod:`quantkit.ops`) checks
 that before any kernel runs. :func:`count_nonfinite` is the reference for the fused check.
@@ -24,9 +24,6 @@ import numpy as np
 
 from ._constants import QMAX
 
-_F32_MAX = np.finfo(np.float32).max
-
-
 def scale_from_alpha(alpha) -> np.ndarray:
     """``scale = float32(alpha / 127)``, elementwise; ``alpha`` float32, finite, ``>= 0``."""
     alpha = np.asarray(alpha, dtype=np.float32)
@@ -34,13 +31,11 @@ def scale_from_alpha(alpha) -> np.ndarray:
 
 
 def inv_scale_from_alpha(alpha) -> np.ndarray:
-    """``inv_scale = float32(127 / alpha)``, 0 where ``alpha == 0``, saturated at FLT_MAX."""
+    """``inv_scale = float32(127 / alpha)``, 0 where ``alpha == 0``."""
     alpha = np.asarray(alpha, dtype=np.float32)
     inv = np.zeros(alpha.shape, dtype=np.float32)
-    positive = alpha > 0
-    with np.errstate(over="ignore"):
-        np.divide(np.float32(QMAX), alpha, out=inv, where=positive)
-    return np.asarray(np.minimum(inv, _F32_MAX), dtype=np.float32)
+    np.divide(np.float32(QMAX), alpha, out=inv, where=alpha > 0)
+    return inv
 
 
 def count_nonfinite(x: np.ndarray) -> int:
@@ -54,7 +49,7 @@ def _round_and_clamp(y: np.ndarray) -> np.ndarray:
 
 
 def _times(x: np.ndarray, inv: np.ndarray) -> np.ndarray:
-    """float32 ``x * inv``; overflow to +-Inf (a saturated inv) is intended and clamps to +-127."""
+    """float32 ``x * inv``; overflow to +-Inf (huge x) is harmless: it clamps to +-127."""
     with np.errstate(over="ignore"):
         return x * inv
 

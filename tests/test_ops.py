@@ -148,6 +148,7 @@ def test_nonfinite_x_says_how_many_and_where(value, count):
     (float("nan"), ValueError, "finite"),
     (float("inf"), ValueError, "finite"),
     (1e39, ValueError, "finite in float32"),
+    (1e-40, ValueError, "at least"),
     ("1.0", TypeError, "real number"),
     (True, TypeError, "bool"),
     (None, TypeError, "real number"),

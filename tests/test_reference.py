@@ -3,7 +3,7 @@
 import numpy as np
 
 from quantkit import reference
-from quantkit._constants import QMAX
+from quantkit._constants import MIN_POSITIVE_ALPHA, QMAX
 
 
 def test_scale_and_inverse_are_float32_quotients():
@@ -14,11 +14,14 @@ def test_scale_and_inverse_are_float32_quotients():
     assert np.array_equal(inv[:4], np.float32(QMAX) / alpha[:4]) and inv[4] == 0
 
 
-def test_inverse_saturates_instead_of_overflowing():
-    inv = reference.inv_scale_from_alpha(np.float32(1e-40))
-    assert np.isfinite(inv) and inv == np.finfo(np.float32).max
-    codes = reference.quantize_per_tensor(np.array([0.0, 1e-41, -1.0], np.float32), 1e-40)
-    assert codes.tolist() == [0, 127, -127]
+def test_min_positive_alpha_is_the_smallest_with_a_finite_inverse():
+    smallest = np.float32(MIN_POSITIVE_ALPHA)
+    assert np.isfinite(reference.inv_scale_from_alpha(smallest))
+    below = np.nextafter(smallest, np.float32(0))
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.float32(QMAX) / below)
+    x = np.array([0.0, smallest, -smallest, smallest / 2], np.float32)
+    assert reference.quantize_per_tensor(x, smallest).tolist() == [0, 127, -127, 64]
 
 
 def test_per_tensor_by_hand():
