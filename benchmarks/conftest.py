@@ -11,6 +11,7 @@ Every benchmark measures quantkit and its baselines side by side in one run and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -61,6 +62,11 @@ class Bench:
         (self.out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float))
         (self.out_dir / f"{name}.md").write_text(markdown.rstrip() + "\n")
 
+    @staticmethod
+    def table(header: list, rows: list) -> str:
+        """A GitHub Markdown table (see :func:`markdown_table`)."""
+        return markdown_table(header, rows)
+
 
 def machine() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -90,11 +96,29 @@ def markdown_table(header: list, rows: list) -> str:
 def bench(request, tmp_path_factory):
     quick = request.config.getoption("--quick")
     out_dir = tmp_path_factory.mktemp("bench-results") if quick else RESULTS
+    request.config.stash[_OUT_DIR] = out_dir
     return Bench(quick, out_dir)
 
 
+_OUT_DIR = pytest.StashKey[Path]()
+
+
+def _plots():
+    """benchmarks/plots.py, loaded by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("quantkit_bench_plots",
+                                                  Path(__file__).with_name("plots.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """Gather every ``<name>.md`` of the full-mode results into ``summary.md``."""
+    """Draw the PNG plots (when matplotlib is installed) and, in full mode, gather every
+    ``<name>.md`` of the results into ``summary.md``."""
+    out_dir = session.config.stash.get(_OUT_DIR, None)
+    if out_dir is not None and out_dir.exists():
+        for line in _plots().draw_all(out_dir):
+            print(f"\nbenchmarks: {line}")
     if session.config.getoption("--quick") or not RESULTS.exists():
         return
     sections = sorted(p for p in RESULTS.glob("*.md") if p.name != "summary.md")
