@@ -29,8 +29,9 @@ def tensor_and_alpha(draw, max_dims=3, max_side=9):
     shape = draw(shapes(max_dims, max_side))
     n = int(np.prod(shape))
     scale = float(np.float32(alpha / np.float32(127)))
-    specials = np.array([0.0, -0.0, alpha, -alpha, scale * 0.5, -scale * 2.5, scale * 126.5,
-                         alpha * 2, 1e-45, -1e-40], np.float64)
+    a = float(alpha)
+    specials = np.array([0.0, -0.0, a, -a, scale * 0.5, -scale * 2.5, scale * 126.5, a * 2, 1e-45,
+                         -1e-40], np.float64)
     ties = st.integers(-130, 130).map(lambda k: (k + 0.5) * scale)
     near = st.floats(-2.0, 2.0).map(lambda u: u * float(alpha))
     element = st.one_of(finite_f32, st.sampled_from(specials.tolist()), ties, near)
