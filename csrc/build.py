@@ -1,0 +1,130 @@
+"""Build quantkit's CUDA library (csrc/*.cu) with nvcc: the one place that knows the flags.
+
+Used by ``setup.py`` (ahead of time, at install), by ``.ci/run`` (``--strict``, warnings as errors
+including register spills) and by ``tools/gpu_check.sh``. Standard library only.
+
+    python3 csrc/build.py [--out PATH] [--strict] [--arch 90 ...]
+
+Targets: SASS for sm_75 (T4), sm_80 (A100) and sm_90 (H100/H200), plus PTX for the newest of those so
+newer GPUs JIT-compile it. Architectures the installed nvcc no longer lists are left out with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent
+SOURCES = ("quantize.cu", "stats.cu")
+LIBRARY_NAME = "_libquantkit_cuda.so"
+DEFAULT_OUT = CSRC.parent / "quantkit" / LIBRARY_NAME
+ARCHS = ("75", "80", "90")
+
+
+def find_nvcc() -> str | None:
+    """nvcc from $CUDA_HOME/bin, else from PATH, else None."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return str(Path(root) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _run(args) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def supported_archs(nvcc: str) -> set:
+    """The sm_XX numbers this nvcc can generate code for (``nvcc --list-gpu-code``)."""
+    try:
+        listed = _run([nvcc, "--list-gpu-code"]).split()
+    except (subprocess.CalledProcessError, OSError):
+        return set(ARCHS)  # old nvcc without the option: assume the classic targets
+    return {item[3:] for item in listed if item.startswith("sm_")}
+
+
+def gencode_flags(nvcc: str, archs=ARCHS) -> tuple:
+    """(-gencode flags, the archs used): SASS for each supported arch, PTX for the newest."""
+    available = supported_archs(nvcc)
+    chosen = [a for a in archs if a in available]
+    for missing in sorted(set(archs) - set(chosen)):
+        print(f"quantkit: this nvcc cannot target sm_{missing}; building without it")
+    if not chosen:
+        raise RuntimeError(f"nvcc supports none of the target architectures {archs}")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in chosen[:-1]]
+    newest = chosen[-1]
+    flags.append(f"-gencode=arch=compute_{newest},code=[sm_{newest},compute_{newest}]")
+    return flags, chosen
+
+
+def warning_flags(nvcc: str, strict: bool) -> list:
+    """Warnings as errors: nvcc's own, the host compiler's and, with ``strict``, ptxas spills."""
+    flags = ["-Xcompiler=-Wall,-Wextra,-Werror"]
+    try:
+        help_text = _run([nvcc, "--help"])
+    except (subprocess.CalledProcessError, OSError):
+        help_text = ""
+    if "all-warnings" in help_text:
+        flags += ["--Werror", "all-warnings"]
+    if strict:
+        flags += ["-Xptxas=-warn-spills,-warn-lmem-usage,-Werror"]
+    return flags
+
+
+def command(nvcc: str, out: Path, *, strict: bool = False, archs=ARCHS) -> list:
+    """The full nvcc command line that builds the shared library at ``out``."""
+    gencode, _ = gencode_flags(nvcc, archs)
+    # No --use_fast_math, and -fmad=false so no product is ever contracted into an FMA (the kernels
+    # use __fmul_rn anyway; this keeps any future plain `*` exact too).
+    return [nvcc, "-O3", "-std=c++17", "-shared", "-fmad=false", "-Xcompiler=-fPIC,-fvisibility=hidden",
+            "-cudart=static", *warning_flags(nvcc, strict), *gencode, "-I", str(CSRC),
+            *(str(CSRC / s) for s in SOURCES), "-o", str(out)]
+
+
+def build(out=DEFAULT_OUT, *, strict: bool = False, archs=ARCHS, nvcc=None, quiet=False) -> Path:
+    """Compile csrc/ into ``out``; raises RuntimeError (with nvcc's output) when it fails."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (put it on PATH or set CUDA_HOME)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = command(nvcc, out, strict=strict, archs=archs)
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError("building quantkit's CUDA library failed:\n  " + " ".join(cmd) + "\n"
+                           + result.stdout + result.stderr)
+    if not quiet:
+        print(f"quantkit: built {out} with {nvcc} in {time.perf_counter() - start:.1f} s")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="path of the shared library")
+    parser.add_argument("--strict", action="store_true",
+                        help="also treat ptxas warnings (register spills, local memory) as errors")
+    parser.add_argument("--arch", action="append", help="sm number(s) to target, e.g. 90")
+    parser.add_argument("--print-command", action="store_true", help="print the nvcc command")
+    args = parser.parse_args(argv)
+    archs = tuple(args.arch) if args.arch else ARCHS
+    nvcc = find_nvcc()
+    if nvcc is None:
+        print("quantkit: nvcc not found; nothing built", file=sys.stderr)
+        return 2
+    if args.print_command:
+        print(" ".join(command(nvcc, Path(args.out), strict=args.strict, archs=archs)))
+    try:
+        build(args.out, strict=args.strict, archs=archs, nvcc=nvcc)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

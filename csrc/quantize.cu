@@ -1,0 +1,295 @@
+// int8 quantize and dequantize: per tensor, per channel, blockwise (docs/DESIGN.md section 1).
+//
+// One kernel template per direction, parameterised by how an element finds its multiplier (a
+// "Mults" policy below). Each thread handles 16 consecutive elements per grid-stride step: four
+// 16-byte float loads and one 16-byte store of codes for quantize, the reverse for dequantize.
+// When either pointer is not 16-byte aligned the kernels run element by element instead (still
+// coalesced). Indices are 64-bit throughout.
+#include "common.cuh"
+
+namespace quantkit {
+namespace {
+
+// ---------------------------------------------------------------------------- multipliers
+// get<V>(i0, m) fills m[k] with the multiplier of element i0 + k, k < V (V = 1 or kVec).
+
+struct PerTensor {
+  const float *s;
+  template <int V>
+  __device__ __forceinline__ void get(int64_t, float (&m)[V]) const {
+    const float v = __ldg(s);
+#pragma unroll
+    for (int k = 0; k < V; ++k) m[k] = v;
+  }
+};
+
+// Blocks hold a multiple of kVec elements (block_size >= 64), so a step never straddles two blocks.
+struct PerBlock {
+  const float *s;
+  int shift;  // log2(block_size)
+  template <int V>
+  __device__ __forceinline__ void get(int64_t i0, float (&m)[V]) const {
+    const float v = __ldg(s + (i0 >> shift));
+#pragma unroll
+    for (int k = 0; k < V; ++k) m[k] = v;
+  }
+};
+
+// (outer, channels, inner) view: element i is in channel (i / inner) % channels. Uniform: inner is
+// a multiple of kVec, so all elements of a step share one channel (one division per 16 elements);
+// otherwise the channel is advanced element by element from the first one.
+template <bool Uniform>
+struct PerChannel {
+  const float *s;
+  uint64_t channels;
+  uint64_t inner;
+  template <int V>
+  __device__ __forceinline__ void get(int64_t i0, float (&m)[V]) const {
+    const uint64_t row = udiv(static_cast<uint64_t>(i0), inner);
+    uint64_t c = row - udiv(row, channels) * channels;
+    if constexpr (Uniform || V == 1) {
+      const float v = __ldg(s + c);
+#pragma unroll
+      for (int k = 0; k < V; ++k) m[k] = v;
+    } else {
+      uint64_t pos = static_cast<uint64_t>(i0) - row * inner;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        m[k] = __ldg(s + c);
+        if (++pos == inner) {
+          pos = 0;
+          if (++c == channels) c = 0;
+        }
+      }
+    }
+  }
+};
+
+// -------------------------------------------------------------------------------- kernels
+
+template <bool Vector, class Mults>
+__global__ void __launch_bounds__(kThreads, 4)
+    k_quantize_int8(const float *__restrict__ x, int8_t *__restrict__ q, int64_t n, Mults mults,
+                    unsigned long long *__restrict__ nonfinite) {
+  const int64_t stride = grid_threads();
+  unsigned long long bad = 0;
+  int64_t tail = 0;
+  if constexpr (Vector) {
+    const int64_t steps = n / kVec;
+    tail = steps * kVec;
+    const float4 *xv = reinterpret_cast<const float4 *>(x);
+    uint4 *qv = reinterpret_cast<uint4 *>(q);
+    for (int64_t j = global_thread(); j < steps; j += stride) {
+      float v[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec / 4; ++k) {
+        const float4 f = __ldg(xv + j * (kVec / 4) + k);
+        v[4 * k] = f.x;
+        v[4 * k + 1] = f.y;
+        v[4 * k + 2] = f.z;
+        v[4 * k + 3] = f.w;
+      }
+      float m[kVec];
+      mults.template get<kVec>(j * kVec, m);
+      uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        bad += is_nonfinite(v[k]);
+        const uint32_t code = static_cast<uint32_t>(quantize_code(v[k], m[k])) & 0xffu;
+        w[k >> 2] |= code << (8 * (k & 3));  // little endian: element k is byte k
+      }
+      qv[j] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+  for (int64_t i = tail + global_thread(); i < n; i += stride) {
+    float m[1];
+    mults.template get<1>(i, m);
+    const float v = __ldg(x + i);
+    bad += is_nonfinite(v);
+    q[i] = static_cast<int8_t>(quantize_code(v, m[0]));
+  }
+  add_count(nonfinite, bad);
+}
+
+template <bool Vector, class Mults>
+__global__ void __launch_bounds__(kThreads)
+    k_dequantize_int8(const int8_t *__restrict__ q, float *__restrict__ x, int64_t n, Mults mults) {
+  const int64_t stride = grid_threads();
+  int64_t tail = 0;
+  if constexpr (Vector) {
+    const int64_t steps = n / kVec;
+    tail = steps * kVec;
+    const uint4 *qv = reinterpret_cast<const uint4 *>(q);
+    float4 *xv = reinterpret_cast<float4 *>(x);
+    for (int64_t j = global_thread(); j < steps; j += stride) {
+      const uint4 packed = __ldg(qv + j);
+      const uint32_t w[4] = {packed.x, packed.y, packed.z, packed.w};
+      float m[kVec];
+      mults.template get<kVec>(j * kVec, m);
+      float v[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        // Byte k of the step, sign-extended: shift it to the top, then arithmetic shift down.
+        const int code = static_cast<int32_t>(w[k >> 2] << (24 - 8 * (k & 3))) >> 24;
+        v[k] = dequantize_code(code, m[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < kVec / 4; ++k)
+        xv[j * (kVec / 4) + k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+    }
+  }
+  for (int64_t i = tail + global_thread(); i < n; i += stride) {
+    float m[1];
+    mults.template get<1>(i, m);
+    x[i] = dequantize_code(q[i], m[0]);
+  }
+}
+
+// ------------------------------------------------------------------------------ launchers
+
+template <class VectorMults, class ScalarMults>
+cudaError_t launch_quantize_int8(const float *x, int8_t *q, int64_t n, VectorMults vector_mults,
+                                 ScalarMults scalar_mults, uint64_t *nonfinite,
+                                 cudaStream_t stream) {
+  auto *counter = reinterpret_cast<unsigned long long *>(nonfinite);
+  cudaError_t err = cudaMemsetAsync(counter, 0, sizeof(unsigned long long), stream);
+  if (err != cudaSuccess || n == 0) return err;
+  int blocks = 0;
+  if (aligned16(x) && aligned16(q)) {
+    err = grid_blocks(n / kVec > 0 ? n / kVec : n, &blocks);
+    if (err != cudaSuccess) return err;
+    k_quantize_int8<true><<<blocks, kThreads, 0, stream>>>(x, q, n, vector_mults, counter);
+  } else {
+    err = grid_blocks(n, &blocks);
+    if (err != cudaSuccess) return err;
+    k_quantize_int8<false><<<blocks, kThreads, 0, stream>>>(x, q, n, scalar_mults, counter);
+  }
+  return cudaGetLastError();
+}
+
+template <class VectorMults, class ScalarMults>
+cudaError_t launch_dequantize_int8(const int8_t *q, float *x, int64_t n, VectorMults vector_mults,
+                                   ScalarMults scalar_mults, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  int blocks = 0;
+  cudaError_t err;
+  if (aligned16(x) && aligned16(q)) {
+    err = grid_blocks(n / kVec > 0 ? n / kVec : n, &blocks);
+    if (err != cudaSuccess) return err;
+    k_dequantize_int8<true><<<blocks, kThreads, 0, stream>>>(q, x, n, vector_mults);
+  } else {
+    err = grid_blocks(n, &blocks);
+    if (err != cudaSuccess) return err;
+    k_dequantize_int8<false><<<blocks, kThreads, 0, stream>>>(q, x, n, scalar_mults);
+  }
+  return cudaGetLastError();
+}
+
+// n = outer * channels * inner without overflow, or -1.
+int64_t channel_view_size(int64_t outer, int64_t channels, int64_t inner) {
+  if (outer < 0 || channels < 0 || inner < 0) return -1;
+  if (outer == 0 || channels == 0 || inner == 0) return 0;
+  const int64_t limit = INT64_MAX;
+  if (outer > limit / channels) return -1;
+  const int64_t oc = outer * channels;
+  if (oc > limit / inner) return -1;
+  return oc * inner;
+}
+
+}  // namespace
+}  // namespace quantkit
+
+using namespace quantkit;
+
+// ------------------------------------------------------------------------- the C ABI
+
+extern "C" {
+
+QK_API int qk_abi_version(void) { return QK_ABI_VERSION; }
+
+QK_API const char *qk_error_string(int error) {
+  return cudaGetErrorString(static_cast<cudaError_t>(error));
+}
+
+QK_API cudaError_t qk_device_count(int *count) {
+  if (count == nullptr) return cudaErrorInvalidValue;
+  *count = 0;
+  return cudaGetDeviceCount(count);
+}
+
+QK_API cudaError_t qk_quantize_int8_f32(const float *x, int8_t *q, int64_t n,
+                                        const float *inv_scale, uint64_t *nonfinite, int device,
+                                        cudaStream_t stream) {
+  if (n < 0 || inv_scale == nullptr || nonfinite == nullptr || (n > 0 && (!x || !q)))
+    return cudaErrorInvalidValue;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  const PerTensor mults{inv_scale};
+  return launch_quantize_int8(x, q, n, mults, mults, nonfinite, stream);
+}
+
+QK_API cudaError_t qk_quantize_int8_per_channel_f32(const float *x, int8_t *q, int64_t outer,
+                                                    int64_t channels, int64_t inner,
+                                                    const float *inv_scale, uint64_t *nonfinite,
+                                                    int device, cudaStream_t stream) {
+  const int64_t n = channel_view_size(outer, channels, inner);
+  if (n < 0 || inv_scale == nullptr || nonfinite == nullptr || (n > 0 && (!x || !q)))
+    return cudaErrorInvalidValue;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  const uint64_t c = static_cast<uint64_t>(channels), in = static_cast<uint64_t>(inner);
+  const PerChannel<true> uniform{inv_scale, c, in};
+  if (n > 0 && inner % kVec == 0)
+    return launch_quantize_int8(x, q, n, uniform, uniform, nonfinite, stream);
+  return launch_quantize_int8(x, q, n, PerChannel<false>{inv_scale, c, in}, uniform, nonfinite,
+                              stream);
+}
+
+QK_API cudaError_t qk_quantize_int8_blockwise_f32(const float *x, int8_t *q, int64_t n,
+                                                  int64_t block_size, const float *inv_scale,
+                                                  uint64_t *nonfinite, int device,
+                                                  cudaStream_t stream) {
+  if (n < 0 || !is_block_size(block_size) || inv_scale == nullptr || nonfinite == nullptr ||
+      (n > 0 && (!x || !q)))
+    return cudaErrorInvalidValue;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  const PerBlock mults{inv_scale, log2_exact(block_size)};
+  return launch_quantize_int8(x, q, n, mults, mults, nonfinite, stream);
+}
+
+QK_API cudaError_t qk_dequantize_int8_f32(const int8_t *q, float *x, int64_t n, const float *scale,
+                                          int device, cudaStream_t stream) {
+  if (n < 0 || scale == nullptr || (n > 0 && (!x || !q))) return cudaErrorInvalidValue;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  const PerTensor mults{scale};
+  return launch_dequantize_int8(q, x, n, mults, mults, stream);
+}
+
+QK_API cudaError_t qk_dequantize_int8_per_channel_f32(const int8_t *q, float *x, int64_t outer,
+                                                      int64_t channels, int64_t inner,
+                                                      const float *scale, int device,
+                                                      cudaStream_t stream) {
+  const int64_t n = channel_view_size(outer, channels, inner);
+  if (n < 0 || scale == nullptr || (n > 0 && (!x || !q))) return cudaErrorInvalidValue;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  const uint64_t c = static_cast<uint64_t>(channels), in = static_cast<uint64_t>(inner);
+  const PerChannel<true> uniform{scale, c, in};
+  if (n > 0 && inner % kVec == 0) return launch_dequantize_int8(q, x, n, uniform, uniform, stream);
+  return launch_dequantize_int8(q, x, n, PerChannel<false>{scale, c, in}, uniform, stream);
+}
+
+QK_API cudaError_t qk_dequantize_int8_blockwise_f32(const int8_t *q, float *x, int64_t n,
+                                                    int64_t block_size, const float *scale,
+                                                    int device, cudaStream_t stream) {
+  if (n < 0 || !is_block_size(block_size) || scale == nullptr || (n > 0 && (!x || !q)))
+    return cudaErrorInvalidValue;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  const PerBlock mults{scale, log2_exact(block_size)};
+  return launch_dequantize_int8(q, x, n, mults, mults, stream);
+}
+
+}  // extern "C"

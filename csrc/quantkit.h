@@ -1,0 +1,122 @@
+/* quantkit's CUDA library: the C ABI.
+ *
+ * Every function takes raw device pointers, sizes as int64_t (tensors over 2^31 elements work), the
+ * CUDA device the pointers live on and a cudaStream_t, enqueues its kernels on that stream and
+ * returns a cudaError_t (cudaSuccess, an argument error as cudaErrorInvalidValue, or the launch
+ * error). Nothing is synchronised: results are valid once the stream reaches them.
+ *
+ * The arithmetic is docs/DESIGN.md section 1, exactly as quantkit/reference.py computes it:
+ *
+ *     q     = clamp(rint(x * inv_scale), -QK_QMAX, QK_QMAX)      rint: round half to even
+ *     x_hat = float32(q) * scale
+ *
+ * The host computes inv_scale = float32(127 / alpha) (0 where alpha == 0) and
+ * scale = float32(alpha / 127); kernels only multiply (never divide, no fast-math, no FMA).
+ *
+ * Granularity, for x holding n elements in C order:
+ *   per tensor    one multiplier: inv_scale[0];
+ *   per channel   x viewed as (outer, channels, inner): element i uses inv_scale[(i / inner) % channels]
+ *                 (axis k of any shape: outer = prod(shape[:k]), channels = shape[k],
+ *                 inner = prod(shape[k+1:]));
+ *   blockwise     element i uses inv_scale[i / block_size]; block_size a power of two in
+ *                 [QK_MIN_BLOCK_SIZE, QK_MAX_BLOCK_SIZE]; the last block may be short.
+ *
+ * Quantize and statistics functions count the non-finite (NaN, +-Inf) inputs in the same pass and
+ * store the count in *nonfinite (a device uint64, overwritten, not accumulated).
+ */
+#ifndef QUANTKIT_H
+#define QUANTKIT_H
+
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+/* Mirrors of quantkit/_constants.py (tests/test_cuda_backend.py checks that they agree). */
+#define QK_QMAX 127
+#define QK_MIN_BLOCK_SIZE 64
+#define QK_MAX_BLOCK_SIZE 4096
+
+/* Bumped whenever a signature below changes; quantkit/backends/cuda.py refuses another version. */
+#define QK_ABI_VERSION 1
+
+/* Largest bin count for qk_abs_histogram_f32. */
+#define QK_MAX_HISTOGRAM_BINS (1 << 20)
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define QK_API __attribute__((visibility("default")))
+#else
+#define QK_API
+#endif
+
+/* ------------------------------------------------------------------------------ library info */
+
+QK_API int qk_abi_version(void);
+QK_API const char *qk_error_string(int error);
+/* Number of CUDA devices the library's runtime sees (0 when there is none or no driver). */
+QK_API cudaError_t qk_device_count(int *count);
+
+/* ---------------------------------------------------------------------------------- quantize */
+
+QK_API cudaError_t qk_quantize_int8_f32(const float *x, int8_t *q, int64_t n,
+                                        const float *inv_scale, uint64_t *nonfinite, int device,
+                                        cudaStream_t stream);
+
+QK_API cudaError_t qk_quantize_int8_per_channel_f32(const float *x, int8_t *q, int64_t outer,
+                                                    int64_t channels, int64_t inner,
+                                                    const float *inv_scale, uint64_t *nonfinite,
+                                                    int device, cudaStream_t stream);
+
+QK_API cudaError_t qk_quantize_int8_blockwise_f32(const float *x, int8_t *q, int64_t n,
+                                                  int64_t block_size, const float *inv_scale,
+                                                  uint64_t *nonfinite, int device,
+                                                  cudaStream_t stream);
+
+/* -------------------------------------------------------------------------------- dequantize */
+
+QK_API cudaError_t qk_dequantize_int8_f32(const int8_t *q, float *x, int64_t n, const float *scale,
+                                          int device, cudaStream_t stream);
+
+QK_API cudaError_t qk_dequantize_int8_per_channel_f32(const int8_t *q, float *x, int64_t outer,
+                                                      int64_t channels, int64_t inner,
+                                                      const float *scale, int device,
+                                                      cudaStream_t stream);
+
+QK_API cudaError_t qk_dequantize_int8_blockwise_f32(const int8_t *q, float *x, int64_t n,
+                                                    int64_t block_size, const float *scale,
+                                                    int device, cudaStream_t stream);
+
+/* ------------------------------------------------------------------- calibration statistics */
+
+/* out[0] = max |x| over the finite elements (0 when there is none); out is float32 on the device. */
+QK_API cudaError_t qk_absmax_f32(const float *x, int64_t n, float *out, uint64_t *nonfinite,
+                                 int device, cudaStream_t stream);
+
+/* out[c] = max |x| over channel c of the (outer, channels, inner) view (finite elements only). */
+QK_API cudaError_t qk_absmax_per_channel_f32(const float *x, int64_t outer, int64_t channels,
+                                             int64_t inner, float *out, uint64_t *nonfinite,
+                                             int device, cudaStream_t stream);
+
+/* out[b] = max |x| over block b (ceil(n / block_size) blocks; finite elements only). */
+QK_API cudaError_t qk_absmax_blockwise_f32(const float *x, int64_t n, int64_t block_size,
+                                           float *out, uint64_t *nonfinite, int device,
+                                           cudaStream_t stream);
+
+/* Histogram of a = |x| over the finite elements, in `bins` bins of [0, hi):
+ *     t = float32(a * inv_width)       (inv_width = float32(bins) / float32(hi), from the host)
+ *     bin = floor(t) if t < bins else bins - 1        (a >= hi lands in the last bin)
+ * counts[bin] += 1, sums[bin] += double(a), sumsq[bin] += double(a) * double(a).
+ * The outputs are overwritten. counts are exact; sums and sumsq are float64 sums in an unspecified
+ * order (not bit-reproducible). 1 <= bins <= QK_MAX_HISTOGRAM_BINS, inv_width finite and > 0. */
+QK_API cudaError_t qk_abs_histogram_f32(const float *x, int64_t n, int64_t bins, float inv_width,
+                                        uint64_t *counts, double *sums, double *sumsq,
+                                        uint64_t *nonfinite, int device, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QUANTKIT_H */
