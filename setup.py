@@ -1,8 +1,48 @@
 """quantkit's build: the Python package, plus the CUDA library from csrc/ when nvcc is found."""
 
+import importlib.util
+import os
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+
+
+def _csrc_build():
+    """csrc/build.py (the nvcc flags live there, shared with .ci/run and tools/gpu_check.sh)."""
+    spec = importlib.util.spec_from_file_location("quantkit_csrc_build", HERE / "csrc" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildPyWithCuda(build_py):
+    """build_py, then the CUDA library ahead of time when nvcc is found (never on first use).
+
+    Skipped, with one printed line, when nvcc is absent or QUANTKIT_NO_CUDA=1; CPU work needs
+    nothing from it. A compile error fails the install (set QUANTKIT_NO_CUDA=1 to skip it).
+    """
+
+    def run(self):
+        super().run()
+        if os.environ.get("QUANTKIT_NO_CUDA") == "1":
+            print("quantkit: QUANTKIT_NO_CUDA=1, not building the CUDA library (CPU only)")
+            return
+        csrc = _csrc_build()
+        nvcc = csrc.find_nvcc()
+        if nvcc is None:
+            print("quantkit: nvcc not found, not building the CUDA library (CPU only; CUDA tensors "
+                  "will raise until it is built)")
+            return
+        # Editable installs import the package from the source tree, so the library goes there.
+        package_dir = HERE / "quantkit" if self.editable_mode else Path(self.build_lib) / "quantkit"
+        csrc.build(package_dir / csrc.LIBRARY_NAME, nvcc=nvcc)
+
 
 setup(
+    cmdclass={"build_py": BuildPyWithCuda},
     name="quantkit",
     version="0.1.0",
     description="int8 quantization kernels for NumPy and PyTorch with MSE-optimal calibration",
