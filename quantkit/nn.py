@@ -1,0 +1,520 @@
+"""PyTorch layers: :class:`QuantLinear` (an int8 ``nn.Linear``) and :func:`quantize_model`.
+
+A QuantLinear holds ``weight`` (int8 codes, ``(out_features, in_features)``, one alpha per output
+channel, i.e. per row) and ``weight_scale`` (float32, ``(out_features,)``, ``alpha / 127``) as buffers,
+and a float32 ``bias``. With W = weight codes, s_w = weight_scale, b = bias, for an input row x:
+
+- weight-only (``activations=None``)::
+
+      y = (x @ float32(W).T) * s_w + b
+
+  (the scale is applied to the output, not to a dequantized copy of the weight; the weight is
+  converted to float32 in chunks of rows small enough to stay in cache, so no full-size float32
+  weight is ever materialized).
+
+- ``"dynamic"`` (W8A8): each input row gets its own alpha ``a_x = max|x|`` and is quantized exactly as
+  DESIGN.md section 1 says (``q_x = clamp(rint(x * float32(127 / a_x)), -127, 127)``, the
+  same codes as :func:`quantkit.reference.quantize_per_channel`), then::
+
+      acc = q_x @ W.T                                (int8 x int8 -> exact int32, torch._int_mm)
+      y   = float32(acc) * (s_x[:, None] * s_w[None, :]) + b       s_x = float32(a_x / 127)
+
+- ``"static"``: the same with one calibrated activation alpha for every row (buffer ``input_scale``
+  holds ``float32(alpha / 127)``; the multiplier is ``float32(127 / alpha)``).
+
+The three products are registered as torch custom ops (``quantkit::linear_w8``,
+``quantkit::linear_w8a8``) with fake implementations, so ``torch.compile`` treats them as opaque
+calls, and with an autograd formula so gradients reach the input (weights are frozen buffers; the
+bias gets a gradient when it requires one). The gradient to the input is that of the dequantized
+linear, ``dL/dx = (dL/dy * s_w) @ float32(W)``, for all modes (activation rounding is passed
+straight through).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import reference
+from .ops import quantize
+from .qtensor import QTensor
+
+ACTIVATION_MODES = (None, "dynamic", "static")
+_F32_MAX = float(np.finfo(np.float32).max)
+#: Target size in bytes of one float32 chunk of the weight converted on the fly (stays in L2).
+_CHUNK_BYTES = 1 << 20
+
+
+def _rows_per_chunk(in_features: int) -> int:
+    return max(16, _CHUNK_BYTES // (4 * max(1, in_features)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The int8 products, eager implementations
+# --------------------------------------------------------------------------------------------------
+
+def _matmul_int8_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ float32(weight).T`` without materializing the whole float32 weight."""
+    n, k = weight.shape
+    out = torch.empty((n, x.shape[0]), dtype=torch.float32, device=x.device)   # y transposed
+    rows = _rows_per_chunk(k)
+    for start in range(0, n, rows):
+        chunk = weight[start:start + rows].to(torch.float32)
+        torch.mm(chunk, x.t(), out=out[start:start + rows])
+    return out.t()
+
+
+def quantize_rows(x: torch.Tensor, alpha: Optional[torch.Tensor] = None):
+    """int8 codes of a 2-D float32 tensor, one alpha per row (``max|row|`` when ``alpha`` is None).
+
+    Returns ``(codes, scale)`` with ``codes = clamp(rint(x * float32(127 / alpha)), -127, 127)``
+    (0 where alpha == 0) and ``scale = float32(alpha / 127)``, exactly
+    :func:`quantkit.reference.quantize_per_channel` with ``axis=0``. A given ``alpha`` is a 0-d
+    tensor (one for all rows) or one per row. CPU tensors use the numba kernel; others use torch
+    ops with a true float32 division (``127.0 / t`` in torch computes ``127 * (1 / t)``, rounded
+    twice, which is not DESIGN.md's multiplier). Non-finite input raises ValueError.
+    """
+    if alpha is None:
+        alpha = torch.linalg.vector_norm(x, ord=math.inf, dim=1)   # max|row|; NaN/Inf propagate
+        finite = torch.isfinite(alpha)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"input has non-finite values (NaN or Inf); the first bad row is {row}")
+    else:
+        alpha = alpha.to(torch.float32).expand(x.shape[0]).contiguous()
+    if x.device.type == "cpu":
+        q = quantize(x, alpha, axis=0)   # the numba kernel also refuses NaN/Inf in x
+        return q.data, q.scale
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("input has non-finite values (NaN or Inf)")
+    inv = torch.where(alpha > 0, torch.full_like(alpha, 127.0) / alpha, torch.zeros_like(alpha))
+    inv = inv.clamp(max=_F32_MAX)
+    codes = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes, alpha / torch.full_like(alpha, 127.0)
+
+
+def _linear_w8(x, weight, weight_scale, bias):
+    """Weight-only: ``(x @ float32(W).T) * s_w + b`` (row-major output)."""
+    y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32, device=x.device)
+    torch.mul(_matmul_int8_weight(x, weight), weight_scale, out=y)
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
+def _linear_w8a8(x, weight, weight_scale, bias, input_alpha):
+    """W8A8: quantize the rows of x, exact int32 ``q_x @ W.T``, then ``acc * (s_x * s_w) + b``."""
+    codes, s_x = quantize_rows(x, input_alpha)
+    if input_alpha is not None:
+        s_x = s_x.expand(x.shape[0])
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        acc = torch.zeros((x.shape[0], weight.shape[0]), dtype=torch.int32, device=x.device)
+    else:
+        acc = torch._int_mm(codes, weight.t())      # exact; W.t() as a view is the fast layout
+    y = acc.to(torch.float32).mul_(s_x[:, None] * weight_scale[None, :])
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
+def _grad_input(grad, weight, weight_scale):
+    """``(grad * s_w) @ float32(W)``, the weight converted in cached-size chunks of rows."""
+    g = grad * weight_scale
+    out = torch.zeros((grad.shape[0], weight.shape[1]), dtype=torch.float32, device=grad.device)
+    rows = _rows_per_chunk(weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        out.addmm_(g[:, start:start + rows], weight[start:start + rows].to(torch.float32))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# torch custom ops: opaque to torch.compile (fake implementations give the output shape)
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("quantkit::linear_w8", mutates_args=())
+def linear_w8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Weight-only int8 linear on 2-D float32 ``x``: ``(x @ float32(W).T) * s_w + b``."""
+    return _linear_w8(x, weight, weight_scale, bias)
+
+
+@torch.library.custom_op("quantkit::linear_w8a8", mutates_args=())
+def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: Optional[torch.Tensor], input_alpha: Optional[torch.Tensor]) -> torch.Tensor:
+    """W8A8 int8 linear on 2-D float32 ``x``; per-row alpha when ``input_alpha`` is None."""
+    return _linear_w8a8(x, weight, weight_scale, bias, input_alpha)
+
+
+@torch.library.custom_op("quantkit::linear_int8_grad_input", mutates_args=())
+def linear_int8_grad_input(grad: torch.Tensor, weight: torch.Tensor,
+                           weight_scale: torch.Tensor) -> torch.Tensor:
+    """``(grad * s_w) @ float32(W)``: the gradient of an int8 linear with respect to its input."""
+    return _grad_input(grad, weight, weight_scale)
+
+
+@linear_w8.register_fake
+def _(x, weight, weight_scale, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@linear_w8a8.register_fake
+def _(x, weight, weight_scale, bias, input_alpha):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@linear_int8_grad_input.register_fake
+def _(grad, weight, weight_scale):
+    return grad.new_empty((grad.shape[0], weight.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    _, weight, weight_scale, bias = inputs[:4]
+    ctx.save_for_backward(weight, weight_scale)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    weight, weight_scale = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = linear_int8_grad_input(grad, weight, weight_scale) if ctx.needs_input_grad[0] else None
+    grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return grad_x, None, None, grad_bias
+
+
+def _backward_w8a8(ctx, grad):
+    return (*_backward(ctx, grad), None)
+
+
+linear_w8.register_autograd(_backward, setup_context=_setup_context)
+linear_w8a8.register_autograd(_backward_w8a8, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# QuantLinear
+# --------------------------------------------------------------------------------------------------
+
+def _weight_alpha(w: torch.Tensor, method: str) -> np.ndarray:
+    """One alpha per output channel (row) of a Linear weight, from :func:`quantkit.calibrate`."""
+    if not isinstance(method, str):
+        raise TypeError(f"weight_method must be a calibration method name, got {method!r}")
+    from .calibration import calibrate   # deferred: calibration is a sibling layer, loaded on use
+
+    return np.asarray(calibrate(w, method, axis=0), dtype=np.float32)
+
+
+def _check_mode(activations):
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be None, 'dynamic' or 'static', got {activations!r}")
+
+
+class QuantLinear(nn.Module):
+    """An int8 replacement for ``nn.Linear``; see the module docstring for the arithmetic.
+
+    Buffers: ``weight`` (int8, ``(out_features, in_features)``), ``weight_scale`` (float32,
+    ``(out_features,)``), and for ``activations="static"`` ``input_alpha`` (float32, 0-d, the
+    activation clipping range). ``bias`` (float32) is a Parameter that does not require grad.
+    Build one with :meth:`from_float`; the constructor makes an all-zero layer for
+    ``load_state_dict``. Inputs must be float32 with last dimension ``in_features``; the output is
+    float32 of shape ``(*x.shape[:-1], out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 activations: Optional[str] = None, device=None):
+        super().__init__()
+        _check_mode(activations)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.activations = activations
+        self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.int8,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32,
+                                                         device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("input_alpha", torch.zeros((), dtype=torch.float32, device=device)
+                             if activations == "static" else None)
+        #: Figures from :meth:`from_float` (alpha range, SQNR, bytes); {} for a loaded layer.
+        self.quant_stats = {}
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, *, weight_method: str = "mse",
+                   activations: Optional[str] = None, act_alpha=None) -> "QuantLinear":
+        """Quantize an ``nn.Linear`` (which is left unchanged).
+
+        Args:
+            linear: the float layer.
+            weight_method: calibration method for the per-output-channel weight alphas
+                (``quantkit.calibrate(weight, weight_method, axis=0)``).
+            activations: None (weight-only), "dynamic" (per-row alpha = max|row| at run time) or
+                "static" (one alpha, ``act_alpha``, for every row).
+            act_alpha: the activation clipping range for "static" (finite, > 0); see
+                :func:`quantize_model` to find it from calibration data.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
+        _check_mode(activations)
+        if activations == "static":
+            if act_alpha is None:
+                raise ValueError("activations='static' needs act_alpha (the activation clipping "
+                                 "range); quantize_model(..., activations='static', calib_data=...) "
+                                 "finds it from calibration data")
+            act_alpha = float(np.asarray(act_alpha, dtype=np.float64))
+            if not (math.isfinite(act_alpha) and act_alpha > 0):
+                raise ValueError(f"act_alpha must be finite and > 0, got {act_alpha}")
+        elif act_alpha is not None:
+            raise ValueError("act_alpha is only used with activations='static'")
+        w = linear.weight.detach().to(device="cpu", dtype=torch.float32)
+        alpha = _weight_alpha(w, weight_method)
+        q = quantize(w, alpha, axis=0)
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    activations=activations)
+        layer.weight.copy_(q.data)
+        layer.weight_scale.copy_(q.scale)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach().to(torch.float32))
+        if activations == "static":
+            layer.input_alpha.fill_(np.float32(act_alpha))
+        layer.quant_stats = _weight_stats(w, q, alpha, linear.weight.element_size())
+        if activations == "static":
+            layer.quant_stats["act_alpha"] = float(np.float32(act_alpha))
+        return layer.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"QuantLinear expects a torch tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"QuantLinear expects float32 input, got {x.dtype} (convert with "
+                            f".float())")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects input of shape (..., {self.in_features}), got "
+                             f"{tuple(x.shape)}")
+        x2 = x.reshape(-1, self.in_features)
+        if self.activations is None:
+            y = linear_w8(x2, self.weight, self.weight_scale, self.bias)
+        else:
+            y = linear_w8a8(x2, self.weight, self.weight_scale, self.bias, self.input_alpha)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``float32(weight) * weight_scale[:, None]``, the float weight this layer computes with."""
+        return self.weight.to(torch.float32) * self.weight_scale[:, None]
+
+    def qtensor(self) -> QTensor:
+        """The weight as a QTensor (per channel, axis 0), sharing this layer's buffers."""
+        return QTensor(self.weight, self.weight_scale, axis=0)
+
+    def checkpoint_entry(self) -> dict:
+        """What a checkpoint records to rebuild this layer (``"quantkit.modules"``)."""
+        return {"type": "QuantLinear", "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None,
+                "activations": self.activations}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activations={self.activations!r}")
+
+
+def _weight_stats(w: torch.Tensor, q: QTensor, alpha: np.ndarray, element_size: int) -> dict:
+    """Alpha range, SQNR in dB (``10 log10(sum w^2 / sum (w - w_hat)^2)``) and weight bytes."""
+    w64 = w.numpy().astype(np.float64)
+    err = w64 - q.dequantize().numpy().astype(np.float64)
+    signal, noise = float(np.sum(w64 * w64)), float(np.sum(err * err))
+    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    return {"alpha_min": float(alpha.min()) if alpha.size else 0.0,
+            "alpha_max": float(alpha.max()) if alpha.size else 0.0,
+            "sqnr_db": sqnr, "bytes_before": int(w.numel()) * int(element_size),
+            "bytes_after": int(q.nbytes)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole models
+# --------------------------------------------------------------------------------------------------
+
+class QuantReport(list):
+    """One dict per quantized layer: name, shape, alpha_min, alpha_max, sqnr_db, bytes_before,
+    bytes_after (weight bytes: float before; int8 codes plus float32 scales after) and, for
+    "static", act_alpha. ``str(report)`` is a table with the totals."""
+
+    def totals(self) -> dict:
+        before = sum(r["bytes_before"] for r in self)
+        after = sum(r["bytes_after"] for r in self)
+        return {"layers": len(self), "bytes_before": before, "bytes_after": after,
+                "ratio": before / after if after else math.nan}
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<48} {'shape':>12} {'alpha range':>21} {'SQNR dB':>8} "
+                 f"{'bytes before':>13} {'after':>11}"]
+        for r in self:
+            shape = "x".join(str(d) for d in r["shape"])
+            lines.append(f"{r['name']:<48} {shape:>12} {r['alpha_min']:>10.4g}-{r['alpha_max']:<10.4g}"
+                         f" {r['sqnr_db']:>8.2f} {r['bytes_before']:>13,} {r['bytes_after']:>11,}")
+        t = self.totals()
+        lines.append(f"{'total: ' + str(t['layers']) + ' layers':<83} {t['bytes_before']:>13,} "
+                     f"{t['bytes_after']:>11,}  ({t['ratio']:.2f}x smaller)")
+        return "\n".join(lines)
+
+
+def _call(model, batch):
+    """Run one calibration batch: a tuple/list is unpacked, a dict passed as keywords."""
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    return model(batch)
+
+
+def _observe_inputs(model, names, calib_data, method):
+    """The activation alpha of each named Linear's input over ``calib_data`` (Observer ``method``)."""
+    from .calibration import Observer   # deferred: calibration is a sibling layer
+
+    if calib_data is None:
+        raise ValueError("activations='static' needs calib_data: an iterable of model inputs "
+                         "(tuples are unpacked, dicts passed as keywords)")
+    modules = dict(model.named_modules())
+    observers = {name: Observer(method) for name in names}
+    seen = dict.fromkeys(names, 0)
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach()
+            observers[name].update(x.to(device="cpu", dtype=torch.float32).reshape(-1))
+            seen[name] += 1
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in names]
+    try:
+        with torch.no_grad():
+            for batch in calib_data:
+                _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    unseen = [name for name, count in seen.items() if count == 0]
+    if unseen:
+        raise ValueError(f"calibration data never reached layer {unseen[0]!r} "
+                         f"({len(unseen)} layer(s) unseen); is calib_data empty?")
+    return {name: float(obs.alpha()) for name, obs in observers.items()}
+
+
+def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optional[str] = None,
+                   calib_data=None, skip=(), act_method: str = "mse",
+                   inplace: bool = False) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` by a :class:`QuantLinear`; return the model.
+
+    Args:
+        model: any ``nn.Module``. Copied first (``copy.deepcopy``) unless ``inplace=True``.
+        weights: calibration method for the per-channel weight alphas ("mse", "max", ...).
+        activations: None (weight-only), "dynamic" or "static" (see :class:`QuantLinear`).
+        calib_data: for "static", an iterable of model inputs (a tuple is unpacked as positional
+            arguments, a dict passed as keywords, anything else as the one argument); it is run
+            through the float model with an ``Observer(act_method)`` on each Linear's input.
+        skip: fnmatch patterns of module names (as in ``named_modules()``) to leave in float.
+        act_method: calibration method of the activation Observers ("static" only).
+        inplace: modify ``model`` itself instead of a copy.
+
+    The returned model has ``quantkit_report``, a :class:`QuantReport` with one entry per replaced
+    layer. A model with no Linear to replace is returned unchanged, with a warning.
+    """
+    import copy
+
+    _check_mode(activations)
+    if isinstance(skip, str):
+        skip = (skip,)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model expects an nn.Module, got {type(model).__name__}")
+    if activations == "static" and calib_data is None:
+        raise ValueError("activations='static' needs calib_data: an iterable of model inputs")
+    if not inplace:
+        model = copy.deepcopy(model)
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p in skip)]
+    report = QuantReport()
+    if not names:
+        warnings.warn("quantize_model: the model has no nn.Linear layer to quantize (after skip); "
+                      "it is returned unchanged", stacklevel=2)
+        return model
+    act_alphas = (_observe_inputs(model, names, calib_data, act_method)
+                  if activations == "static" else {})
+    modules = dict(model.named_modules())
+    for name in names:
+        linear = modules[name]
+        layer = QuantLinear.from_float(linear, weight_method=weights, activations=activations,
+                                       act_alpha=act_alphas.get(name))
+        if name == "":
+            model = layer           # the model is itself a Linear
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, layer)
+        report.append({"name": name, "shape": (linear.out_features, linear.in_features),
+                       **layer.quant_stats})
+    model.quantkit_report = report
+    return model
+
+
+def load_quantized(model: nn.Module, source) -> nn.Module:
+    """Load a checkpoint saved with ``quantkit.save(quantized_model, path)`` into ``model``.
+
+    ``model`` is the float architecture (or an already quantized one): each layer the checkpoint
+    records in ``"quantkit.modules"`` is replaced by an empty QuantLinear of the recorded mode,
+    then every tensor is loaded (strict). ``source`` is a path or a :class:`quantkit.io.Checkpoint`.
+    Everything is checked (names, shapes, dtypes) before ``model`` is touched; a mismatch raises
+    ValueError naming the tensor. ``model`` is modified in place and returned.
+    """
+    from .io import Checkpoint, load
+
+    checkpoint = source if isinstance(source, Checkpoint) else load(source)
+    state = checkpoint.state_dict()
+    modules = dict(model.named_modules())
+    replacements = {}
+    for name, entry in checkpoint.modules.items():
+        if entry.get("type") != "QuantLinear":
+            raise ValueError(f"module {name!r}: unknown quantized module type {entry.get('type')!r}")
+        old = modules.get(name)
+        if not isinstance(old, (nn.Linear, QuantLinear)):
+            raise ValueError(f"module {name!r}: the checkpoint has a QuantLinear there, the model "
+                             f"has {type(old).__name__ if old is not None else 'nothing'}")
+        shape = (entry.get("in_features"), entry.get("out_features"), entry.get("bias"))
+        if shape != (old.in_features, old.out_features, old.bias is not None):
+            raise ValueError(f"module {name!r}: checkpoint layer (in, out, bias) = {shape}, model "
+                             f"layer = {(old.in_features, old.out_features, old.bias is not None)}")
+        if name == "":
+            if not (isinstance(model, QuantLinear) and model.activations == entry.get("activations")):
+                raise ValueError("the checkpoint holds a single QuantLinear: load it into a "
+                                 "QuantLinear built with the same activations mode")
+            continue
+        replacements[name] = QuantLinear(old.in_features, old.out_features, old.bias is not None,
+                                         activations=entry.get("activations"),
+                                         device=old.weight.device)
+    # The state the model will have once the layers are swapped, checked before any change.
+    expected = {}
+    for key, value in model.state_dict().items():
+        if not any(key.startswith(n + ".") for n in replacements):
+            expected[key] = value
+    for name, layer in replacements.items():
+        prefix = name + "." if name else ""
+        expected.update({prefix + k: v for k, v in layer.state_dict().items()})
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        which = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise ValueError(f"checkpoint does not fit the model: {len(missing)} missing and "
+                         f"{len(unexpected)} unexpected tensor(s), e.g. {which}")
+    for key, value in expected.items():
+        got = state[key]
+        if got.dtype != value.dtype or tuple(got.shape) != tuple(value.shape):
+            raise ValueError(f"tensor {key!r}: checkpoint {got.dtype} {tuple(got.shape)}, model "
+                             f"expects {value.dtype} {tuple(value.shape)}")
+    for name, layer in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+    model.load_state_dict(state, strict=True)
+    return model
