@@ -383,7 +383,12 @@ def save(obj, path, *, metadata: Mapping | None = None) -> None:
     the caller's is modified. The file appears only once it is complete (temporary file + rename).
     """
     tensors, modules = _collect(obj)
-    planned = {name: plan_of(value) for name, value in tensors.items()}
+    planned = {}
+    for name, value in tensors.items():
+        try:
+            planned[name] = plan_of(value)
+        except TypeError as exc:
+            raise TypeError(f"tensor {name!r}: {exc}") from None
     with CheckpointWriter(path, planned, metadata=metadata, modules=modules) as writer:
         for name, value in tensors.items():
             writer.write(name, value)
