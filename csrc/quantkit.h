@@ -35,6 +35,9 @@
 #define QK_QMAX 127
 #define QK_MIN_BLOCK_SIZE 64
 #define QK_MAX_BLOCK_SIZE 4096
+/* Smallest positive alpha (float32(127) / FLT_MAX rounded up): the host rejects 0 < alpha < this, so
+ * inv_scale = 127 / alpha is always finite. Kernels never see alpha itself. */
+#define QK_MIN_POSITIVE_ALPHA 3.7321948e-37f
 
 /* Bumped whenever a signature below changes; quantkit/backends/cuda.py refuses another version. */
 #define QK_ABI_VERSION 1

@@ -1,0 +1,559 @@
+"""The CUDA backend: its C header, library and Python wrappers.
+
+Without a GPU (the default run) this checks what can be checked on the CPU: the header's constants
+against quantkit/_constants.py, the compiled library's exported symbols against the header and the
+ctypes declarations, the loader's error paths, and the wrappers' argument checks (the same errors as
+quantkit.ops). The tests marked ``gpu`` (``pytest --gpu``) compare every kernel bit for bit with
+quantkit.reference on a CUDA device.
+"""
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import alphas, tensor_and_alpha
+
+import quantkit
+from quantkit import _arrays, _constants, ops, reference
+from quantkit.backends import cuda
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = ROOT / "csrc" / "quantkit.h"
+
+
+def _header_defines() -> dict:
+    text = HEADER.read_text()
+    return {m.group(1): m.group(2).strip() for m in
+            re.finditer(r"^#define\s+(QK_\w+)\s+(.+?)\s*$", text, re.MULTILINE)}
+
+
+def _header_functions() -> dict:
+    """name -> number of parameters, for every QK_API function in the header."""
+    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.DOTALL)
+    found = {}
+    for m in re.finditer(r"QK_API\s+[\w\s\*]+?\b(qk_\w+)\s*\(([^)]*)\)\s*;", text):
+        params = m.group(2).strip()
+        found[m.group(1)] = 0 if params in ("", "void") else params.count(",") + 1
+    return found
+
+
+def _int(expr: str) -> int:
+    assert re.fullmatch(r"[\d\s()<]+", expr), expr  # integers and shifts only
+    return int(eval(expr))  # noqa: S307 - checked above
+
+
+# ------------------------------------------------------------------------ header and library
+
+
+def test_header_constants_match_python():
+    defines = _header_defines()
+    assert _int(defines["QK_QMAX"]) == _constants.QMAX
+    assert _int(defines["QK_MIN_BLOCK_SIZE"]) == _constants.MIN_BLOCK_SIZE
+    assert _int(defines["QK_MAX_BLOCK_SIZE"]) == _constants.MAX_BLOCK_SIZE
+    assert _int(defines["QK_ABI_VERSION"]) == cuda.ABI_VERSION
+    assert _int(defines["QK_MAX_HISTOGRAM_BINS"]) == cuda.MAX_HISTOGRAM_BINS
+    min_alpha = defines["QK_MIN_POSITIVE_ALPHA"]
+    assert re.fullmatch(r"[\d.e+-]+f", min_alpha), min_alpha
+    assert np.float32(min_alpha[:-1]) == np.float32(_constants.MIN_POSITIVE_ALPHA)
+
+
+def test_ctypes_declarations_match_header():
+    functions = _header_functions()
+    assert len(functions) >= 13
+    lib = type("FakeLib", (), {})()
+    for name in functions:
+        setattr(lib, name, type("Fn", (), {})())
+    cuda._declare(lib)
+    for name, n_params in functions.items():
+        assert len(getattr(lib, name).argtypes) == n_params, name
+
+
+def _built_library() -> Path:
+    path = cuda.library_path()
+    if not path.is_file():
+        pytest.skip(f"the CUDA library is not built ({path}); pip install -e . builds it with nvcc")
+    return path
+
+
+def test_library_exports_exactly_the_header_functions():
+    path = _built_library()
+    if shutil.which("nm") is None:
+        pytest.skip("nm is not installed")
+    out = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    public = {name for name in exported if not name.startswith("_")}
+    assert public == set(_header_functions())
+
+
+def test_library_loads_and_reports_its_abi_version():
+    path = _built_library()
+    lib = ctypes.CDLL(str(path))
+    assert lib.qk_abi_version() == cuda.ABI_VERSION
+    lib.qk_error_string.restype = ctypes.c_char_p
+    assert lib.qk_error_string(1) == b"invalid argument"
+
+
+def test_library_rejects_bad_arguments_before_touching_cuda():
+    """Argument errors come back as cudaErrorInvalidValue (1) without any CUDA call."""
+    _built_library()
+    cuda._reset_for_tests()
+    lib = cuda.library()
+    assert lib.qk_quantize_int8_f32(None, None, -1, None, None, 0, None) == 1
+    assert lib.qk_quantize_int8_blockwise_f32(None, None, 10, 48, None, None, 0, None) == 1
+    assert lib.qk_dequantize_int8_per_channel_f32(None, None, -2, 3, 4, None, 0, None) == 1
+    assert lib.qk_abs_histogram_f32(None, 0, 0, 1.0, None, None, None, None, 0, None) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_no_gpu_means_not_available():
+    assert not cuda.available()
+    if cuda.library_path().is_file():
+        assert cuda.device_count() == 0
+
+
+# --------------------------------------------------------------------------------- loader
+
+
+@pytest.fixture
+def library_at(monkeypatch):
+    """Point the loader at another path for one test."""
+    def point(path):
+        monkeypatch.setenv("QUANTKIT_CUDA_LIBRARY", str(path))
+        cuda._reset_for_tests()
+
+    yield point
+    cuda._reset_for_tests()
+
+
+def test_missing_library_raises_with_build_instructions(library_at, tmp_path):
+    library_at(tmp_path / "absent.so")
+    with pytest.raises(RuntimeError, match=r"not built .*nvcc.*pip install"):
+        cuda.library()
+    assert not cuda.available()
+
+
+def test_unloadable_library_raises_with_build_instructions(library_at, tmp_path):
+    bogus = tmp_path / "bogus.so"
+    bogus.write_bytes(b"not a shared object")
+    library_at(bogus)
+    with pytest.raises(RuntimeError, match=r"cannot be loaded.*nvcc"):
+        cuda.library()
+
+
+def test_importing_the_backend_starts_no_cuda():
+    code = ("import torch, quantkit, quantkit.backends.cuda as c, quantkit._torch_ops; "
+            "print(torch.cuda.is_initialized(), c._library is None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.split() == ["False", "True"]
+
+
+# ------------------------------------------------------------------------ argument checks
+
+
+def test_wrappers_want_cuda_tensors():
+    x = torch.ones(4)
+    for call in (lambda: cuda.quantize(x, 1.0), lambda: cuda.absmax(x),
+                 lambda: cuda.abs_histogram(x, 8, 1.0), lambda: cuda.quantize(x.numpy(), 1.0)):
+        with pytest.raises(TypeError, match="must be a CUDA torch tensor"):
+            call()
+    q = ops.quantize(x, 1.0)
+    with pytest.raises(TypeError, match="must be a CUDA torch tensor"):
+        cuda.dequantize(q)
+    with pytest.raises(TypeError, match="must be a QTensor"):
+        cuda.dequantize(x)
+
+
+BAD_QUANTIZE_ARGS = [
+    dict(alpha=[1.0, 2.0]),                       # per tensor wants a scalar
+    dict(alpha=np.ones(3), axis=1),               # wrong channel count
+    dict(alpha=np.ones(5), axis=2),               # axis out of range
+    dict(alpha=np.ones(5), axis=1.0),             # axis not an int
+    dict(alpha=1.0, axis=0, block_size=64),       # both granularities
+    dict(alpha=np.ones(1), block_size=48),        # not a power of two
+    dict(alpha=np.ones(1), block_size=8192),      # too large
+    dict(alpha=np.ones(2), block_size=64),        # wrong block count
+    dict(alpha=-1.0),                             # negative
+    dict(alpha=float("nan")),                     # not finite
+    dict(alpha=1e39),                             # overflows float32
+    dict(alpha=1e-38),                            # 127 / alpha would overflow float32
+    dict(alpha=True),                             # a bool
+    dict(alpha="1"),                              # not a number
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_QUANTIZE_ARGS, ids=str)
+def test_quantize_argument_errors_match_ops(kwargs):
+    """prepare_quantize (the CUDA wrapper's checks) raises exactly what quantkit.ops raises."""
+    x = torch.zeros(4, 5)
+    kwargs = dict(kwargs)
+    alpha = kwargs.pop("alpha")
+    with pytest.raises((TypeError, ValueError)) as expected:
+        ops.quantize(x, alpha, **kwargs)
+    with pytest.raises(expected.type) as got:
+        cuda.prepare_quantize(x, alpha, **kwargs)
+    assert str(got.value) == str(expected.value)
+
+
+def test_quantize_rejects_integer_input_like_ops():
+    x = torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(TypeError) as expected:
+        ops.quantize(x, 1.0)
+    with pytest.raises(TypeError) as got:
+        cuda.prepare_quantize(x, 1.0)
+    assert str(got.value) == str(expected.value)
+
+
+def test_prepare_quantize_gives_the_reference_multipliers():
+    alpha = np.array([0.0, 1.0, 3.0, 1e-36], np.float32)
+    axis, block_size, inv, scale = cuda.prepare_quantize(torch.zeros(2, 4), alpha, axis=-1)
+    assert (axis, block_size) == (1, None)
+    assert np.array_equal(inv, reference.inv_scale_from_alpha(alpha))
+    assert np.array_equal(scale, reference.scale_from_alpha(alpha))
+    assert cuda.prepare_quantize(torch.zeros(130), np.ones(3), block_size=64)[1] == 64
+
+
+def test_channel_view():
+    assert cuda.channel_view((2, 3, 4, 5), 0) == (1, 2, 60)
+    assert cuda.channel_view((2, 3, 4, 5), 2) == (6, 4, 5)
+    assert cuda.channel_view((2, 3, 4, 5), 3) == (24, 5, 1)
+    assert cuda.channel_view((7,), 0) == (1, 7, 1)
+
+
+def test_dense_permutation():
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    assert cuda.dense_permutation(x) == (0, 1, 2)
+    assert cuda.dense_permutation(x.transpose(0, 2)) == (2, 1, 0)
+    perm = cuda.dense_permutation(x.permute(1, 2, 0))
+    assert x.permute(1, 2, 0).permute(perm).is_contiguous()
+    assert cuda.dense_permutation(x[:, :, ::2]) is None
+    for view in (x, x.transpose(0, 2), x.permute(1, 2, 0), x[:, 1:, ::2]):
+        dense, perm = cuda._dense(view, keep_layout=True)
+        assert dense.is_contiguous()
+        assert torch.equal(dense.permute(cuda._inverse(perm)), view)
+
+
+def test_histogram_argument_checks():
+    assert cuda.histogram_inv_width(2048, 4.0) == np.float32(512.0)
+    for bins, hi, error in [(0, 1.0, ValueError), (True, 1.0, TypeError), (2.0, 1.0, TypeError),
+                            (cuda.MAX_HISTOGRAM_BINS + 1, 1.0, ValueError), (8, 0.0, ValueError),
+                            (8, float("inf"), ValueError), (8, -1.0, ValueError),
+                            (2048, 1e-45, ValueError)]:
+        with pytest.raises(error):
+            cuda.histogram_inv_width(bins, hi)
+
+
+def test_nonfinite_error_matches_the_cpu_message():
+    x = torch.zeros(3, 4, 5)
+    x[1, 2, 3] = float("-inf")
+    x[2, 0, 0] = float("nan")
+    expected = _arrays.nonfinite_error(x.numpy(), 2)
+    assert str(cuda.nonfinite_error(x, 2)) == str(expected)
+    assert "(1, 2, 3)" in str(expected)
+
+
+# =============================================================================== on a GPU
+
+gpu = pytest.mark.gpu
+DEVICE = "cuda"
+
+
+def _cpu(t) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _same(got, expected, what="codes"):
+    got = _cpu(got) if isinstance(got, torch.Tensor) else np.asarray(got)
+    expected = np.asarray(expected)
+    assert got.dtype == expected.dtype and got.shape == expected.shape, what
+    bad = np.count_nonzero(~((got == expected) | (np.isnan(got) & np.isnan(expected)))
+                           if got.dtype.kind == "f" else got != expected)
+    assert bad == 0, f"{what}: {bad} of {got.size} elements differ"
+
+
+def _layout(x: np.ndarray, how: str):
+    """x on the GPU as a tensor with the given memory layout (same values)."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if how == "plain":
+        return t.to(DEVICE)
+    if how == "transpose" and x.ndim >= 2:
+        return t.transpose(0, -1).contiguous().to(DEVICE).transpose(0, -1)
+    if how == "sliced":
+        wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=torch.float32, device=DEVICE)
+        wide[..., ::2] = t.to(DEVICE)
+        return wide[..., ::2]
+    if how == "offset":  # storage offset of one element: not 16-byte aligned, the scalar path
+        base = torch.zeros(x.size + 1, dtype=torch.float32, device=DEVICE)
+        base[1:] = t.reshape(-1).to(DEVICE)
+        return base[1:].reshape(x.shape)
+    return t.to(DEVICE)
+
+
+LAYOUTS = ["plain", "transpose", "sliced", "offset"]
+
+
+@gpu
+@settings(max_examples=60, deadline=None)
+@given(case=tensor_and_alpha(), how=st.sampled_from(LAYOUTS))
+def test_gpu_per_tensor_matches_reference(case, how):
+    x, alpha = case
+    q = cuda.quantize(_layout(x, how), alpha)
+    assert q.data.is_cuda and q.scale.is_cuda
+    _same(q.data, reference.quantize_per_tensor(x, alpha))
+    _same(q.scale, reference.scale_from_alpha(alpha), "scale")
+    _same(cuda.dequantize(q), reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)),
+          "values")
+
+
+@gpu
+@settings(max_examples=60, deadline=None)
+@given(case=tensor_and_alpha(), how=st.sampled_from(LAYOUTS), data=st.data())
+def test_gpu_per_channel_matches_reference(case, how, data):
+    x, _ = case
+    axis = data.draw(st.integers(-x.ndim, x.ndim - 1))
+    channels = x.shape[axis]
+    alpha = np.array(data.draw(st.lists(alphas, min_size=channels, max_size=channels)), np.float32)
+    alpha[data.draw(st.integers(0, channels - 1))] = 0.0
+    q = cuda.quantize(_layout(x, how), alpha, axis=axis)
+    _same(q.data, reference.quantize_per_channel(x, alpha, axis % x.ndim))
+    _same(q.scale, reference.scale_from_alpha(alpha), "scale")
+    _same(cuda.dequantize(q),
+          reference.dequantize_per_channel(_cpu(q.data), _cpu(q.scale), axis % x.ndim), "values")
+
+
+@gpu
+@settings(max_examples=60, deadline=None)
+@given(case=tensor_and_alpha(max_side=40), how=st.sampled_from(LAYOUTS), data=st.data())
+def test_gpu_blockwise_matches_reference(case, how, data):
+    x, _ = case
+    block = data.draw(st.sampled_from([64, 128, 256, 1024, 4096]))
+    n_blocks = _arrays.n_blocks(x.size, block)
+    alpha = np.array(data.draw(st.lists(alphas, min_size=n_blocks, max_size=n_blocks)), np.float32)
+    q = cuda.quantize(_layout(x, how), alpha, block_size=block)
+    _same(q.data, reference.quantize_blockwise(x, alpha, block))
+    _same(cuda.dequantize(q), reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), block),
+          "values")
+    _same(cuda.absmax(_layout(x, how), block_size=block), reference.absmax_per_block(x, block),
+          "absmax")
+
+
+def _random(n, seed=0, alpha=3.0):
+    """Normal data with exact ties, +-alpha and zeros mixed in."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n).astype(np.float32)
+    scale = np.float32(alpha) / np.float32(127)
+    pick = rng.random(n)
+    x = np.where(pick < 0.1, (rng.integers(-130, 130, n) + np.float32(0.5)) * scale, x)
+    x = np.where(pick > 0.95, np.float32(alpha) * rng.choice([-1, 1, 0], n), x)
+    return x.astype(np.float32)
+
+
+SIZES = [1, 31, 2**20 + 7]
+
+
+@gpu
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("how", ["plain", "offset"])
+def test_gpu_odd_sizes_every_granularity(n, how):
+    x = _random(n, seed=n)
+    alpha = np.float32(3.0)
+    xt = _layout(x, how)
+    _same(cuda.quantize(xt, alpha).data, reference.quantize_per_tensor(x, alpha))
+    for block in (64, 4096):
+        a = reference.absmax_per_block(x, block)
+        _same(cuda.absmax(xt, block_size=block), a, "absmax per block")
+        q = cuda.quantize(xt, a, block_size=block)
+        _same(q.data, reference.quantize_blockwise(x, a, block))
+        _same(cuda.dequantize(q), reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale),
+                                                                 block), "values")
+    _same(cuda.absmax(xt), np.float32(np.abs(x).max()), "absmax")
+    # per channel on 2-D views of the same data, both axes, rows long and short
+    for rows in (1, 7, 257):
+        m = (n // rows) * rows
+        if m == 0:
+            continue
+        x2 = x[:m].reshape(rows, -1)
+        for axis in (0, 1):
+            a = np.abs(x2).max(axis=1 - axis).astype(np.float32)
+            t2 = _layout(x2, how)
+            _same(cuda.absmax(t2, axis=axis), a, "absmax per channel")
+            q = cuda.quantize(t2, a, axis=axis)
+            _same(q.data, reference.quantize_per_channel(x2, a, axis))
+            _same(cuda.dequantize(q), reference.dequantize_per_channel(_cpu(q.data),
+                                                                       _cpu(q.scale), axis),
+                  "values")
+
+
+@gpu
+def test_gpu_ties_round_half_to_even():
+    k = np.arange(-140, 141, dtype=np.float32)
+    x = np.concatenate([k + np.float32(0.5), k, -(k + np.float32(0.5))])  # inv = 1: exact ties
+    q = cuda.quantize(_layout(x, "plain"), 127.0)
+    _same(q.data, reference.quantize_per_tensor(x, 127.0))
+    assert _cpu(q.data)[np.searchsorted(x[:281], 0.5)] == 0  # 0.5 -> 0, 1.5 -> 2
+    assert _cpu(q.data)[np.searchsorted(x[:281], 1.5)] == 2
+
+
+@gpu
+def test_gpu_alpha_zero_and_extreme_alphas():
+    x = _random(10_000)
+    alpha = np.array([0.0, 3.7321948e-37, 1e-36, 3.4e38], np.float32)
+    x2 = x.reshape(4, -1)
+    q = cuda.quantize(_layout(x2, "plain"), alpha, axis=0)
+    _same(q.data, reference.quantize_per_channel(x2, alpha, 0))
+    assert not _cpu(q.data)[0].any()
+    values = _cpu(cuda.dequantize(q))
+    assert np.array_equal(values[0], np.zeros_like(values[0]))
+
+
+@gpu
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("n", [1, 31, 2**20 + 7])
+def test_gpu_nonfinite_is_detected_with_the_cpu_message(bad, n):
+    x = _random(n)
+    where = [n - 1] if n < 8 else [3, n // 2, n - 1]
+    x[where] = bad
+    with pytest.raises(ValueError) as expected:
+        ops.quantize(x, 3.0)
+    for how in ("plain", "offset"):
+        for call in (lambda t: cuda.quantize(t, 3.0),
+                     lambda t: cuda.quantize(t, np.ones(_arrays.n_blocks(n, 64)), block_size=64),
+                     lambda t: cuda.absmax(t), lambda t: cuda.abs_histogram(t, 64, 4.0)):
+            with pytest.raises(ValueError) as got:
+                call(_layout(x, how))
+            assert str(got.value) == str(expected.value)
+
+
+@gpu
+def test_gpu_public_api_dispatches_cuda_tensors():
+    x = _random(5000).reshape(50, 100)
+    t = torch.from_numpy(x).to(DEVICE)
+    q = quantkit.quantize(t, np.abs(x).max(axis=0), axis=1)
+    assert q.data.is_cuda
+    _same(q.data, reference.quantize_per_channel(x, np.abs(x).max(axis=0), 1))
+    assert quantkit.dequantize(q).is_cuda
+
+
+@gpu
+def test_gpu_out_buffers_and_half_inputs():
+    x = _random(4096).reshape(64, 64)
+    t = torch.from_numpy(x).to(DEVICE)
+    out = torch.empty(64, 64, dtype=torch.int8, device=DEVICE)
+    q = cuda.quantize(t, 3.0, out=out)
+    assert q.data is out
+    _same(out, reference.quantize_per_tensor(x, 3.0))
+    values = torch.empty(64, 64, dtype=torch.float32, device=DEVICE)
+    assert cuda.dequantize(q, out=values) is values
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda.quantize(t, 3.0, out=torch.empty(64, 64, dtype=torch.int8, device=DEVICE).t()[:, :])
+    with pytest.raises(ValueError):
+        cuda.quantize(t, 3.0, out=torch.empty(64, 63, dtype=torch.int8, device=DEVICE))
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        th = t.to(dtype)
+        _same(cuda.quantize(th, 3.0).data, reference.quantize_per_tensor(_cpu(th.float()), 3.0))
+
+
+@gpu
+def test_gpu_runs_on_the_current_stream():
+    x = _random(2**20 + 7)
+    t = torch.from_numpy(x).to(DEVICE)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        q = cuda.quantize(t, 3.0)
+        values = cuda.dequantize(q)
+    torch.cuda.current_stream().wait_stream(stream)
+    _same(q.data, reference.quantize_per_tensor(x, 3.0))
+    _same(values, reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)), "values")
+
+
+@gpu
+def test_gpu_absmax_per_channel_every_axis():
+    x = _random(3 * 5 * 7 * 11).reshape(3, 5, 7, 11)
+    for axis in range(4):
+        other = tuple(k for k in range(4) if k != axis)
+        for how in ("plain", "transpose", "sliced"):
+            _same(cuda.absmax(_layout(x, how), axis=axis), np.abs(x).max(axis=other), "absmax")
+    assert float(cuda.absmax(torch.zeros(0, device=DEVICE))) == 0.0
+
+
+def _histogram_reference(x: np.ndarray, bins: int, hi: float):
+    a = np.abs(x.astype(np.float32))
+    inv_width = np.float32(bins) / np.float32(hi)
+    t = a * inv_width  # float32 product, as the kernel
+    b = np.where(t < np.float32(bins), np.floor(t), bins - 1).astype(np.int64)
+    counts = np.bincount(b, minlength=bins)
+    a64 = a.astype(np.float64)
+    return counts, np.bincount(b, a64, bins), np.bincount(b, a64 * a64, bins)
+
+
+@gpu
+@pytest.mark.parametrize("bins", [1, 100, 2048, 2049, 65536])
+@pytest.mark.parametrize("n", [31, 2**20 + 7])
+def test_gpu_abs_histogram(bins, n):
+    x = _random(n, seed=bins)
+    hi = float(np.abs(x).max()) * 0.9  # some values beyond hi: they land in the last bin
+    for how in ("plain", "offset"):
+        counts, sums, sumsq = cuda.abs_histogram(_layout(x, how), bins, hi)
+        c, s, s2 = _histogram_reference(x, bins, hi)
+        _same(counts, c, "counts")
+        np.testing.assert_allclose(_cpu(sums), s, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(_cpu(sumsq), s2, rtol=1e-12, atol=0)
+
+
+@gpu
+def test_gpu_over_two_to_the_31_elements():
+    """A tensor past 2^31 elements (64-bit indexing), checked against torch's own arithmetic."""
+    n = 2**31 + 33
+    free, _ = torch.cuda.mem_get_info()
+    if free < 30 * 2**30:
+        pytest.skip(f"needs about 30 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    x = torch.randn(n, device=DEVICE) * 2
+    alpha = np.float32(5.0)
+    inv = float(reference.inv_scale_from_alpha(alpha))
+    q = cuda.quantize(x, alpha)
+    expected = torch.clamp(torch.round(x * inv), -127, 127).to(torch.int8)
+    assert torch.equal(q.data, expected)
+    del expected
+    values = cuda.dequantize(q)
+    assert torch.equal(values, q.data.to(torch.float32) * float(q.scale))
+    del values
+    assert float(cuda.absmax(x)) == float(x.abs().max())
+    blocks = cuda.absmax(x, block_size=4096)
+    assert blocks.shape == (_arrays.n_blocks(n, 4096),)
+    assert float(blocks[-1]) == float(x[-(n % 4096):].abs().max())
+    x[n - 2] = float("nan")
+    with pytest.raises(ValueError, match=rf"1 non-finite value\(s\).*at index \({n - 2},\)"):
+        cuda.quantize(x, alpha)
+
+
+@gpu
+def test_gpu_torch_ops():
+    from torch.library import opcheck
+
+    import quantkit._torch_ops  # noqa: F401 - registers torch.ops.quantkit
+
+    x = torch.from_numpy(_random(6 * 300).reshape(6, 300)).to(DEVICE)
+    alpha = x.abs().amax(dim=1)
+    opcheck(torch.ops.quantkit.quantize_int8.default, (x, alpha), {"axis": 0})
+    codes, scale = torch.ops.quantkit.quantize_int8(x, alpha, 0)
+    opcheck(torch.ops.quantkit.dequantize_int8.default, (codes, scale), {"axis": 0})
+    opcheck(torch.ops.quantkit.absmax.default, (x,), {"block_size": 64})
+    _same(codes, reference.quantize_per_channel(_cpu(x), _cpu(alpha), 0))
+
+    def roundtrip(t, a):
+        c, s = torch.ops.quantkit.quantize_int8(t, a, 0)
+        return torch.ops.quantkit.dequantize_int8(c, s, 0)
+
+    compiled = torch.compile(roundtrip, fullgraph=True)
+    assert torch.equal(compiled(x, alpha), roundtrip(x, alpha))
