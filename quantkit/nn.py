@@ -93,6 +93,11 @@ def quantize_rows(x: torch.Tensor, alpha: Optional[torch.Tensor] = None):
         return q.data, q.scale
     if not bool(torch.isfinite(x).all()):
         raise ValueError("input has non-finite values (NaN or Inf)")
+    return _quantize_rows_torch(x, alpha)
+
+
+def _quantize_rows_torch(x: torch.Tensor, alpha: torch.Tensor):
+    """:func:`quantize_rows` in torch ops (any device), ``alpha`` one float32 per row."""
     inv = torch.where(alpha > 0, torch.full_like(alpha, 127.0) / alpha, torch.zeros_like(alpha))
     inv = inv.clamp(max=_F32_MAX)
     codes = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)

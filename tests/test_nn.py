@@ -1,0 +1,410 @@
+"""QuantLinear and quantize_model: exact arithmetic, autograd, torch.compile, state and checkpoints."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import quantkit
+from quantkit import reference
+from quantkit.nn import QuantLinear, load_quantized, quantize_model, quantize_rows
+
+MODES = [None, "dynamic", "static"]
+
+
+def _linear(in_f=48, out_f=24, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+def _from_float(linear, mode, **kw):
+    return QuantLinear.from_float(linear, activations=mode,
+                                  act_alpha=3.0 if mode == "static" else None, **kw)
+
+
+def _mlp(seed=0, act=nn.ReLU):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), act(), nn.Linear(32, 32), act(), nn.Linear(32, 4))
+
+
+def _exact_w8a8(x2, layer, alpha_rows):
+    """The W8A8 output from reference codes and an int64 matmul (independent of torch._int_mm)."""
+    xq = reference.quantize_per_channel(x2.numpy(), alpha_rows, axis=0).astype(np.int64)
+    acc = torch.from_numpy(xq @ layer.weight.numpy().astype(np.int64).T).to(torch.float32)
+    s_x = torch.from_numpy(reference.scale_from_alpha(alpha_rows))
+    y = acc * (s_x[:, None] * layer.weight_scale[None, :])
+    return y + layer.bias if layer.bias is not None else y
+
+
+# ------------------------------------------------------------------------------------ construction
+
+def test_weight_is_mse_calibrated_per_output_channel():
+    from quantkit.calibration import calibrate
+
+    lin = _linear()
+    layer = QuantLinear.from_float(lin)
+    w = lin.weight.detach().numpy()
+    alpha = np.asarray(calibrate(w, "mse", axis=0), dtype=np.float32)
+    assert np.array_equal(layer.weight.numpy(), reference.quantize_per_channel(w, alpha, axis=0))
+    assert np.array_equal(layer.weight_scale.numpy(), reference.scale_from_alpha(alpha))
+    assert layer.weight.dtype == torch.int8 and layer.weight_scale.dtype == torch.float32
+    assert torch.equal(layer.bias, lin.bias.detach()) and not layer.bias.requires_grad
+    assert set(layer.state_dict()) == {"weight", "weight_scale", "bias"}
+
+
+def test_from_float_leaves_the_linear_alone():
+    lin = _linear()
+    before = copy.deepcopy(lin.state_dict())
+    QuantLinear.from_float(lin, activations="static", act_alpha=2.0)
+    assert all(torch.equal(before[k], v) for k, v in lin.state_dict().items())
+
+
+def test_bad_construction():
+    lin = _linear()
+    with pytest.raises(TypeError, match="nn.Linear"):
+        QuantLinear.from_float(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="activations"):
+        QuantLinear.from_float(lin, activations="int4")
+    with pytest.raises(ValueError, match="act_alpha"):
+        QuantLinear.from_float(lin, activations="static")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="act_alpha"):
+            QuantLinear.from_float(lin, activations="static", act_alpha=bad)
+    with pytest.raises(ValueError, match="only used"):
+        QuantLinear.from_float(lin, activations="dynamic", act_alpha=1.0)
+    with pytest.raises(TypeError, match="weight_method"):
+        QuantLinear.from_float(lin, weight_method=None)
+    nan = _linear()
+    with torch.no_grad():
+        nan.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError):
+        QuantLinear.from_float(nan)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_input(mode):
+    layer = _from_float(_linear(), mode)
+    with pytest.raises(TypeError, match="float32"):
+        layer(torch.randn(2, 48, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32"):
+        layer(torch.ones(2, 48, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 48\)"):
+        layer(torch.randn(2, 47))
+    with pytest.raises(ValueError):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError):
+        layer(np.ones((2, 48), np.float32))
+
+
+def test_non_finite_activations_are_refused():
+    layer = _from_float(_linear(), "dynamic")
+    x = torch.randn(3, 48)
+    x[1, 7] = float("nan")
+    with pytest.raises(ValueError, match="non-finite.*row is 1"):
+        layer(x)
+    static = _from_float(_linear(), "static")
+    x[1, 7] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        static(x)
+
+
+# -------------------------------------------------------------------------------------- arithmetic
+
+def test_weight_only_formula():
+    layer = _from_float(_linear(), None)
+    x = torch.randn(5, 3, 48)
+    before = x.clone()
+    y = layer(x)
+    assert torch.equal(x, before)
+    expected = (x.reshape(-1, 48) @ layer.weight.float().t()) * layer.weight_scale + layer.bias
+    torch.testing.assert_close(y.reshape(-1, 24), expected, rtol=1e-6, atol=1e-6)
+    assert y.shape == (5, 3, 24) and y.is_contiguous()
+
+
+def test_weight_only_chunked_matmul_spans_chunks(monkeypatch):
+    import quantkit.nn as qnn
+
+    monkeypatch.setattr(qnn, "_CHUNK_BYTES", 64 * 4 * 16)   # 64 rows of 16 inputs: several chunks
+    lin = _linear(64, 200)
+    layer = QuantLinear.from_float(lin)
+    x = torch.randn(7, 64)
+    expected = (x @ layer.weight.float().t()) * layer.weight_scale + layer.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def _tie_rows():
+    """Rows whose products x * 127 / alpha land exactly on .5 ties, +-alpha, zeros and tiny values."""
+    alpha = np.float32(127.0)                                  # inv = 1: x itself is x * inv
+    ties = np.arange(-127, 127, dtype=np.float32) + np.float32(0.5)
+    rows = [np.resize(np.concatenate([ties, [alpha, -alpha]]), 256)]
+    rows.append(np.zeros(256, np.float32))                    # alpha = 0: codes 0, scale 0
+    rng = np.random.default_rng(0)
+    rows.append(rng.standard_normal(256).astype(np.float32) * np.float32(1e-30))
+    rows.append(rng.standard_t(3, 256).astype(np.float32))
+    rows.append(np.full(256, -2.5, np.float32))
+    return np.stack(rows)
+
+
+def test_activation_codes_bit_exact_with_reference():
+    x = torch.from_numpy(_tie_rows())
+    codes, scale = quantize_rows(x)
+    alpha = np.abs(x.numpy()).max(axis=1)
+    assert np.array_equal(codes.numpy(), reference.quantize_per_channel(x.numpy(), alpha, axis=0))
+    assert np.array_equal(scale.numpy(), reference.scale_from_alpha(alpha))
+    fixed = torch.tensor(2.0)
+    codes, scale = quantize_rows(x, fixed)
+    assert np.array_equal(codes.numpy(), reference.quantize_per_tensor(x.numpy(), np.float32(2.0)))
+
+
+def test_torch_path_bit_exact_with_reference():
+    """The torch-ops path (used off the CPU) gives the reference codes too, on CPU tensors."""
+    from quantkit.nn import _quantize_rows_torch
+
+    rng = np.random.default_rng(1)
+    x = np.concatenate([_tie_rows(), rng.standard_normal((64, 256)).astype(np.float32) * 3])
+    alpha = np.abs(x).max(axis=1).astype(np.float32)
+    codes, scale = _quantize_rows_torch(torch.from_numpy(x), torch.from_numpy(alpha))
+    assert np.array_equal(codes.numpy(), reference.quantize_per_channel(x, alpha, axis=0))
+    assert np.array_equal(scale.numpy(), reference.scale_from_alpha(alpha))
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (7, 48), (2, 5, 48), (0, 48), (33, 48)])
+def test_dynamic_w8a8_exact(shape):
+    layer = _from_float(_linear(), "dynamic")
+    torch.manual_seed(1)
+    x = torch.randn(*shape) * 2
+    x2 = x.reshape(-1, 48)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 24)
+    alpha = np.abs(x2.numpy()).max(axis=1) if x2.shape[0] else np.zeros(0, np.float32)
+    assert torch.equal(y.reshape(-1, 24), _exact_w8a8(x2, layer, alpha.astype(np.float32)))
+
+
+def test_static_w8a8_exact_and_clips():
+    layer = _from_float(_linear(bias=False), "static")
+    assert float(layer.input_alpha) == 3.0
+    x = torch.randn(9, 48) * 3                                   # some |x| > alpha: clipped
+    alpha = np.full(9, 3.0, np.float32)
+    assert torch.equal(layer(x), _exact_w8a8(x, layer, alpha))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_close_to_float(mode):
+    lin = _linear(256, 128)
+    layer = QuantLinear.from_float(lin, activations=mode,
+                                   act_alpha=4.0 if mode == "static" else None)
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        ref = lin(x)
+    rel = float((layer(x) - ref).norm() / ref.norm())
+    assert rel < {None: 5e-3, "dynamic": 1.5e-2, "static": 2e-2}[mode]
+
+
+def test_int_mm_odd_shapes():
+    """torch._int_mm on the CPU takes any shape here; checked against an int64 matmul."""
+    for m, k, n in [(1, 3, 5), (17, 100, 30), (64, 384, 1536)]:
+        layer = _from_float(_linear(k, n), "dynamic")
+        x = torch.randn(m, k)
+        alpha = np.abs(x.numpy()).max(axis=1)
+        assert torch.equal(layer(x), _exact_w8a8(x, layer, alpha))
+
+
+# -------------------------------------------------------------------------------- autograd, compile
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_to_the_input(mode):
+    layer = _from_float(_linear(), mode)
+    x = torch.randn(6, 48, requires_grad=True)
+    g = torch.randn(6, 24)
+    layer(x).backward(g)
+    torch.testing.assert_close(x.grad, g @ layer.dequantized_weight(), rtol=1e-5, atol=1e-6)
+    assert layer.bias.grad is None
+    layer.bias.requires_grad_(True)
+    x.grad = None
+    layer(x).backward(g)
+    torch.testing.assert_close(layer.bias.grad, g.sum(0))
+
+
+def test_lora_adapter_trains_on_a_frozen_int8_base():
+    torch.manual_seed(0)
+    base = QuantLinear.from_float(_linear(32, 16))
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    down, up = nn.Linear(32, 4, bias=False), nn.Linear(4, 16, bias=False)
+    nn.init.zeros_(up.weight)
+    opt = torch.optim.Adam([*down.parameters(), *up.parameters()], lr=1e-2)
+    x, target = torch.randn(64, 32), torch.randn(64, 16)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = ((base(x) + up(down(x)) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(torch.equal(frozen[k], v) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile(mode):
+    torch._dynamo.reset()
+    model = quantize_model(_mlp(), activations=mode,
+                           calib_data=[torch.randn(8, 16) for _ in range(2)])
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 16, requires_grad=True)
+    y = compiled(x)
+    assert torch.equal(y, model(x))              # the int8 products are opaque custom ops
+    y.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    model(x).sum().backward()
+    torch.testing.assert_close(grad, x.grad)
+
+
+def test_custom_ops_pass_opcheck():
+    layer = _from_float(_linear(), "static")
+    x = torch.randn(4, 48, requires_grad=True)
+    args = [(torch.ops.quantkit.linear_w8, (x, layer.weight, layer.weight_scale, layer.bias)),
+            (torch.ops.quantkit.linear_w8a8, (x, layer.weight, layer.weight_scale, None, None)),
+            (torch.ops.quantkit.linear_w8a8, (x, layer.weight, layer.weight_scale, layer.bias,
+                                              layer.input_alpha))]
+    for op, a in args:
+        torch.library.opcheck(op, a, test_utils=("test_schema", "test_faketensor",
+                                                 "test_autograd_registration"))
+
+
+# ------------------------------------------------------------------------------------------ models
+
+def test_quantize_model_replaces_linears_and_reports():
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    q = quantize_model(model, skip=["4"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # a copy
+    assert isinstance(model[0], nn.Linear)
+    assert isinstance(q[0], QuantLinear) and isinstance(q[2], QuantLinear)
+    assert isinstance(q[4], nn.Linear)
+    report = q.quantkit_report
+    assert [r["name"] for r in report] == ["0", "2"]
+    for r in report:
+        assert r["bytes_before"] == 4 * r["shape"][0] * r["shape"][1]
+        assert r["bytes_after"] == r["shape"][0] * r["shape"][1] + 4 * r["shape"][0]
+        assert 0 < r["alpha_min"] <= r["alpha_max"] and r["sqnr_db"] > 30
+    assert "total: 2 layers" in str(report) and report.totals()["ratio"] > 3
+
+
+def test_quantize_model_inplace_and_root_linear():
+    model = _mlp()
+    assert quantize_model(model, inplace=True) is model and isinstance(model[0], QuantLinear)
+    lin = _linear()
+    q = quantize_model(lin)
+    assert isinstance(q, QuantLinear) and isinstance(lin, nn.Linear)
+
+
+def test_quantize_model_without_linears_warns():
+    model = nn.Sequential(nn.ReLU(), nn.Conv1d(2, 2, 1))
+    with pytest.warns(UserWarning, match="no nn.Linear"):
+        out = quantize_model(model)
+    assert isinstance(out[1], nn.Conv1d)
+    with pytest.warns(UserWarning):
+        quantize_model(_mlp(), skip=["*"])
+
+
+def test_quantize_model_static_calibration():
+    model = _mlp()
+    batches = [torch.randn(8, 16) for _ in range(3)]
+    q = quantize_model(model, activations="static", calib_data=batches)
+    for name in ("0", "2", "4"):
+        assert q.get_submodule(name).activations == "static"
+        assert float(q.get_submodule(name).input_alpha) > 0
+    assert all("act_alpha" in r for r in q.quantkit_report)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        rel = float((q(x) - model(x)).norm() / model(x).norm())
+    assert rel < 0.05
+    # keyword batches (dicts) and positional ones (tuples) both reach the model
+    by_tuple = quantize_model(model, activations="static", calib_data=[(b,) for b in batches])
+    by_dict = quantize_model(model, activations="static", calib_data=[{"input": b} for b in batches])
+    assert torch.equal(by_tuple[0].input_alpha, q[0].input_alpha)
+    assert torch.equal(by_dict[0].input_alpha, q[0].input_alpha)
+    with pytest.raises(ValueError, match="calib_data"):
+        quantize_model(model, activations="static")
+    with pytest.raises(ValueError, match="never reached|empty"):
+        quantize_model(model, activations="static", calib_data=[])
+    bad = [torch.randn(8, 16)]
+    bad[0][2, 3] = float("nan")
+    with pytest.raises(ValueError):
+        quantize_model(model, activations="static", calib_data=bad)
+    with pytest.raises(ValueError, match="activations"):
+        quantize_model(model, activations="int4")
+    with pytest.raises(TypeError):
+        quantize_model("not a model")
+
+
+# ----------------------------------------------------------------------------- state, checkpoints
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_round_trip(mode):
+    calib = [torch.randn(8, 16)]
+    q = quantize_model(_mlp(0), activations=mode, calib_data=calib)
+    fresh = quantize_model(_mlp(1), activations=mode, calib_data=calib)
+    x = torch.randn(5, 16)
+    assert not torch.equal(fresh(x), q(x))
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(x), q(x))
+    empty = QuantLinear(16, 32, activations=mode)
+    empty.load_state_dict(q[0].state_dict())
+    assert torch.equal(empty(x), q[0](x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_save_load_round_trip(tmp_path, mode):
+    q = quantize_model(_mlp(0), activations=mode, calib_data=[torch.randn(8, 16)], skip=["4"])
+    path = tmp_path / "q.safetensors"
+    quantkit.save(q, path, metadata={"model": "mlp"})
+    ckpt = quantkit.load(path)
+    assert isinstance(ckpt["0.weight"], quantkit.QTensor) and ckpt["0.weight"].axis == 0
+    assert ckpt.modules["2"]["activations"] == mode and "4" not in ckpt.modules
+    assert ckpt.metadata["model"] == "mlp"
+    fresh = load_quantized(_mlp(1), path)
+    x = torch.randn(5, 16)
+    assert torch.equal(fresh(x), q(x))
+    assert isinstance(fresh[0], QuantLinear) and isinstance(fresh[4], nn.Linear)
+    again = load_quantized(fresh, ckpt)                  # into an already quantized model
+    assert torch.equal(again(x), q(x))
+
+
+def test_load_quantized_refuses_mismatch_without_touching_the_model(tmp_path):
+    path = tmp_path / "q.safetensors"
+    quantkit.save(quantize_model(_mlp()), path)
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 5))
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="'4'"):
+        load_quantized(other, path)
+    assert isinstance(other[0], nn.Linear)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    wider = nn.Sequential(*_mlp(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="missing"):
+        load_quantized(wider, path)
+    assert isinstance(wider[0], nn.Linear)
+
+
+def test_save_state_dict_of_a_quantized_model(tmp_path):
+    q = quantize_model(_mlp())
+    quantkit.save(q.state_dict(), tmp_path / "s.safetensors")
+    ckpt = quantkit.load(tmp_path / "s.safetensors")
+    assert isinstance(ckpt["2.weight"], quantkit.QTensor)
+    fresh = quantize_model(_mlp(1))
+    fresh.load_state_dict(ckpt.state_dict())
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_no_warnings_in_normal_use():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = quantize_model(_mlp(), activations="dynamic")
+        q(torch.randn(2, 16))
