@@ -21,6 +21,7 @@ import importlib.util
 import os
 import statistics
 import time
+import warnings
 
 #: 72 sentences on 12 topics, 6 each, of different lengths and styles, so that each sentence has
 #: close neighbours (same topic) and far ones.
@@ -155,8 +156,10 @@ def build_variants(model, *, weights: str = "mse") -> dict:
 
     from .nn import quantize_model
 
-    torch_dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model),
-                                                           {torch.nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():    # torch.ao's deprecation notices: it is the baseline here
+        warnings.simplefilter("ignore")
+        torch_dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model),
+                                                               {torch.nn.Linear}, dtype=torch.qint8)
     return {
         "float32": model,
         "torch dynamic int8 (quantize_dynamic)": torch_dynamic,
