@@ -496,24 +496,16 @@ def _as_torch(q):
 
 
 def _mse(x, alpha, *, axis, block_size) -> float:
-    """The exact quantize-dequantize MSE (quantkit.calibration.quantization_mse, as a float)."""
+    """The exact quantize-dequantize MSE over the whole tensor (quantkit.calibration)."""
     from .calibration import quantization_mse
 
-    value = quantization_mse(x, alpha, axis=axis, block_size=block_size)
-    return _as_float_mse(value)
-
-
-def _as_float_mse(value) -> float:
-    """The total MSE from what quantization_mse returns (a number, or one with a clip/round split)."""
-    for attr in ("total", "mse"):
-        if hasattr(value, attr):
-            value = getattr(value, attr)
-            break
-    if isinstance(value, dict):
-        value = value.get("total", value.get("mse"))
-    elif isinstance(value, tuple) and not hasattr(value, "_fields"):
-        value = sum(float(v) for v in value)
-    return float(np.mean(np.asarray(value, dtype=np.float64)))
+    per = np.asarray(quantization_mse(x, alpha, axis=axis, block_size=block_size).mse, np.float64)
+    if block_size is None or per.ndim == 0:
+        return float(per.mean())          # per tensor, or channels of equal size
+    n = int(np.prod(np.shape(x), dtype=np.int64))
+    sizes = np.full(per.size, block_size, np.float64)
+    sizes[-1] = n - (per.size - 1) * block_size      # the last block may be short
+    return float((per * sizes).sum() / n)
 
 
 def _check_output(out: Path, source: Checkpoint):
