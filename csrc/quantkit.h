@@ -45,6 +45,14 @@
 /* Largest bin count for qk_abs_histogram_f32. */
 #define QK_MAX_HISTOGRAM_BINS (1 << 20)
 
+/* Log histogram of qk_abs_histogram_log_f32 (mirrors HIST_SHIFT / HIST_BINS of
+ * quantkit/backends/numba_calib.py): bin = float32 bits of |x| >> 16, every finite float has one. */
+#define QK_LOG_HISTOGRAM_SHIFT 16
+#define QK_LOG_HISTOGRAM_BINS (255 << 7)
+
+/* Most candidate alphas per qk_sse_fixed_many_f32 call. */
+#define QK_MAX_SSE_CANDIDATES 16
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -117,6 +125,27 @@ QK_API cudaError_t qk_absmax_blockwise_f32(const float *x, int64_t n, int64_t bl
 QK_API cudaError_t qk_abs_histogram_f32(const float *x, int64_t n, int64_t bins, float inv_width,
                                         uint64_t *counts, double *sums, double *sumsq,
                                         uint64_t *nonfinite, int device, cudaStream_t stream);
+
+/* Log-spaced histogram of a = |x| over the finite elements: the summary of the "mse" calibration
+ * (quantkit/backends/numba_calib.py, histogram_log). With bits = the float32 bit pattern of a:
+ *     bin = bits >> QK_LOG_HISTOGRAM_SHIFT,   r = bits & 0xFFFF
+ *     counts[bin] += 1, sum_res[bin] += r, sum_res2[bin] += r * r
+ * Integer sums, so the result is exact and independent of the order (bit-identical to the CPU
+ * kernel). The outputs have QK_LOG_HISTOGRAM_BINS entries and are overwritten. */
+QK_API cudaError_t qk_abs_histogram_log_f32(const float *x, int64_t n, uint64_t *counts,
+                                            uint64_t *sum_res, uint64_t *sum_res2,
+                                            uint64_t *nonfinite, int device, cudaStream_t stream);
+
+/* Fixed-point sums of squared quantization errors for k candidate alphas in one pass over x
+ * (numba_calib.sse_fixed_many). For each finite element, a = |x| and each j < k:
+ *     y = min(rint(a * inv_scales[j]), 127);  e = a - y * scales[j]        (float32, no FMA)
+ *     out[j] += int64(double(e) * double(e) * unit_inv)               ((e * e) first, truncated)
+ * scales / inv_scales: float32 on the device, from the host (reference.py's values). Integer sums:
+ * exact, bit-identical to the CPU kernel. 1 <= k <= QK_MAX_SSE_CANDIDATES; out is overwritten. */
+QK_API cudaError_t qk_sse_fixed_many_f32(const float *x, int64_t n, const float *scales,
+                                         const float *inv_scales, int64_t k, double unit_inv,
+                                         uint64_t *out, uint64_t *nonfinite, int device,
+                                         cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -162,6 +162,99 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Log histogram of |x| (see qk_abs_histogram_log_f32): integer atomics straight into the outputs,
+// exact whatever the order.
+template <bool Vector>
+__global__ void __launch_bounds__(kThreads)
+    k_abs_histogram_log(const float *__restrict__ x, int64_t n, unsigned long long *counts,
+                        unsigned long long *sum_res, unsigned long long *sum_res2,
+                        unsigned long long *nonfinite) {
+  unsigned long long bad = 0;
+  auto add = [&](float v) {
+    const uint32_t b = __float_as_uint(v) & 0x7fffffffu;
+    if (b >= 0x7f800000u) {
+      ++bad;
+      return;
+    }
+    const uint32_t bin = b >> QK_LOG_HISTOGRAM_SHIFT;
+    const unsigned long long r = b & ((1u << QK_LOG_HISTOGRAM_SHIFT) - 1u);
+    atomicAdd(counts + bin, 1ull);
+    atomicAdd(sum_res + bin, r);
+    atomicAdd(sum_res2 + bin, r * r);
+  };
+  const int64_t stride = grid_threads();
+  int64_t tail = 0;
+  if constexpr (Vector) {
+    const int64_t steps = n / 4;
+    tail = steps * 4;
+    const float4 *xv = reinterpret_cast<const float4 *>(x);
+    for (int64_t j = global_thread(); j < steps; j += stride) {
+      const float4 f = __ldg(xv + j);
+      add(f.x);
+      add(f.y);
+      add(f.z);
+      add(f.w);
+    }
+  }
+  for (int64_t i = tail + global_thread(); i < n; i += stride) add(__ldg(x + i));
+  add_count(nonfinite, bad);
+}
+
+// Fixed-point error sums for up to QK_MAX_SSE_CANDIDATES alphas (see qk_sse_fixed_many_f32). Each
+// thread keeps one 64-bit accumulator per candidate; warps merge them with one atomic each.
+template <bool Vector>
+__global__ void __launch_bounds__(kThreads, 2)
+    k_sse_fixed_many(const float *__restrict__ x, int64_t n, const float *__restrict__ scales,
+                     const float *__restrict__ inv_scales, int k, double unit_inv,
+                     unsigned long long *out, unsigned long long *nonfinite) {
+  constexpr int K = QK_MAX_SSE_CANDIDATES;
+  float sc[K], iv[K];
+  unsigned long long acc[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    sc[j] = j < k ? __ldg(scales + j) : 0.0f;
+    iv[j] = j < k ? __ldg(inv_scales + j) : 0.0f;
+    acc[j] = 0ull;
+  }
+  unsigned long long bad = 0;
+  auto add = [&](float v) {
+    if (is_nonfinite(v)) {
+      ++bad;
+      return;
+    }
+    const float a = fabsf(v);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      if (j < k) {
+        const float y = fminf(rintf(__fmul_rn(a, iv[j])), static_cast<float>(QK_QMAX));
+        const double e = static_cast<double>(__fsub_rn(a, __fmul_rn(y, sc[j])));
+        acc[j] += static_cast<unsigned long long>(__double2ll_rz(__dmul_rn(__dmul_rn(e, e),
+                                                                           unit_inv)));
+      }
+    }
+  };
+  const int64_t stride = grid_threads();
+  int64_t tail = 0;
+  if constexpr (Vector) {
+    const int64_t steps = n / 4;
+    tail = steps * 4;
+    const float4 *xv = reinterpret_cast<const float4 *>(x);
+    for (int64_t j = global_thread(); j < steps; j += stride) {
+      const float4 f = __ldg(xv + j);
+      add(f.x);
+      add(f.y);
+      add(f.z);
+      add(f.w);
+    }
+  }
+  for (int64_t i = tail + global_thread(); i < n; i += stride) add(__ldg(x + i));
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    if (j < k) add_count(out + j, acc[j]);  // k is uniform: every lane takes the same branches
+  }
+  add_count(nonfinite, bad);
+}
+
 // ------------------------------------------------------------------------------ launchers
 
 cudaError_t device_shape(int *sms, int *warps_per_sm) {
@@ -340,6 +433,66 @@ QK_API cudaError_t qk_abs_histogram_f32(const float *x, int64_t n, int64_t bins,
   } else {
     k_abs_histogram<false, false><<<blocks, kThreads, 0, stream>>>(x, n, nbins, inv_width, cnt,
                                                                    sums, sumsq, counter);
+  }
+  return cudaGetLastError();
+}
+
+QK_API cudaError_t qk_abs_histogram_log_f32(const float *x, int64_t n, uint64_t *counts,
+                                            uint64_t *sum_res, uint64_t *sum_res2,
+                                            uint64_t *nonfinite, int device, cudaStream_t stream) {
+  if (n < 0 || counts == nullptr || sum_res == nullptr || sum_res2 == nullptr ||
+      nonfinite == nullptr || (n > 0 && x == nullptr))
+    return cudaErrorInvalidValue;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  const size_t bytes = static_cast<size_t>(QK_LOG_HISTOGRAM_BINS) * sizeof(uint64_t);
+  cudaError_t err = zero_outputs(counts, bytes, nonfinite, stream);
+  if (err == cudaSuccess) err = cudaMemsetAsync(sum_res, 0, bytes, stream);
+  if (err == cudaSuccess) err = cudaMemsetAsync(sum_res2, 0, bytes, stream);
+  if (err != cudaSuccess || n == 0) return err;
+  auto *c = reinterpret_cast<unsigned long long *>(counts);
+  auto *s1 = reinterpret_cast<unsigned long long *>(sum_res);
+  auto *s2 = reinterpret_cast<unsigned long long *>(sum_res2);
+  auto *counter = reinterpret_cast<unsigned long long *>(nonfinite);
+  int blocks = 0;
+  if (aligned16(x)) {
+    err = grid_blocks((n + 3) / 4, &blocks);
+    if (err != cudaSuccess) return err;
+    k_abs_histogram_log<true><<<blocks, kThreads, 0, stream>>>(x, n, c, s1, s2, counter);
+  } else {
+    err = grid_blocks(n, &blocks);
+    if (err != cudaSuccess) return err;
+    k_abs_histogram_log<false><<<blocks, kThreads, 0, stream>>>(x, n, c, s1, s2, counter);
+  }
+  return cudaGetLastError();
+}
+
+QK_API cudaError_t qk_sse_fixed_many_f32(const float *x, int64_t n, const float *scales,
+                                         const float *inv_scales, int64_t k, double unit_inv,
+                                         uint64_t *out, uint64_t *nonfinite, int device,
+                                         cudaStream_t stream) {
+  if (n < 0 || k < 1 || k > QK_MAX_SSE_CANDIDATES || scales == nullptr ||
+      inv_scales == nullptr || out == nullptr || nonfinite == nullptr ||
+      !(unit_inv >= 0.0 && unit_inv <= 1.7976931348623157e308) || (n > 0 && x == nullptr))
+    return cudaErrorInvalidValue;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  cudaError_t err = zero_outputs(out, static_cast<size_t>(k) * sizeof(uint64_t), nonfinite, stream);
+  if (err != cudaSuccess || n == 0) return err;
+  auto *o = reinterpret_cast<unsigned long long *>(out);
+  auto *counter = reinterpret_cast<unsigned long long *>(nonfinite);
+  const int kk = static_cast<int>(k);
+  int blocks = 0;
+  if (aligned16(x)) {
+    err = grid_blocks((n + 3) / 4, &blocks);
+    if (err != cudaSuccess) return err;
+    k_sse_fixed_many<true><<<blocks, kThreads, 0, stream>>>(x, n, scales, inv_scales, kk,
+                                                             unit_inv, o, counter);
+  } else {
+    err = grid_blocks(n, &blocks);
+    if (err != cudaSuccess) return err;
+    k_sse_fixed_many<false><<<blocks, kThreads, 0, stream>>>(x, n, scales, inv_scales, kk,
+                                                              unit_inv, o, counter);
   }
   return cudaGetLastError();
 }

@@ -61,6 +61,11 @@ def test_header_constants_match_python():
     assert _int(defines["QK_MAX_BLOCK_SIZE"]) == _constants.MAX_BLOCK_SIZE
     assert _int(defines["QK_ABI_VERSION"]) == cuda.ABI_VERSION
     assert _int(defines["QK_MAX_HISTOGRAM_BINS"]) == cuda.MAX_HISTOGRAM_BINS
+    assert _int(defines["QK_MAX_SSE_CANDIDATES"]) == cuda.MAX_SSE_CANDIDATES
+    from quantkit.backends import numba_calib
+
+    assert _int(defines["QK_LOG_HISTOGRAM_BINS"]) == cuda.LOG_HISTOGRAM_BINS == numba_calib.HIST_BINS
+    assert _int(defines["QK_LOG_HISTOGRAM_SHIFT"]) == numba_calib.HIST_SHIFT
     min_alpha = defines["QK_MIN_POSITIVE_ALPHA"]
     assert re.fullmatch(r"[\d.e+-]+f", min_alpha), min_alpha
     assert np.float32(min_alpha[:-1]) == np.float32(_constants.MIN_POSITIVE_ALPHA)
@@ -251,6 +256,25 @@ def test_histogram_argument_checks():
                             (2048, 1e-45, ValueError)]:
         with pytest.raises(error):
             cuda.histogram_inv_width(bins, hi)
+
+
+def test_candidate_scales_match_numba_calib():
+    from quantkit.backends import numba_calib
+
+    alphas = np.array([0.0, 1e-38, 3.7321948e-37, 0.1, 1.0, 3.0, 127.0, 3.4e38], np.float32)
+    scale, inv = cuda.candidate_scales(alphas)
+    for a, s, i in zip(alphas, scale, inv):
+        expected = numba_calib.scale_inv(a)
+        assert (s, i) == (np.float32(expected[0]), np.float32(expected[1])), a
+    with pytest.raises(ValueError):
+        cuda.candidate_scales([1.0, float("nan")])
+
+
+def test_calibration_kernels_delegate_host_functions():
+    from quantkit.backends import numba_calib
+
+    assert cuda.calibration_kernels.HIST_BINS == numba_calib.HIST_BINS
+    assert cuda.calibration_kernels.model_search is numba_calib.model_search
 
 
 def test_nonfinite_error_matches_the_cpu_message():
@@ -509,6 +533,34 @@ def test_gpu_abs_histogram(bins, n):
         _same(counts, c, "counts")
         np.testing.assert_allclose(_cpu(sums), s, rtol=1e-12, atol=0)
         np.testing.assert_allclose(_cpu(sumsq), s2, rtol=1e-12, atol=0)
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 31, 2**20 + 7])
+@pytest.mark.parametrize("how", ["plain", "offset"])
+def test_gpu_calibration_kernels_equal_numba_calib(n, how):
+    from quantkit.backends import numba_calib
+
+    x = _random(n, seed=n + 1) * np.float32(0.37)
+    x[: min(n, 5)] = np.float32([0.0, -0.0, 1e-40, -3e-39, 65504.0])[: min(n, 5)]  # subnormals too
+    t = _layout(x, how)
+    k = cuda.calibration_kernels
+    amax, bad = k.absmax_flat(t)
+    expected_amax, expected_bad = numba_calib.absmax_flat(x)
+    assert (amax, bad) == (np.float32(expected_amax), int(expected_bad))
+
+    got = [np.zeros(numba_calib.HIST_BINS, np.int64) for _ in range(3)]
+    k.histogram_log(t, 1, *got)
+    expected = [np.zeros(numba_calib.HIST_BINS, np.int64) for _ in range(3)]
+    numba_calib.histogram_log(x, 2, *expected)
+    for g, e, what in zip(got, expected, ("counts", "sum_res", "sum_res2")):
+        _same(g, e, what)
+
+    unit_inv = numba_calib.unit_inverse(max(amax, np.float32(1)), n)  # amax is 0 when n == 1
+    alphas = np.float32(amax) * np.linspace(0.05, 1.0, 21).astype(np.float32)  # two passes
+    alphas = np.concatenate([alphas, np.float32([0.0, 1e-38])])
+    _same(k.sse_fixed_many(t, alphas, unit_inv), numba_calib.sse_fixed_many(x, alphas, unit_inv),
+          "sse")
 
 
 @gpu

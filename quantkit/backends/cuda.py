@@ -27,12 +27,17 @@ import numpy as np
 import torch
 
 from .. import _arrays, reference
+from .._constants import QMAX
 from ..qtensor import QTensor
 
 #: Must equal QK_ABI_VERSION in csrc/quantkit.h.
 ABI_VERSION = 1
 #: Largest bin count of :func:`abs_histogram` (QK_MAX_HISTOGRAM_BINS in csrc/quantkit.h).
 MAX_HISTOGRAM_BINS = 1 << 20
+#: Bins of :func:`abs_histogram_log` (QK_LOG_HISTOGRAM_BINS; numba_calib.HIST_BINS).
+LOG_HISTOGRAM_BINS = 255 << 7
+#: Candidates per pass of :func:`sse_fixed_many` (QK_MAX_SSE_CANDIDATES).
+MAX_SSE_CANDIDATES = 16
 
 LIBRARY_NAME = "_libquantkit_cuda.so"
 #: Where setup.py puts the library; the environment variable QUANTKIT_CUDA_LIBRARY overrides it.
@@ -81,6 +86,8 @@ def _declare(lib) -> None:
         "qk_absmax_per_channel_f32": [p, i64, i64, i64, p, p, i32, p],
         "qk_absmax_blockwise_f32": [p, i64, i64, p, p, i32, p],
         "qk_abs_histogram_f32": [p, i64, i64, f32, p, p, p, p, i32, p],
+        "qk_abs_histogram_log_f32": [p, i64, p, p, p, p, i32, p],
+        "qk_sse_fixed_many_f32": [p, i64, p, p, i64, ctypes.c_double, p, p, i32, p],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -429,3 +436,125 @@ def abs_histogram(x, bins: int, hi):
     if bad:
         raise nonfinite_error(x32, bad)
     return counts, sums, sumsq
+
+
+# ------------------------------------------------------------- the "mse" calibration's kernels
+# GPU versions of the numba_calib kernels behind calibration's per-tensor "mse" search. Both sum
+# integers, so they equal the CPU kernels bit for bit whatever the order of the additions.
+
+
+def abs_histogram_log(x):
+    """Log histogram of ``|x|`` on x's device: ``(counts, sum_res, sum_res2)``, int64 CUDA tensors.
+
+    Bin ``bits(|x|) >> 16`` (LOG_HISTOGRAM_BINS bins), residual ``r = bits(|x|) & 0xFFFF``; per bin
+    the count, the sum of r and the sum of r^2, exactly as ``numba_calib.histogram_log``.
+    Non-finite values raise ValueError.
+    """
+    _require_cuda(x, "x")
+    _check_float(x)
+    device = x.device
+    x32 = _as_float32(x)
+    lib = library()
+    dense, _ = _dense(x32, keep_layout=True)
+    counts, sum_res, sum_res2 = (torch.empty(LOG_HISTOGRAM_BINS, dtype=torch.int64, device=device)
+                                 for _ in range(3))
+    counter = torch.empty(1, dtype=torch.int64, device=device)
+    code = lib.qk_abs_histogram_log_f32(dense.data_ptr(), dense.numel(), counts.data_ptr(),
+                                        sum_res.data_ptr(), sum_res2.data_ptr(),
+                                        counter.data_ptr(), device.index, _stream(device))
+    _check(code, "log histogram")
+    bad = _read_count(counter)
+    if bad:
+        raise nonfinite_error(x32, bad)
+    return counts, sum_res, sum_res2
+
+
+def candidate_scales(alphas) -> tuple:
+    """(scale, inv_scale) float32 arrays of candidate alphas, as ``numba_calib.scale_inv``.
+
+    ``scale = float32(a / 127)``; ``inv = float32(127 / a)`` saturated at FLT_MAX, 0 where a == 0.
+    """
+    a = np.asarray(alphas, dtype=np.float32).reshape(-1)
+    if not (np.isfinite(a).all() and (a >= 0).all()):
+        raise ValueError("candidate alphas must be finite and >= 0")
+    q = np.float32(QMAX)
+    scale = (a / q).astype(np.float32)
+    inv = np.zeros_like(a)
+    with np.errstate(over="ignore"):
+        np.divide(q, a, out=inv, where=a > 0)
+    return scale, np.minimum(inv, np.finfo(np.float32).max).astype(np.float32)
+
+
+def sse_fixed_many(x, alphas, unit_inv: float) -> np.ndarray:
+    """Fixed-point error sums of x for each candidate alpha, as ``numba_calib.sse_fixed_many``.
+
+    For each finite element, ``a = |x|``, ``e = a - min(rint(a * inv), 127) * scale`` in float32 and
+    ``int64(float64(e)^2 * unit_inv)`` summed as integers. Returns an int64 NumPy array (one entry
+    per alpha; MAX_SSE_CANDIDATES alphas per pass over x). Non-finite values raise ValueError.
+    """
+    _require_cuda(x, "x")
+    _check_float(x)
+    unit_inv = float(unit_inv)
+    if not (np.isfinite(unit_inv) and unit_inv >= 0):
+        raise ValueError(f"unit_inv must be finite and >= 0, got {unit_inv!r}")
+    scale, inv = candidate_scales(alphas)
+    device = x.device
+    x32 = _as_float32(x)
+    lib = library()
+    dense, _ = _dense(x32, keep_layout=True)
+    scale_d, inv_d = _device_array(scale, device), _device_array(inv, device)
+    sums = torch.empty(max(1, scale.size), dtype=torch.int64, device=device)
+    counter = torch.empty(1, dtype=torch.int64, device=device)
+    for lo in range(0, scale.size, MAX_SSE_CANDIDATES):
+        k = min(MAX_SSE_CANDIDATES, scale.size - lo)
+        code = lib.qk_sse_fixed_many_f32(dense.data_ptr(), dense.numel(),
+                                         scale_d[lo:].data_ptr(), inv_d[lo:].data_ptr(), k,
+                                         unit_inv, sums[lo:].data_ptr(), counter.data_ptr(),
+                                         device.index, _stream(device))
+        _check(code, "error sums")
+        bad = _read_count(counter)
+        if bad:
+            raise nonfinite_error(x32, bad)
+    return sums[: scale.size].cpu().numpy()
+
+
+class CalibrationKernels:
+    """``numba_calib``'s interface for the per-tensor "mse" search, with the passes over the data on
+    the GPU: ``absmax_flat``, ``histogram_log`` and ``sse_fixed_many`` take a flat CUDA tensor and
+    return what the numba kernels return (NumPy values, bit for bit equal); everything else (the
+    host-side model search on the histogram) is numba_calib's own function.
+    """
+
+    def __getattr__(self, name):
+        from . import numba_calib
+
+        return getattr(numba_calib, name)
+
+    @staticmethod
+    def absmax_flat(flat):
+        """(max |x| over the finite elements as float32, number of non-finite elements)."""
+        _require_cuda(flat, "x")
+        x32 = _as_float32(flat)
+        dense, _ = _dense(x32, keep_layout=True)
+        out = torch.empty(1, dtype=torch.float32, device=flat.device)
+        counter = torch.empty(1, dtype=torch.int64, device=flat.device)
+        code = library().qk_absmax_f32(dense.data_ptr(), dense.numel(), out.data_ptr(),
+                                       counter.data_ptr(), flat.device.index,
+                                       _stream(flat.device))
+        _check(code, "absmax")
+        return np.float32(out.item()), _read_count(counter)
+
+    @staticmethod
+    def histogram_log(flat, tasks, counts, sum_res, sum_res2):
+        """Adds the log histogram of |flat| into the int64 NumPy arrays (``tasks`` is unused)."""
+        del tasks
+        for host, device_sums in zip((counts, sum_res, sum_res2), abs_histogram_log(flat)):
+            host += device_sums.cpu().numpy()
+
+    @staticmethod
+    def sse_fixed_many(flat, alphas, unit_inv):
+        return sse_fixed_many(flat, alphas, unit_inv)
+
+
+#: The instance calibration code can use in place of ``numba_calib`` for a CUDA tensor.
+calibration_kernels = CalibrationKernels()
