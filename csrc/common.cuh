@@ -10,7 +10,6 @@
 namespace quantkit {
 
 constexpr int kThreads = 256;  // threads per block of every kernel
-constexpr int kVec = 16;       // elements per thread and step on the vector paths (16 codes = 16 B)
 
 // ------------------------------------------------------------------------------ arithmetic
 

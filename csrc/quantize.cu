@@ -1,17 +1,19 @@
 // int8 quantize and dequantize: per tensor, per channel, blockwise (docs/DESIGN.md section 1).
 //
 // One kernel template per direction, parameterised by how an element finds its multiplier (a
-// "Mults" policy below). Each thread handles 16 consecutive elements per grid-stride step: four
-// 16-byte float loads and one 16-byte store of codes for quantize, the reverse for dequantize.
-// When either pointer is not 16-byte aligned the kernels run element by element instead (still
-// coalesced). Indices are 64-bit throughout.
+// "Mults" policy below). Grid-stride loops over warp tiles of 512 elements: each thread issues four
+// independent 16-byte float loads (quantize) or four 4-byte code loads (dequantize), and every warp
+// instruction covers one contiguous span. When the float pointer is not 16-byte aligned or the code
+// pointer not 4-byte aligned, the kernels run element by element instead (still coalesced).
+// Indices are 64-bit throughout.
 #include "common.cuh"
 
 namespace quantkit {
 namespace {
 
 // ---------------------------------------------------------------------------- multipliers
-// get<V>(i0, m) fills m[k] with the multiplier of element i0 + k, k < V (V = 1 or kVec).
+// get<V>(i0, m) fills m[k] with the multiplier of element i0 + k, k < V (V = 1, or 4 with i0 a
+// multiple of 4).
 
 struct PerTensor {
   const float *s;
@@ -23,7 +25,7 @@ struct PerTensor {
   }
 };
 
-// Blocks hold a multiple of kVec elements (block_size >= 64), so a step never straddles two blocks.
+// Blocks hold a multiple of 4 elements (block_size >= 64), so a group never straddles two blocks.
 struct PerBlock {
   const float *s;
   int shift;  // log2(block_size)
@@ -36,8 +38,8 @@ struct PerBlock {
 };
 
 // (outer, channels, inner) view: element i is in channel (i / inner) % channels. Uniform: inner is
-// a multiple of kVec, so all elements of a step share one channel (one division per 16 elements);
-// otherwise the channel is advanced element by element from the first one.
+// a multiple of 4, so the elements of a group share one channel (found once per group); otherwise
+// the channel is advanced element by element from the group's first one.
 template <bool Uniform>
 struct PerChannel {
   const float *s;
@@ -66,42 +68,52 @@ struct PerChannel {
 };
 
 // -------------------------------------------------------------------------------- kernels
+// Vector path: a warp step covers a tile of kTile consecutive elements. Load k (k < kLoads) of lane
+// l is group g = tile * (kTile / 4) + k * 32 + l of 4 elements, so every warp instruction touches
+// one contiguous span (512 bytes of float32, 128 bytes of codes), as torch's vectorised kernels
+// do. The rest (fewer than kTile elements) runs element by element over all threads.
+
+constexpr int kGroup = 4;                      // elements per float4 load / per 4-byte code word
+constexpr int kLoads = 4;                      // independent loads in flight per thread and step
+constexpr int kTile = 32 * kGroup * kLoads;    // elements per warp step (512)
+constexpr int kTileGroups = kTile / kGroup;    // groups per warp step (128)
 
 template <bool Vector, class Mults>
 __global__ void __launch_bounds__(kThreads, 4)
     k_quantize_int8(const float *__restrict__ x, int8_t *__restrict__ q, int64_t n, Mults mults,
                     unsigned long long *__restrict__ nonfinite) {
-  const int64_t stride = grid_threads();
   unsigned long long bad = 0;
   int64_t tail = 0;
   if constexpr (Vector) {
-    const int64_t steps = n / kVec;
-    tail = steps * kVec;
+    const int lane = threadIdx.x & 31;
+    const int64_t tiles = n / kTile;
+    const int64_t warps = grid_threads() >> 5;
+    tail = tiles * kTile;
     const float4 *xv = reinterpret_cast<const float4 *>(x);
-    uint4 *qv = reinterpret_cast<uint4 *>(q);
-    for (int64_t j = global_thread(); j < steps; j += stride) {
-      float v[kVec];
+    uint32_t *qv = reinterpret_cast<uint32_t *>(q);
+    for (int64_t t = global_thread() >> 5; t < tiles; t += warps) {
+      const int64_t g0 = t * kTileGroups + lane;
+      float4 f[kLoads];
 #pragma unroll
-      for (int k = 0; k < kVec / 4; ++k) {
-        const float4 f = __ldg(xv + j * (kVec / 4) + k);
-        v[4 * k] = f.x;
-        v[4 * k + 1] = f.y;
-        v[4 * k + 2] = f.z;
-        v[4 * k + 3] = f.w;
-      }
-      float m[kVec];
-      mults.template get<kVec>(j * kVec, m);
-      uint32_t w[4] = {0u, 0u, 0u, 0u};
+      for (int k = 0; k < kLoads; ++k) f[k] = __ldg(xv + g0 + k * 32);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        bad += is_nonfinite(v[k]);
-        const uint32_t code = static_cast<uint32_t>(quantize_code(v[k], m[k])) & 0xffu;
-        w[k >> 2] |= code << (8 * (k & 3));  // little endian: element k is byte k
+      for (int k = 0; k < kLoads; ++k) {
+        const int64_t g = g0 + k * 32;
+        float m[kGroup];
+        mults.template get<kGroup>(g * kGroup, m);
+        const float v[kGroup] = {f[k].x, f[k].y, f[k].z, f[k].w};
+        uint32_t word = 0;
+#pragma unroll
+        for (int c = 0; c < kGroup; ++c) {
+          bad += is_nonfinite(v[c]);
+          const uint32_t code = static_cast<uint32_t>(quantize_code(v[c], m[c])) & 0xffu;
+          word |= code << (8 * c);  // little endian: element c of the group is byte c
+        }
+        qv[g] = word;
       }
-      qv[j] = make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
-  for (int64_t i = tail + global_thread(); i < n; i += stride) {
+  for (int64_t i = tail + global_thread(); i < n; i += grid_threads()) {
     float m[1];
     mults.template get<1>(i, m);
     const float v = __ldg(x + i);
@@ -112,33 +124,38 @@ __global__ void __launch_bounds__(kThreads, 4)
 }
 
 template <bool Vector, class Mults>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     k_dequantize_int8(const int8_t *__restrict__ q, float *__restrict__ x, int64_t n, Mults mults) {
-  const int64_t stride = grid_threads();
   int64_t tail = 0;
   if constexpr (Vector) {
-    const int64_t steps = n / kVec;
-    tail = steps * kVec;
-    const uint4 *qv = reinterpret_cast<const uint4 *>(q);
+    const int lane = threadIdx.x & 31;
+    const int64_t tiles = n / kTile;
+    const int64_t warps = grid_threads() >> 5;
+    tail = tiles * kTile;
+    const uint32_t *qv = reinterpret_cast<const uint32_t *>(q);
     float4 *xv = reinterpret_cast<float4 *>(x);
-    for (int64_t j = global_thread(); j < steps; j += stride) {
-      const uint4 packed = __ldg(qv + j);
-      const uint32_t w[4] = {packed.x, packed.y, packed.z, packed.w};
-      float m[kVec];
-      mults.template get<kVec>(j * kVec, m);
-      float v[kVec];
+    for (int64_t t = global_thread() >> 5; t < tiles; t += warps) {
+      const int64_t g0 = t * kTileGroups + lane;
+      uint32_t w[kLoads];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        // Byte k of the step, sign-extended: shift it to the top, then arithmetic shift down.
-        const int code = static_cast<int32_t>(w[k >> 2] << (24 - 8 * (k & 3))) >> 24;
-        v[k] = dequantize_code(code, m[k]);
+      for (int k = 0; k < kLoads; ++k) w[k] = __ldg(qv + g0 + k * 32);
+#pragma unroll
+      for (int k = 0; k < kLoads; ++k) {
+        const int64_t g = g0 + k * 32;
+        float m[kGroup];
+        mults.template get<kGroup>(g * kGroup, m);
+        float v[kGroup];
+#pragma unroll
+        for (int c = 0; c < kGroup; ++c) {
+          // Byte c of the word, sign-extended: shift it to the top, then arithmetic shift down.
+          const int code = static_cast<int32_t>(w[k] << (24 - 8 * c)) >> 24;
+          v[c] = dequantize_code(code, m[c]);
+        }
+        xv[g] = make_float4(v[0], v[1], v[2], v[3]);
       }
-#pragma unroll
-      for (int k = 0; k < kVec / 4; ++k)
-        xv[j * (kVec / 4) + k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
     }
   }
-  for (int64_t i = tail + global_thread(); i < n; i += stride) {
+  for (int64_t i = tail + global_thread(); i < n; i += grid_threads()) {
     float m[1];
     mults.template get<1>(i, m);
     x[i] = dequantize_code(q[i], m[0]);
@@ -146,6 +163,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------------ launchers
+
+// The vector path needs 16-byte aligned float32 and 4-byte aligned codes.
+bool vector_ok(const float *x, const int8_t *q) {
+  return aligned16(x) && (reinterpret_cast<uintptr_t>(q) & 3u) == 0;
+}
 
 template <class VectorMults, class ScalarMults>
 cudaError_t launch_quantize_int8(const float *x, int8_t *q, int64_t n, VectorMults vector_mults,
@@ -155,8 +177,8 @@ cudaError_t launch_quantize_int8(const float *x, int8_t *q, int64_t n, VectorMul
   cudaError_t err = cudaMemsetAsync(counter, 0, sizeof(unsigned long long), stream);
   if (err != cudaSuccess || n == 0) return err;
   int blocks = 0;
-  if (aligned16(x) && aligned16(q)) {
-    err = grid_blocks(n / kVec > 0 ? n / kVec : n, &blocks);
+  if (vector_ok(x, q)) {
+    err = grid_blocks(n >= kTile ? n / kTile * 32 : n, &blocks);
     if (err != cudaSuccess) return err;
     k_quantize_int8<true><<<blocks, kThreads, 0, stream>>>(x, q, n, vector_mults, counter);
   } else {
@@ -173,8 +195,8 @@ cudaError_t launch_dequantize_int8(const int8_t *q, float *x, int64_t n, VectorM
   if (n == 0) return cudaSuccess;
   int blocks = 0;
   cudaError_t err;
-  if (aligned16(x) && aligned16(q)) {
-    err = grid_blocks(n / kVec > 0 ? n / kVec : n, &blocks);
+  if (vector_ok(x, q)) {
+    err = grid_blocks(n >= kTile ? n / kTile * 32 : n, &blocks);
     if (err != cudaSuccess) return err;
     k_dequantize_int8<true><<<blocks, kThreads, 0, stream>>>(q, x, n, vector_mults);
   } else {
@@ -239,7 +261,7 @@ QK_API cudaError_t qk_quantize_int8_per_channel_f32(const float *x, int8_t *q, i
   if (guard.status() != cudaSuccess) return guard.status();
   const uint64_t c = static_cast<uint64_t>(channels), in = static_cast<uint64_t>(inner);
   const PerChannel<true> uniform{inv_scale, c, in};
-  if (n > 0 && inner % kVec == 0)
+  if (n > 0 && inner % kGroup == 0)
     return launch_quantize_int8(x, q, n, uniform, uniform, nonfinite, stream);
   return launch_quantize_int8(x, q, n, PerChannel<false>{inv_scale, c, in}, uniform, nonfinite,
                               stream);
@@ -277,7 +299,7 @@ QK_API cudaError_t qk_dequantize_int8_per_channel_f32(const int8_t *q, float *x,
   if (guard.status() != cudaSuccess) return guard.status();
   const uint64_t c = static_cast<uint64_t>(channels), in = static_cast<uint64_t>(inner);
   const PerChannel<true> uniform{scale, c, in};
-  if (n > 0 && inner % kVec == 0) return launch_dequantize_int8(q, x, n, uniform, uniform, stream);
+  if (n > 0 && inner % kGroup == 0) return launch_dequantize_int8(q, x, n, uniform, uniform, stream);
   return launch_dequantize_int8(q, x, n, PerChannel<false>{scale, c, in}, uniform, stream);
 }
 

@@ -385,6 +385,15 @@ def _random(n, seed=0, alpha=3.0):
 SIZES = [1, 31, 2**20 + 7]
 
 
+def _check_dequantize_offset(q, expected):
+    """Dequantize the same codes from a view one byte into its storage (the element-wise path)."""
+    base = torch.empty(q.data.numel() + 1, dtype=torch.int8, device=q.data.device)
+    base[1:] = q.data.reshape(-1)
+    shifted = quantkit.QTensor(base[1:].reshape(q.data.shape), q.scale, axis=q.axis,
+                               block_size=q.block_size)
+    _same(cuda.dequantize(shifted), expected, "values from unaligned codes")
+
+
 @gpu
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("how", ["plain", "offset"])
@@ -392,14 +401,17 @@ def test_gpu_odd_sizes_every_granularity(n, how):
     x = _random(n, seed=n)
     alpha = np.float32(3.0)
     xt = _layout(x, how)
-    _same(cuda.quantize(xt, alpha).data, reference.quantize_per_tensor(x, alpha))
+    q = cuda.quantize(xt, alpha)
+    _same(q.data, reference.quantize_per_tensor(x, alpha))
+    _check_dequantize_offset(q, reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)))
     for block in (64, 4096):
         a = reference.absmax_per_block(x, block)
         _same(cuda.absmax(xt, block_size=block), a, "absmax per block")
         q = cuda.quantize(xt, a, block_size=block)
         _same(q.data, reference.quantize_blockwise(x, a, block))
-        _same(cuda.dequantize(q), reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale),
-                                                                 block), "values")
+        expected = reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), block)
+        _same(cuda.dequantize(q), expected, "values")
+        _check_dequantize_offset(q, expected)
     _same(cuda.absmax(xt), np.float32(np.abs(x).max()), "absmax")
     # per channel on 2-D views of the same data, both axes, rows long and short
     for rows in (1, 7, 257):
@@ -413,9 +425,9 @@ def test_gpu_odd_sizes_every_granularity(n, how):
             _same(cuda.absmax(t2, axis=axis), a, "absmax per channel")
             q = cuda.quantize(t2, a, axis=axis)
             _same(q.data, reference.quantize_per_channel(x2, a, axis))
-            _same(cuda.dequantize(q), reference.dequantize_per_channel(_cpu(q.data),
-                                                                       _cpu(q.scale), axis),
-                  "values")
+            expected = reference.dequantize_per_channel(_cpu(q.data), _cpu(q.scale), axis)
+            _same(cuda.dequantize(q), expected, "values")
+            _check_dequantize_offset(q, expected)
 
 
 @gpu
