@@ -61,8 +61,14 @@ def gencode_flags(nvcc: str, archs=ARCHS) -> tuple:
     return flags, chosen
 
 
-def warning_flags(nvcc: str, strict: bool) -> list:
-    """Warnings as errors: nvcc's own, the host compiler's and, with ``strict``, ptxas spills."""
+def warning_flags(nvcc: str, strict: bool, werror: bool = True) -> list:
+    """Warnings as errors: nvcc's own, the host compiler's and, with ``strict``, ptxas spills.
+
+    ``werror=False`` keeps the warnings visible but not fatal (for an unfamiliar toolchain whose
+    own headers warn).
+    """
+    if not werror:
+        return ["-Xcompiler=-Wall,-Wextra"]
     flags = ["-Xcompiler=-Wall,-Wextra,-Werror"]
     try:
         help_text = _run([nvcc, "--help"])
@@ -75,24 +81,25 @@ def warning_flags(nvcc: str, strict: bool) -> list:
     return flags
 
 
-def command(nvcc: str, out: Path, *, strict: bool = False, archs=ARCHS) -> list:
+def command(nvcc: str, out: Path, *, strict: bool = False, archs=ARCHS, werror=True) -> list:
     """The full nvcc command line that builds the shared library at ``out``."""
     gencode, _ = gencode_flags(nvcc, archs)
     # No --use_fast_math, and -fmad=false so no product is ever contracted into an FMA (the kernels
     # use __fmul_rn anyway; this keeps any future plain `*` exact too).
     return [nvcc, "-O3", "-std=c++17", "-shared", "-fmad=false", "-Xcompiler=-fPIC,-fvisibility=hidden",
-            "-cudart=static", *warning_flags(nvcc, strict), *gencode, "-I", str(CSRC),
+            "-cudart=static", *warning_flags(nvcc, strict, werror), *gencode, "-I", str(CSRC),
             *(str(CSRC / s) for s in SOURCES), "-o", str(out)]
 
 
-def build(out=DEFAULT_OUT, *, strict: bool = False, archs=ARCHS, nvcc=None, quiet=False) -> Path:
+def build(out=DEFAULT_OUT, *, strict: bool = False, archs=ARCHS, nvcc=None, quiet=False,
+          werror=True) -> Path:
     """Compile csrc/ into ``out``; raises RuntimeError (with nvcc's output) when it fails."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (put it on PATH or set CUDA_HOME)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = command(nvcc, out, strict=strict, archs=archs)
+    cmd = command(nvcc, out, strict=strict, archs=archs, werror=werror)
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -108,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="path of the shared library")
     parser.add_argument("--strict", action="store_true",
                         help="also treat ptxas warnings (register spills, local memory) as errors")
+    parser.add_argument("--no-werror", action="store_true",
+                        help="warnings are not errors (diagnosing an unfamiliar toolchain)")
     parser.add_argument("--arch", action="append", help="sm number(s) to target, e.g. 90")
     parser.add_argument("--print-command", action="store_true", help="print the nvcc command")
     args = parser.parse_args(argv)
@@ -117,9 +126,10 @@ def main(argv=None) -> int:
         print("quantkit: nvcc not found; nothing built", file=sys.stderr)
         return 2
     if args.print_command:
-        print(" ".join(command(nvcc, Path(args.out), strict=args.strict, archs=archs)))
+        print(" ".join(command(nvcc, Path(args.out), strict=args.strict, archs=archs,
+                               werror=not args.no_werror)))
     try:
-        build(args.out, strict=args.strict, archs=archs, nvcc=nvcc)
+        build(args.out, strict=args.strict, archs=archs, nvcc=nvcc, werror=not args.no_werror)
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 1
