@@ -521,6 +521,9 @@ def test_gpu_absmax_per_channel_every_axis():
         for how in ("plain", "transpose", "sliced"):
             _same(cuda.absmax(_layout(x, how), axis=axis), np.abs(x).max(axis=other), "absmax")
     assert float(cuda.absmax(torch.zeros(0, device=DEVICE))) == 0.0
+    assert cuda.absmax(torch.zeros(3, 0, device=DEVICE), axis=0).tolist() == [0.0, 0.0, 0.0]
+    assert cuda.absmax(torch.zeros(3, 0, device=DEVICE), axis=1).shape == (0,)
+    assert cuda.absmax(torch.zeros(0, device=DEVICE), block_size=64).shape == (0,)
 
 
 def _histogram_reference(x: np.ndarray, bins: int, hi: float):

@@ -373,7 +373,7 @@ def absmax(x, *, axis=None, block_size=None):
     x32 = _as_float32(x)
     lib = library()
     dense, perm = _dense(x32, keep_layout=block_size is None)
-    result = torch.empty(max(1, _numel(out_shape)), dtype=torch.float32, device=device)
+    result = torch.empty(_numel(out_shape), dtype=torch.float32, device=device)
     counter = torch.empty(1, dtype=torch.int64, device=device)
     args = (result.data_ptr(), counter.data_ptr(), device.index, _stream(device))
     n = dense.numel()
@@ -388,7 +388,7 @@ def absmax(x, *, axis=None, block_size=None):
     bad = _read_count(counter)
     if bad:
         raise nonfinite_error(x32, bad)
-    return result.reshape(out_shape) if out_shape else result.reshape(())
+    return result.reshape(out_shape)
 
 
 def histogram_inv_width(bins: int, hi) -> np.float32:
