@@ -251,7 +251,10 @@ def sse_f64_rows(x, alphas, out_t, out_c):
 
 @njit(cache=True)
 def _distinct(ax, limit):
-    """(values, counts) of the distinct |x| if there are at most ``limit``, else empty arrays."""
+    """(values, counts) of the distinct |x| if there are at most ``limit``, else empty arrays.
+
+    Stops as soon as limit + 1 distinct values were seen, so continuous data costs little.
+    """
     size = 1
     while size < 4 * limit:
         size *= 2
@@ -262,7 +265,7 @@ def _distinct(ax, limit):
     used = 0
     for i in range(bits.size):
         b = bits[i]
-        h = (b * np.int32(-1640531535)) & mask
+        h = (np.int64(b) * 2654435761) & mask
         while keys[h] != -1 and keys[h] != b:
             h = (h + 1) & mask
         if keys[h] == -1:
@@ -283,13 +286,53 @@ def _distinct(ax, limit):
 
 
 @njit(cache=True)
+def nonzero_abs(x):
+    """|x| of the non-zero elements of a flat array, in order."""
+    m = 0
+    for i in range(x.size):
+        m += x[i] != 0
+    out = np.empty(m, np.float32)
+    j = 0
+    for i in range(x.size):
+        if x[i] != 0:
+            out[j] = abs(x[i])
+            j += 1
+    return out
+
+
+@njit(cache=True)
 def _better(s, a, best_s, best_a):
     """Lower error wins; on a tie the larger alpha (fewer clipped values)."""
     return s < best_s or (s == best_s and a > best_a)
 
 
 @njit(cache=True)
-def _scan(ax, values, counts, lo, hi, npts, geometric, unit_inv, best_a, best_s):
+def _sse(values, counts, alpha, unit_inv):
+    """sse_fixed of the values, each counted counts[i] times (all once when counts is empty)."""
+    if counts.size:
+        return sse_fixed_weighted(values, counts, alpha, unit_inv)
+    return sse_fixed(values, alpha, unit_inv)
+
+
+@njit(cache=True)
+def _sse_bound(values, counts, alpha, unit_inv):
+    if not counts.size:
+        return sse_fixed_bound(values, alpha, unit_inv)
+    scale, inv = scale_inv(alpha)
+    top = _Q * scale
+    acc = 0
+    bound = 0
+    for i in range(values.size):
+        v = values[i]
+        e = np.float64(v - min(np.rint(v * inv), _Q) * scale)
+        acc += np.int64(e * e * unit_inv) * counts[i]
+        d = np.float64(max(v - top, _ZERO))
+        bound += np.int64(d * d * unit_inv) * counts[i]
+    return acc, bound
+
+
+@njit(cache=True)
+def _scan(values, counts, lo, hi, npts, geometric, unit_inv, best_a, best_s):
     """Exact error at ``npts`` alphas spread over [lo, hi]; returns the updated best."""
     for k in range(npts):
         t = k / (npts - 1) if npts > 1 else 0.0
@@ -299,10 +342,7 @@ def _scan(ax, values, counts, lo, hi, npts, geometric, unit_inv, best_a, best_s)
             a = np.float32(lo + (hi - lo) * t)
         if not a > _ZERO:
             continue
-        if values.size:
-            s = sse_fixed_weighted(values, counts, a, unit_inv)
-        else:
-            s = sse_fixed(ax, a, unit_inv)
+        s = _sse(values, counts, a, unit_inv)
         if _better(s, a, best_s, best_a):
             best_s = s
             best_a = a
@@ -312,48 +352,32 @@ def _scan(ax, values, counts, lo, hi, npts, geometric, unit_inv, best_a, best_s)
 @njit(cache=True)
 def _search_lattice(values, counts, amax, unit_inv):
     """Few distinct values: exhaustive linear grid on (0, amax], refined 3 times around the best."""
-    empty = np.empty(0, np.float32)
     best_a = np.float32(amax)
-    best_s = sse_fixed_weighted(values, counts, best_a, unit_inv)
+    best_s = _sse(values, counts, best_a, unit_inv)
     a64 = np.float64(amax)
     grid = min(max(_LATTICE_WORK // values.size, 1024), 16384)
-    best_a, best_s = _scan(empty, values, counts, a64 / grid, a64, grid, False,
-                           unit_inv, best_a, best_s)
+    best_a, best_s = _scan(values, counts, a64 / grid, a64, grid, False, unit_inv, best_a, best_s)
     step = a64 / grid
     for _ in range(3):
         lo = max(np.float64(best_a) - step, step / 64)
         hi = min(np.float64(best_a) + step, a64)
-        best_a, best_s = _scan(empty, values, counts, lo, hi, 65, False, unit_inv, best_a, best_s)
+        best_a, best_s = _scan(values, counts, lo, hi, 65, False, unit_inv, best_a, best_s)
         step = (hi - lo) / 64
     return best_a
 
 
 @njit(cache=True)
-def search_mse(ax, amax):
-    """The alpha in (0, amax] minimising the exact quantization MSE of the |x| values ``ax``.
-
-    1. Few distinct values (discrete or already-quantized data, tiny tensors): exhaustive search.
-    2. Otherwise a coarse geometric scan from amax down by 2^(-1/8), stopped as soon as the clip
-       bound (a lower bound of the error at every smaller alpha) exceeds the best error found;
-       then exact scans ever finer around the best: +-9% at 1%, the near-optimal window at 0.1%
-       (every 1% point within 4% of the best is kept), +-0.1% at 0.01%.
-    Every decision is made on exact errors of the data (fixed-point sums, see module docstring).
-    """
-    n = ax.size
-    unit_inv = unit_inverse(amax, n)
-    values, counts = _distinct(ax, min(_LATTICE_MAX_DISTINCT, max(1, n // 4)))
-    if values.size:
-        return _search_lattice(values, counts, amax, unit_inv)
-    empty_c = np.empty(0, np.int64)
+def _search_continuous(values, counts, amax, unit_inv):
+    """Coarse geometric scan pruned by the clip bound, then ever finer exact scans (search_mse)."""
     best_a = np.float32(amax)
-    best_s, bound = sse_fixed_bound(ax, best_a, unit_inv)
+    best_s, bound = _sse_bound(values, counts, best_a, unit_inv)
     a = np.float64(amax)
     for _ in range(8 * 40):
         a *= _COARSE_RATIO
         af = np.float32(a)
         if not af > _ZERO:
             break
-        s, bound = sse_fixed_bound(ax, af, unit_inv)
+        s, bound = _sse_bound(values, counts, af, unit_inv)
         if _better(s, af, best_s, best_a):
             best_s = s
             best_a = af
@@ -370,11 +394,11 @@ def search_mse(ax, amax):
     for k in range(npts):
         af = np.float32(lo * (hi / lo) ** (k / (npts - 1)))
         grid[k] = af
-        errs[k] = sse_fixed(ax, af, unit_inv)
+        errs[k] = _sse(values, counts, af, unit_inv)
         if _better(errs[k], af, best_s, best_a):
             best_s = errs[k]
             best_a = af
-    # window of points within 4% of the best, one grid step wider on each side
+    # the window of points within 4% of the best, one grid step wider on each side
     limit = best_s + best_s // 25
     w_lo = np.float64(best_a)
     w_hi = np.float64(best_a)
@@ -383,22 +407,64 @@ def search_mse(ax, amax):
             w_lo = min(w_lo, grid[max(k - 1, 0)])
             w_hi = max(w_hi, grid[min(k + 1, npts - 1)])
     w_hi = min(w_hi, a64)
-    fine = int(np.ceil(np.log(w_hi / w_lo) / np.log(1.001))) + 1
-    best_a, best_s = _scan(ax, np.empty(0, np.float32), empty_c, w_lo, w_hi, min(max(fine, 2), 120),
-                           True, unit_inv, best_a, best_s)
-    lo = np.float64(best_a) / 1.001
-    hi = min(np.float64(best_a) * 1.001, a64)
-    best_a, best_s = _scan(ax, np.empty(0, np.float32), empty_c, lo, hi, 21, True, unit_inv,
-                           best_a, best_s)
+    fine = min(max(int(np.ceil(np.log(w_hi / w_lo) / np.log(1.0005))) + 1, 2), 160)
+    ratio = (w_hi / w_lo) ** (1.0 / (fine - 1))
+    grid = np.empty(fine)
+    errs = np.empty(fine, np.int64)
+    for k in range(fine):
+        af = np.float32(w_lo * ratio ** k)
+        grid[k] = af
+        errs[k] = _sse(values, counts, af, unit_inv)
+        if _better(errs[k], af, best_s, best_a):
+            best_s = errs[k]
+            best_a = af
+    # +-1 fine step at 1/5 of it around the three lowest points of the fine scan
+    order = np.argsort(errs)
+    for j in range(min(3, fine)):
+        c = grid[order[j]]
+        best_a, best_s = _scan(values, counts, c / ratio, min(c * ratio, a64), 11, True,
+                               unit_inv, best_a, best_s)
     return best_a
+
+
+@njit(cache=True)
+def search_mse_values(values, counts, amax):
+    """The alpha in (0, amax] minimising the exact quantization error of |x| values ``values``
+    (> 0), value i occurring counts[i] times (each once when counts is empty).
+
+    1. At most 256 distinct values (discrete or already-quantized data, tiny tensors): an
+       exhaustive linear grid over (0, amax], refined three times around the best.
+    2. Otherwise a coarse geometric scan from amax down by 2^(-1/8), stopped as soon as the clip
+       bound (a lower bound of the error at every smaller alpha) reaches the best error found;
+       then exact scans ever finer around the best: +-9% at 1%, the near-optimal window at 0.05%
+       (every 1% point within 4% of the best is kept; at most 160 points), then +-1 step at a
+       fifth of it around the three lowest points of that scan.
+    Every decision is made on exact errors of the data (fixed-point sums, see module docstring).
+    """
+    n = counts.sum() if counts.size else values.size
+    unit_inv = unit_inverse(amax, n)
+    if counts.size:
+        if values.size <= _LATTICE_MAX_DISTINCT:
+            return _search_lattice(values, counts, amax, unit_inv)
+        return _search_continuous(values, counts, amax, unit_inv)
+    distinct, dcounts = _distinct(values, _LATTICE_MAX_DISTINCT)
+    if distinct.size:
+        return _search_lattice(distinct, dcounts, amax, unit_inv)
+    return _search_continuous(values, counts, amax, unit_inv)
+
+
+@njit(cache=True)
+def search_mse(x, amax):
+    """search_mse_values over the non-zero |x| of a flat array (zeros have no error at any alpha)."""
+    return search_mse_values(nonzero_abs(x), np.empty(0, np.int64), amax)
 
 
 @njit(parallel=True, cache=True)
 def search_mse_rows(x, amax, out):
-    """out[r] = search_mse(|x[r]|, amax[r]) for each row of a 2-D array (0 where amax is 0)."""
+    """out[r] = search_mse(x[r], amax[r]) for each row of a 2-D array (0 where amax is 0)."""
     for r in prange(x.shape[0]):
         if amax[r] > _ZERO:
-            out[r] = search_mse(np.abs(x[r]), amax[r])
+            out[r] = search_mse(x[r], amax[r])
         else:
             out[r] = _ZERO
 
@@ -411,9 +477,20 @@ def search_mse_blocks(x, block_size, amax, out):
         lo = b * block_size
         hi = min(lo + block_size, n)
         if amax[b] > _ZERO:
-            out[b] = search_mse(np.abs(x[lo:hi]), amax[b])
+            out[b] = search_mse(x[lo:hi], amax[b])
         else:
             out[b] = _ZERO
+
+
+@njit(cache=True)
+def bin_values(counts):
+    """(values, counts) of the non-empty bins above bin 0, each bin's lowest value as float32:
+    the exact distinct values when no value has more than 7 mantissa bits."""
+    nz = np.nonzero(counts[1:])[0] + 1
+    vals = np.empty(nz.size, np.int32)
+    for j in range(nz.size):
+        vals[j] = np.int32(nz[j]) << HIST_SHIFT
+    return vals.view(np.float32), counts[nz].copy()
 
 
 # ----------------------------------------------------------------------------- |x| histograms
@@ -452,6 +529,88 @@ def histogram_log(x, tasks, counts, sum_res, sum_res2):
         counts += c_t[t]
         sum_res += s_t[t]
         sum_res2 += q_t[t]
+
+
+@njit(parallel=True, cache=True)
+def scan_flat(x, tasks, counts):
+    """One pass over a flat array: a count histogram of |x| (HIST_BINS log bins, added to
+    ``counts``), max |x| over finite elements, the number of non-finite elements, and the OR of the
+    16 low mantissa bits of every |x| (0 when every value is a bfloat16: one value per bin), and
+    the number of exact zeros.
+
+    Four interleaved tables per task keep consecutive increments of one bin from waiting on
+    each other. Returns (amax float32, non-finite count, zero count, low-bits OR).
+    """
+    bits = x.view(np.int32)
+    n = bits.size
+    table = np.zeros((tasks, 4, HIST_BINS), np.int64)
+    best = np.zeros(tasks, np.int32)
+    bad = np.zeros(tasks, np.int64)
+    low = np.zeros(tasks, np.int32)
+    zeros = np.zeros(tasks, np.int64)
+    per = ((n + tasks - 1) // tasks + 3) // 4 * 4
+    for t in prange(tasks):
+        lo = min(t * per, n)
+        hi = min(lo + per, n)
+        bs = bits[lo:hi]
+        m = hi - lo
+        # max, non-finite count and low bits: a vectorised pass over the task's slice
+        mx = np.int32(0)
+        count = 0
+        zero = 0
+        orr = np.int32(0)
+        for i in range(m):
+            b = bs[i] & _ABS_MASK
+            finite = b < _INF_BITS
+            count += not finite
+            zero += b == 0
+            mx = max(mx, b if finite else np.int32(0))
+            orr |= b & _RES_MASK
+        best[t] = mx
+        bad[t] = count
+        zeros[t] = zero
+        low[t] = orr
+        if count:
+            continue
+        tb = table[t]
+        top = m - m % 4
+        for i in range(0, top, 4):
+            tb[0, (bs[i] & _ABS_MASK) >> HIST_SHIFT] += 1
+            tb[1, (bs[i + 1] & _ABS_MASK) >> HIST_SHIFT] += 1
+            tb[2, (bs[i + 2] & _ABS_MASK) >> HIST_SHIFT] += 1
+            tb[3, (bs[i + 3] & _ABS_MASK) >> HIST_SHIFT] += 1
+        for i in range(top, m):
+            tb[0, (bs[i] & _ABS_MASK) >> HIST_SHIFT] += 1
+    for t in range(tasks):
+        for j in range(4):
+            counts += table[t, j]
+    orr = np.int32(0)
+    for t in range(tasks):
+        orr |= low[t]
+    return np.array([best.max()], np.int32).view(np.float32)[0], bad.sum(), zeros.sum(), orr
+
+
+@njit(cache=True)
+def count_moments(counts, point_masses):
+    """Non-empty bins of a count histogram as (count, mean, variance): each bin uniform over its
+    range (mean at the centre, variance width^2 / 12), or a point mass at its lowest value when
+    ``point_masses`` (every value has 7 mantissa bits or fewer, so it is its bin's lowest value)."""
+    nz = np.nonzero(counts)[0]
+    m = nz.size
+    cnt = np.empty(m)
+    mean = np.empty(m)
+    var = np.empty(m)
+    for j in range(m):
+        lo, ulp = _bin_geometry(nz[j])
+        width = 65536.0 * ulp
+        cnt[j] = counts[nz[j]]
+        if point_masses:
+            mean[j] = lo
+            var[j] = 0.0
+        else:
+            mean[j] = lo + 0.5 * width
+            var[j] = width * width / 12.0
+    return cnt, mean, var
 
 
 @njit(cache=True)
