@@ -143,7 +143,8 @@ def test_cuda_throughput(bench):
 
     markdown = (f"## CUDA kernels ({name}, {n / 2**20:.0f}M float32 elements)\n\n"
                 f"Copy bandwidth measured in this run: {copy_gbs:.0f} GB/s"
-                + (f" ({copy_gbs / peak:.0%} of the {peak:.0f} GB/s datasheet peak)" if peak else "")
+                + (f" ({copy_gbs / peak:.0%} of the {peak:.0f} GB/s datasheet peak)"
+                   if peak else "")
                 + ". quantize/dequantize move 5 B per element, statistics 4 B, a copy 8 B.\n\n"
                 + bench.table(["op", "ms", "GB/s", "of copy", "of peak"], table))
     bench.record("cuda", result, markdown)

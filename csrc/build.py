@@ -5,8 +5,9 @@ including register spills) and by ``tools/gpu_check.sh``. Standard library only.
 
     python3 csrc/build.py [--out PATH] [--strict] [--arch 90 ...]
 
-Targets: SASS for sm_75 (T4), sm_80 (A100) and sm_90 (H100/H200), plus PTX for the newest of those so
-newer GPUs JIT-compile it. Architectures the installed nvcc no longer lists are left out with a note.
+Targets: SASS for sm_75 (T4), sm_80 (A100) and sm_90 (H100/H200), plus PTX for the newest of them
+so newer GPUs JIT-compile it. Architectures the installed nvcc no longer lists are left out, with
+a note.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def command(nvcc: str, out: Path, *, strict: bool = False, archs=ARCHS, werror=T
     gencode, _ = gencode_flags(nvcc, archs)
     # No --use_fast_math, and -fmad=false so no product is ever contracted into an FMA (the kernels
     # use __fmul_rn anyway; this keeps any future plain `*` exact too).
-    return [nvcc, "-O3", "-std=c++17", "-shared", "-fmad=false", "-Xcompiler=-fPIC,-fvisibility=hidden",
+    return [nvcc, "-O3", "-std=c++17", "-shared", "-fmad=false",
+            "-Xcompiler=-fPIC,-fvisibility=hidden",
             "-cudart=static", *warning_flags(nvcc, strict, werror), *gencode, "-I", str(CSRC),
             *(str(CSRC / s) for s in SOURCES), "-o", str(out)]
 

@@ -299,7 +299,8 @@ QK_API cudaError_t qk_dequantize_int8_per_channel_f32(const int8_t *q, float *x,
   if (guard.status() != cudaSuccess) return guard.status();
   const uint64_t c = static_cast<uint64_t>(channels), in = static_cast<uint64_t>(inner);
   const PerChannel<true> uniform{scale, c, in};
-  if (n > 0 && inner % kGroup == 0) return launch_dequantize_int8(q, x, n, uniform, uniform, stream);
+  if (n > 0 && inner % kGroup == 0)
+    return launch_dequantize_int8(q, x, n, uniform, uniform, stream);
   return launch_dequantize_int8(q, x, n, PerChannel<false>{scale, c, in}, uniform, stream);
 }
 

@@ -15,7 +15,8 @@
  *
  * Granularity, for x holding n elements in C order:
  *   per tensor    one multiplier: inv_scale[0];
- *   per channel   x viewed as (outer, channels, inner): element i uses inv_scale[(i / inner) % channels]
+ *   per channel   x viewed as (outer, channels, inner): element i uses
+ *                 inv_scale[(i / inner) % channels]
  *                 (axis k of any shape: outer = prod(shape[:k]), channels = shape[k],
  *                 inner = prod(shape[k+1:]));
  *   blockwise     element i uses inv_scale[i / block_size]; block_size a power of two in
@@ -35,8 +36,8 @@
 #define QK_QMAX 127
 #define QK_MIN_BLOCK_SIZE 64
 #define QK_MAX_BLOCK_SIZE 4096
-/* Smallest positive alpha (float32(127) / FLT_MAX rounded up): the host rejects 0 < alpha < this, so
- * inv_scale = 127 / alpha is always finite. Kernels never see alpha itself. */
+/* Smallest positive alpha (float32(127) / FLT_MAX rounded up): the host rejects 0 < alpha < this,
+ * so inv_scale = 127 / alpha is always finite. Kernels never see alpha itself. */
 #define QK_MIN_POSITIVE_ALPHA 3.7321948e-37f
 
 /* Bumped whenever a signature below changes; quantkit/backends/cuda.py refuses another version. */
@@ -46,7 +47,8 @@
 #define QK_MAX_HISTOGRAM_BINS (1 << 20)
 
 /* Log histogram of qk_abs_histogram_log_f32 (mirrors HIST_SHIFT / HIST_BINS of
- * quantkit/backends/numba_calib.py): bin = float32 bits of |x| >> 16, every finite float has one. */
+ * quantkit/backends/numba_calib.py): bin = float32 bits of |x| >> 16; every finite float has one.
+ */
 #define QK_LOG_HISTOGRAM_SHIFT 16
 #define QK_LOG_HISTOGRAM_BINS (255 << 7)
 
@@ -102,7 +104,7 @@ QK_API cudaError_t qk_dequantize_int8_blockwise_f32(const int8_t *q, float *x, i
 
 /* ------------------------------------------------------------------- calibration statistics */
 
-/* out[0] = max |x| over the finite elements (0 when there is none); out is float32 on the device. */
+/* out[0] = max |x| over the finite elements (0 when there is none); out: float32 on the device. */
 QK_API cudaError_t qk_absmax_f32(const float *x, int64_t n, float *out, uint64_t *nonfinite,
                                  int device, cudaStream_t stream);
 

@@ -49,7 +49,8 @@ __global__ void __launch_bounds__(kThreads)
     if (start < end) {
       const float *p = x + start;
       const int64_t len = end - start;
-      int64_t head = static_cast<int64_t>((16u - (reinterpret_cast<uintptr_t>(p) & 15u)) & 15u) >> 2;
+      const uintptr_t misalign = reinterpret_cast<uintptr_t>(p) & 15u;
+      int64_t head = static_cast<int64_t>((16u - misalign) & 15u) >> 2;  // floats to alignment
       if (head > len) head = len;
       for (int64_t i = lane; i < head; i += 32) acc.add(__ldg(p + i));
       const float4 *pv = reinterpret_cast<const float4 *>(p + head);

@@ -64,7 +64,8 @@ def test_header_constants_match_python():
     assert _int(defines["QK_MAX_SSE_CANDIDATES"]) == cuda.MAX_SSE_CANDIDATES
     from quantkit.backends import numba_calib
 
-    assert _int(defines["QK_LOG_HISTOGRAM_BINS"]) == cuda.LOG_HISTOGRAM_BINS == numba_calib.HIST_BINS
+    assert _int(defines["QK_LOG_HISTOGRAM_BINS"]) == cuda.LOG_HISTOGRAM_BINS
+    assert cuda.LOG_HISTOGRAM_BINS == numba_calib.HIST_BINS
     assert _int(defines["QK_LOG_HISTOGRAM_SHIFT"]) == numba_calib.HIST_SHIFT
     min_alpha = defines["QK_MIN_POSITIVE_ALPHA"]
     assert re.fullmatch(r"[\d.e+-]+f", min_alpha), min_alpha
@@ -546,8 +547,8 @@ def test_gpu_abs_histogram(bins, n):
         counts, sums, sumsq = cuda.abs_histogram(_layout(x, how), bins, hi)
         c, s, s2 = _histogram_reference(x, bins, hi)
         _same(counts, c, "counts")
-        np.testing.assert_allclose(_cpu(sums), s, rtol=1e-12, atol=0)
-        np.testing.assert_allclose(_cpu(sumsq), s2, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(_cpu(sums), s, rtol=1e-10, atol=0)
+        np.testing.assert_allclose(_cpu(sumsq), s2, rtol=1e-10, atol=0)
 
 
 @gpu

@@ -1,4 +1,4 @@
-"""CUDA backend: quantkit's compiled csrc library (``quantkit/_libquantkit_cuda.so``), through ctypes.
+"""CUDA backend: the compiled csrc library (``quantkit/_libquantkit_cuda.so``), through ctypes.
 
 The library is built ahead of time by ``setup.py`` when ``nvcc`` is found (never on first use). It
 is loaded on the first CUDA call, not on import, and importing this module initialises no CUDA. If
@@ -392,7 +392,7 @@ def absmax(x, *, axis=None, block_size=None):
 
 
 def histogram_inv_width(bins: int, hi) -> np.float32:
-    """The bin multiplier ``float32(bins) / float32(hi)`` the histogram kernel uses, after checks."""
+    """The bin multiplier ``float32(bins) / float32(hi)`` of the histogram kernel, checked."""
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)):
         raise TypeError(f"bins must be an int, got {type(bins).__name__}")
     if not 1 <= int(bins) <= MAX_HISTOGRAM_BINS:
@@ -410,11 +410,11 @@ def histogram_inv_width(bins: int, hi) -> np.float32:
 def abs_histogram(x, bins: int, hi):
     """Histogram of ``a = |x|`` over ``bins`` equal bins of ``[0, hi)``, on x's device.
 
-    Bin of ``a``: ``t = float32(a * float32(bins / hi))``, ``floor(t)`` if ``t < bins`` else the last
-    bin (``a >= hi`` lands in the last bin). Returns ``(counts, sums, sumsq)`` CUDA tensors of
-    ``bins`` entries: int64 counts (exact), float64 sums of ``a`` and of ``a * a`` (summed in an
-    unspecified order, so equal to a float64 reference to about 1e-12 relative, not bit for bit).
-    Non-finite values raise ValueError.
+    Bin of ``a``: ``t = float32(a * float32(bins / hi))``, ``floor(t)`` if ``t < bins``, else the
+    last bin (``a >= hi`` lands in the last bin). Returns ``(counts, sums, sumsq)`` CUDA tensors of
+    ``bins`` entries: int64 counts (exact), float64 sums of ``a`` and of ``a * a`` (added in an
+    unspecified order: equal to a float64 reference up to rounding, not bit for bit). Non-finite
+    values raise ValueError.
     """
     _require_cuda(x, "x")
     _check_float(x)
