@@ -74,26 +74,28 @@ def quantize_rows(x: torch.Tensor, alpha: Optional[torch.Tensor] = None):
     """int8 codes of a 2-D float32 tensor, one alpha per row (``max|row|`` when ``alpha`` is None).
 
     Returns ``(codes, scale)`` with ``codes = clamp(rint(x * float32(127 / alpha)), -127, 127)``
-    (0 where alpha == 0) and ``scale = float32(alpha / 127)``, exactly
+    (0 where alpha == 0) and ``scale = float32(alpha / 127)`` (one per row), exactly
     :func:`quantkit.reference.quantize_per_channel` with ``axis=0``. A given ``alpha`` is a 0-d
-    tensor (one for all rows) or one per row. CPU tensors use the numba kernel; others use torch
-    ops with a true float32 division (``127.0 / t`` in torch computes ``127 * (1 / t)``, rounded
-    twice, which is not DESIGN.md's multiplier). Non-finite input raises ValueError.
+    tensor, the same for every row. CPU tensors run on the numba kernels (``max|row|`` through
+    ``calibrate(x, "max", axis=0)``); others on torch ops with a true float32 division
+    (``127.0 / t`` in torch computes ``127 * (1 / t)``, rounded twice: not DESIGN.md's
+    multiplier). Non-finite input raises ValueError.
     """
-    if alpha is None:
-        alpha = torch.linalg.vector_norm(x, ord=math.inf, dim=1)   # max|row|; NaN/Inf propagate
-        finite = torch.isfinite(alpha)
-        if not bool(finite.all()):
-            row = int((~finite).nonzero()[0, 0])
-            raise ValueError(f"input has non-finite values (NaN or Inf); the first bad row is {row}")
-    else:
-        alpha = alpha.to(torch.float32).expand(x.shape[0]).contiguous()
+    rows = x.shape[0]
     if x.device.type == "cpu":
-        q = quantize(x, alpha, axis=0)   # the numba kernel also refuses NaN/Inf in x
-        return q.data, q.scale
+        if alpha is None:
+            from .calibration import calibrate   # numba |x|max per row; refuses NaN/Inf
+
+            row_max = calibrate(x, "max", axis=0) if x.numel() else np.zeros(rows, np.float32)
+            q = quantize(x, row_max, axis=0)
+            return q.data, q.scale
+        q = quantize(x, alpha.detach().cpu())     # per tensor: the same codes as per row
+        return q.data, q.scale.expand(rows).contiguous()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("input has non-finite values (NaN or Inf)")
-    return _quantize_rows_torch(x, alpha)
+    if alpha is None:
+        alpha = x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(rows)
+    return _quantize_rows_torch(x, alpha.to(torch.float32).expand(rows).contiguous())
 
 
 def _quantize_rows_torch(x: torch.Tensor, alpha: torch.Tensor):
@@ -116,12 +118,16 @@ def _linear_w8(x, weight, weight_scale, bias):
 def _linear_w8a8(x, weight, weight_scale, bias, input_alpha):
     """W8A8: quantize the rows of x, exact int32 ``q_x @ W.T``, then ``acc * (s_x * s_w) + b``."""
     codes, s_x = quantize_rows(x, input_alpha)
-    if input_alpha is not None:
-        s_x = s_x.expand(x.shape[0])
     if x.shape[0] == 0 or x.shape[1] == 0:
         acc = torch.zeros((x.shape[0], weight.shape[0]), dtype=torch.int32, device=x.device)
     else:
         acc = torch._int_mm(codes, weight.t())      # exact; W.t() as a view is the fast layout
+    if x.device.type == "cpu":                      # one fused pass instead of three
+        from .backends.numba_nn import rescale_int32_numba
+
+        return torch.from_numpy(rescale_int32_numba(
+            acc.numpy(), s_x.numpy(), weight_scale.numpy(),
+            None if bias is None else bias.detach().numpy()))
     y = acc.to(torch.float32).mul_(s_x[:, None] * weight_scale[None, :])
     if bias is not None:
         y.add_(bias)

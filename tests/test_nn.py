@@ -103,7 +103,7 @@ def test_non_finite_activations_are_refused():
     layer = _from_float(_linear(), "dynamic")
     x = torch.randn(3, 48)
     x[1, 7] = float("nan")
-    with pytest.raises(ValueError, match="non-finite.*row is 1"):
+    with pytest.raises(ValueError, match="non-finite"):
         layer(x)
     static = _from_float(_linear(), "static")
     x[1, 7] = float("inf")
