@@ -362,16 +362,20 @@ class QuantReport(list):
                 "ratio": before / after if after else math.nan}
 
     def __str__(self) -> str:
-        lines = [f"{'layer':<48} {'shape':>12} {'alpha range':>21} {'SQNR dB':>8} "
-                 f"{'bytes before':>13} {'after':>11}"]
-        for r in self:
-            shape = "x".join(str(d) for d in r["shape"])
-            lines.append(f"{r['name']:<48} {shape:>12} {r['alpha_min']:>10.4g}-{r['alpha_max']:<10.4g}"
-                         f" {r['sqnr_db']:>8.2f} {r['bytes_before']:>13,} {r['bytes_after']:>11,}")
+        cells = [[r["name"], "x".join(str(d) for d in r["shape"]),
+                  f"{r['alpha_min']:.4g} - {r['alpha_max']:.4g}", f"{r['sqnr_db']:.2f}",
+                  f"{r['bytes_before']:,}", f"{r['bytes_after']:,}"] for r in self]
         t = self.totals()
-        lines.append(f"{'total: ' + str(t['layers']) + ' layers':<83} {t['bytes_before']:>13,} "
-                     f"{t['bytes_after']:>11,}  ({t['ratio']:.2f}x smaller)")
-        return "\n".join(lines)
+        cells.append([f"total: {t['layers']} layers", "", "", "", f"{t['bytes_before']:,}",
+                      f"{t['bytes_after']:,}"])
+        header = ["layer", "shape", "alpha range", "SQNR dB", "bytes before", "after"]
+        widths = [max(len(str(row[i])) for row in [header, *cells]) for i in range(len(header))]
+
+        def line(row):
+            return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths)))
+
+        return "\n".join([line(header), *map(line, cells)]) + f"  ({t['ratio']:.2f}x smaller)"
 
 
 def _call(model, batch):
