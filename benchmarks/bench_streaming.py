@@ -10,9 +10,9 @@ process, with the peak RSS of that process read from ``os.wait4``:
   checkpoint in memory needs at least (its fixed cost: importing torch and safetensors);
 * ``python -m quantkit quantize`` on the whole checkpoint (mse calibration, per channel).
 
-Reports each peak RSS minus its fixed cost as a multiple of the largest tensor and as a fraction of the
-checkpoint. Full mode asserts that quantize's peak stays below what loading the checkpoint needs,
-and that its own memory (above the fixed cost) is under 4x the largest tensor.
+Reports each peak RSS minus its fixed cost as a multiple of the largest tensor and as a fraction of
+the checkpoint. Full mode asserts that quantize's peak stays below what loading the checkpoint
+needs, and that its own memory (above the fixed cost) is under 4x the largest tensor.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def test_streaming_peak_memory(bench, tmp_path_factory):
         tiny = work / "tiny.safetensors"
         save_file({"w": np.ones((64, 64), np.float32)}, str(tiny))
         quantkit = [sys.executable, "-m", "quantkit", "quantize"]
-        base_rss, _, _ = _peak_rss(quantkit + [str(tiny), "-o", str(work / "tiny-int8.safetensors")])
+        tiny_out = work / "tiny-int8.safetensors"
+        base_rss, _, _ = _peak_rss(quantkit + [str(tiny), "-o", str(tiny_out)])
         load_all = ("import sys, glob; from safetensors.torch import load_file; "
                     "d = {}; [d.update(load_file(f)) for f in sorted(glob.glob(sys.argv[1] + "
                     "'/*.safetensors'))]; print(sum(t.numel() for t in d.values()))")

@@ -5,7 +5,8 @@
 * ``calibration_curve.png``: the exact MSE-vs-alpha curve (clipping and rounding parts, each
   method's alpha marked) of a heavy-tailed sample, drawn by :mod:`quantkit.report`.
 
-Needs matplotlib (``pip install "quantkit[plot]"``); without it, nothing is drawn and a note says so.
+Needs matplotlib (``pip install "quantkit[plot]"``); without it nothing is drawn and a note says
+so.
 Can also be run by hand: ``python benchmarks/plots.py [RESULTS_DIR]``.
 """
 

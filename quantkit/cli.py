@@ -17,8 +17,8 @@ tensors already done do not stay mapped), quantizes it and writes it through
 :class:`quantkit.io.CheckpointWriter` into a temporary file that is renamed over OUT only when every
 tensor is written. Peak memory stays near a few times the largest tensor, whatever the checkpoint's
 size. Every floating-point tensor with two or more dimensions is quantized (``channel`` means one
-alpha per slice along axis 0, the output channels of a Linear or conv weight) unless its name matches
-a ``--skip`` pattern (shell-style, e.g. ``'*.embeddings.*'``); the rest is copied unchanged.
+alpha per slice along axis 0, the output channels of a Linear or conv weight) unless its name
+matches a ``--skip`` pattern (shell-style, e.g. ``'*.embeddings.*'``); the rest is copied unchanged.
 
 Errors are one line on stderr (``quantkit: error: ...``), never a traceback. Exit codes: 0 success,
 1 failure (missing or unreadable file, bad data), 2 usage error (bad option, unknown method, bad
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize every floating-point tensor of 2+ dimensions of a "
                                    "safetensors checkpoint (a file, or a folder with *.index.json) "
                                    "to int8; copy the rest. Streams one tensor at a time.")
-    q.add_argument("input", metavar="IN", help="a .safetensors file or a sharded checkpoint folder")
+    file_help = "a .safetensors file or a sharded checkpoint folder"
+    q.add_argument("input", metavar="IN", help=file_help)
     q.add_argument("-o", "--output", metavar="OUT", required=True,
                    help="the int8 checkpoint to write (.safetensors)")
     q.add_argument("--method", choices=METHODS, default="mse", help="calibration (default: mse)")
@@ -137,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="list the tensors of a checkpoint (float or int8)",
                        description="What is in a checkpoint: each tensor's dtype, shape and bytes; "
                                    "for int8 ones their granularity, alpha range and clipping.")
-    i.add_argument("file", metavar="FILE", help="a .safetensors file or a sharded checkpoint folder")
+    i.add_argument("file", metavar="FILE", help=file_help)
 
-    c = sub.add_parser("calibrate", help="compare the calibration methods on a checkpoint's tensors",
+    c = sub.add_parser("calibrate", help="compare the calibration methods on a checkpoint",
                        description="For each tensor (or --tensor NAME), each calibration method's "
                                    "alpha, its exact int8 MSE relative to the best method, and "
                                    "its time; --plot draws the MSE-vs-alpha curve.")
-    c.add_argument("file", metavar="FILE", help="a .safetensors file or a sharded checkpoint folder")
+    c.add_argument("file", metavar="FILE", help=file_help)
     c.add_argument("--tensor", metavar="NAME", help="only this tensor")
     add_method(c)
     c.add_argument("--plot", metavar="PNG", help="write the MSE-vs-alpha picture of the tensor "
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Run the ``quantkit`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run the ``quantkit`` command on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
     try:
         try:
@@ -520,6 +521,15 @@ def _check_output(out: Path, source: Checkpoint):
         raise CommandError(f"{out}: the folder {out.resolve().parent} does not exist")
 
 
+def _plan_granularity(granularity: Granularity) -> dict:
+    """The checkpoint writer's granularity entry."""
+    if granularity.kind == "channel":
+        return {"axis": 0}
+    if granularity.kind == "block":
+        return {"block_size": granularity.block_size}
+    return {}
+
+
 def run_quantize(source: Checkpoint, out: Path, *, method="mse", granularity=Granularity("channel"),
                  skip=(), options=None, stdout=None, progress=False) -> dict:
     """Quantize ``source`` into ``out``, printing the table; returns the totals."""
@@ -532,9 +542,7 @@ def run_quantize(source: Checkpoint, out: Path, *, method="mse", granularity=Gra
         reason = quantizable(info, skip)
         reasons[info.name] = reason
         if reason is None:
-            granule = ({"axis": 0} if granularity.kind == "channel" else
-                       {"block_size": granularity.block_size} if granularity.kind == "block" else {})
-            plans[info.name] = ("int8", info.shape, granule)
+            plans[info.name] = ("int8", info.shape, _plan_granularity(granularity))
         else:
             plans[info.name] = (info.dtype, info.shape)
     metadata = {k: v for k, v in source.metadata.items()
@@ -588,7 +596,8 @@ def run_quantize(source: Checkpoint, out: Path, *, method="mse", granularity=Gra
     ratio = totals["bytes_before"] / max(totals["bytes_after"], 1)
     worst = (f", worst SQNR {totals['worst_sqnr_db']:.1f} dB" if totals["quantized"] else "")
     table.emit(table.line(["total", "", f"{totals['quantized']} quantized", "", "",
-                           human_bytes(totals["bytes_before"]), human_bytes(totals["bytes_after"])]))
+                           human_bytes(totals["bytes_before"]),
+                           human_bytes(totals["bytes_after"])]))
     table.emit(f"\nwrote {out} ({human_bytes(out.stat().st_size)}, {ratio:.2f}x smaller) in "
                f"{totals['seconds']:.1f}s: {totals['quantized']} tensors quantized, "
                f"{totals['kept']} kept as they were{worst}; method {method}, "
@@ -808,7 +817,7 @@ def synthetic_checkpoint(path: Path, seed: int = 0) -> dict:
 
 
 def _synthetic_forward(weights: dict, x: np.ndarray) -> np.ndarray:
-    """A residual MLP stack over the synthetic checkpoint's layers (attention weights as linears)."""
+    """A small transformer over the synthetic checkpoint's layers: attention, MLP, norm."""
     layers = sorted({k.split(".")[1] for k in weights if k.startswith("layers.")})
     for k in layers:
         p = f"layers.{k}."

@@ -186,7 +186,8 @@ def test_quantize_refuses_to_overwrite_its_input(checkpoint, sharded, capsys):
     shard = sharded / "model-00002-of-00002.safetensors"
     shard_before = _digest(shard)
     assert main(["quantize", str(sharded), "-o", str(shard)]) == 2
-    assert main(["quantize", str(sharded), "-o", str(sharded / "model.safetensors.index.json")]) == 2
+    index = sharded / "model.safetensors.index.json"
+    assert main(["quantize", str(sharded), "-o", str(index)]) == 2
     assert _digest(shard) == shard_before
 
 
