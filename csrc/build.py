@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ CSRC = Path(__file__).resolve().parent
 SOURCES = ("quantize.cu", "stats.cu")
 LIBRARY_NAME = "_libquantkit_cuda.so"
 DEFAULT_OUT = CSRC.parent / "quantkit" / LIBRARY_NAME
+EMULATION_NAME = "_libquantkit_emulated.so"
 ARCHS = ("75", "80", "90")
 
 
@@ -112,6 +115,46 @@ def build(out=DEFAULT_OUT, *, strict: bool = False, archs=ARCHS, nvcc=None, quie
     return out
 
 
+# ------------------------------------------------------------------- host emulation (no GPU)
+
+_LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>;]*>)?)<<<([^>]*)>>>\(([^;]*)\);")
+_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];")
+
+
+def emulation_source(text: str) -> str:
+    """A .cu file as C++ for host_emulation.h: launches become qk_emu::launch, shared memory a
+    pointer into the emulated block's buffer."""
+    text = _LAUNCH.sub(lambda m: f"qk_emu::launch({m.group(2)}, [&] {{ {m.group(1)}({m.group(3)}); }});",
+                       text)
+    return _SHARED.sub(lambda m: f"{m.group(1)} *{m.group(2)} = qk_emu::shared_memory<{m.group(1)}>();",
+                       text)
+
+
+def build_emulation(out, *, cxx: str = "g++", quiet=False) -> Path:
+    """Compile csrc/*.cu for the CPU against host_emulation.h (same C ABI, host pointers)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for stub in ("cuda_runtime.h", "cuda_runtime_api.h"):
+            (tmp / stub).write_text('#pragma once\n#include "host_emulation.h"\n')
+        sources = []
+        for name in SOURCES:
+            target = tmp / (Path(name).stem + ".cpp")
+            target.write_text(emulation_source((CSRC / name).read_text()))
+            sources.append(str(target))
+        cmd = [cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-ffp-contract=off",
+               "-fno-fast-math", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+               "-I", str(tmp), "-I", str(CSRC), *sources, "-o", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError("building the host emulation failed:\n  " + " ".join(cmd) + "\n"
+                           + result.stdout + result.stderr)
+    if not quiet:
+        print(f"quantkit: built the host emulation {out}")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="path of the shared library")
@@ -121,7 +164,17 @@ def main(argv=None) -> int:
                         help="warnings are not errors (diagnosing an unfamiliar toolchain)")
     parser.add_argument("--arch", action="append", help="sm number(s) to target, e.g. 90")
     parser.add_argument("--print-command", action="store_true", help="print the nvcc command")
+    parser.add_argument("--emulate", action="store_true",
+                        help="build the CPU emulation of the kernels (g++, no GPU) instead")
     args = parser.parse_args(argv)
+    if args.emulate:
+        out = args.out if args.out != str(DEFAULT_OUT) else str(CSRC.parent / "build" / EMULATION_NAME)
+        try:
+            build_emulation(out)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
     archs = tuple(args.arch) if args.arch else ARCHS
     nvcc = find_nvcc()
     if nvcc is None:

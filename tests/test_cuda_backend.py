@@ -262,13 +262,14 @@ def test_histogram_argument_checks():
 def test_candidate_scales_match_numba_calib():
     from quantkit.backends import numba_calib
 
-    alphas = np.array([0.0, 1e-38, 3.7321948e-37, 0.1, 1.0, 3.0, 127.0, 3.4e38], np.float32)
+    alphas = np.array([0.0, 3.7321948e-37, 1e-30, 0.1, 1.0, 3.0, 127.0, 3.4e38], np.float32)
     scale, inv = cuda.candidate_scales(alphas)
     for a, s, i in zip(alphas, scale, inv):
         expected = numba_calib.scale_inv(a)
         assert (s, i) == (np.float32(expected[0]), np.float32(expected[1])), a
-    with pytest.raises(ValueError):
-        cuda.candidate_scales([1.0, float("nan")])
+    for bad in ([1.0, float("nan")], [-1.0], [1e-38]):
+        with pytest.raises(ValueError):
+            cuda.candidate_scales(bad)
 
 
 def test_calibration_kernels_delegate_host_functions():
@@ -574,7 +575,7 @@ def test_gpu_calibration_kernels_equal_numba_calib(n, how):
 
     unit_inv = numba_calib.unit_inverse(max(amax, np.float32(1)), n)  # amax is 0 when n == 1
     alphas = np.float32(amax) * np.linspace(0.05, 1.0, 21).astype(np.float32)  # two passes
-    alphas = np.concatenate([alphas, np.float32([0.0, 1e-38])])
+    alphas = np.concatenate([alphas, np.float32([0.0, 3.7321948e-37])])
     _same(k.sse_fixed_many(t, alphas, unit_inv), numba_calib.sse_fixed_many(x, alphas, unit_inv),
           "sse")
 
@@ -625,3 +626,224 @@ def test_gpu_torch_ops():
 
     compiled = torch.compile(roundtrip, fullgraph=True)
     assert torch.equal(compiled(x, alpha), roundtrip(x, alpha))
+
+
+# ======================================================= the kernels, emulated on the CPU
+# csrc/*.cu compiled with g++ against csrc/host_emulation.h (python3 csrc/build.py --emulate): the
+# same kernels, launchers and C ABI on host memory, with each block run as 256 threads (barriers
+# for __syncthreads and warp shuffles). This checks the kernels' logic without a GPU: indexing,
+# tails, both alignment paths, reductions and the arithmetic. It does not replace the GPU tests.
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quantkit_csrc_build", ROOT / "csrc" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    path = build.build_emulation(tmp_path_factory.mktemp("emu") / "emulated.so", quiet=True)
+    lib = ctypes.CDLL(str(path))
+    cuda._declare(lib)
+    return lib
+
+
+def _buffer(n, dtype, offset_bytes=0):
+    """An n-element array whose data starts offset_bytes past a 64-byte boundary."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.zeros(n * itemsize + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset_bytes
+    return raw[start:start + n * itemsize].view(dtype)
+
+
+def _placed(x, offset_bytes):
+    out = _buffer(x.size, x.dtype, offset_bytes)
+    out[:] = x.reshape(-1)
+    return out
+
+
+def _ptr(a):
+    return a.ctypes.data
+
+
+def _ok(code):
+    assert code == 0, f"cudaError {code}"
+
+
+X_OFFSETS = [0, 4]        # 16-byte aligned float32 (vector path) or not (element path)
+Q_OFFSETS = [0, 1, 4]     # codes: 16-byte aligned, unaligned (element path), 4-byte aligned
+EMU_SIZES = [1, 31, 511, 512, 513, 5000, 2**16 + 7]
+
+
+def _emu_quantize(emu, x, inv, *, channel_view=None, block_size=None, x_off=0, q_off=0):
+    xs = _placed(x, x_off)
+    q = _buffer(x.size, np.int8, q_off)
+    inv_d = np.ascontiguousarray(np.atleast_1d(inv), np.float32)
+    bad = np.full(1, 12345, np.uint64)
+    if channel_view is not None:
+        _ok(emu.qk_quantize_int8_per_channel_f32(_ptr(xs), _ptr(q), *channel_view, _ptr(inv_d),
+                                                 _ptr(bad), 0, None))
+    elif block_size is not None:
+        _ok(emu.qk_quantize_int8_blockwise_f32(_ptr(xs), _ptr(q), x.size, block_size,
+                                               _ptr(inv_d), _ptr(bad), 0, None))
+    else:
+        _ok(emu.qk_quantize_int8_f32(_ptr(xs), _ptr(q), x.size, _ptr(inv_d), _ptr(bad), 0, None))
+    return q.reshape(x.shape).copy(), int(bad[0])
+
+
+def _emu_dequantize(emu, q, scale, *, channel_view=None, block_size=None, q_off=0, x_off=0):
+    qs = _placed(q, q_off)
+    out = _buffer(q.size, np.float32, x_off)
+    s = np.ascontiguousarray(np.atleast_1d(scale), np.float32)
+    if channel_view is not None:
+        _ok(emu.qk_dequantize_int8_per_channel_f32(_ptr(qs), _ptr(out), *channel_view, _ptr(s), 0,
+                                                   None))
+    elif block_size is not None:
+        _ok(emu.qk_dequantize_int8_blockwise_f32(_ptr(qs), _ptr(out), q.size, block_size, _ptr(s),
+                                                 0, None))
+    else:
+        _ok(emu.qk_dequantize_int8_f32(_ptr(qs), _ptr(out), q.size, _ptr(s), 0, None))
+    return out.reshape(q.shape).copy()
+
+
+@pytest.mark.parametrize("n", EMU_SIZES)
+def test_emulated_per_tensor_matches_reference(emu, n):
+    x = _random(n, seed=n)
+    alpha = np.float32(3.0)
+    inv, scale = reference.inv_scale_from_alpha(alpha), reference.scale_from_alpha(alpha)
+    expected = reference.quantize_per_tensor(x, alpha)
+    expected_values = reference.dequantize_per_tensor(expected, scale)
+    for x_off in X_OFFSETS:
+        for q_off in Q_OFFSETS:
+            q, bad = _emu_quantize(emu, x, inv, x_off=x_off, q_off=q_off)
+            _same(q, expected)
+            assert bad == 0
+            _same(_emu_dequantize(emu, q, scale, q_off=q_off, x_off=x_off), expected_values,
+                  "values")
+
+
+@pytest.mark.parametrize("outer,channels,inner", [(1, 7, 1), (5, 7, 1), (5, 3, 3), (2, 7, 4),
+                                                  (3, 5, 16), (2, 3, 300), (1, 4, 1030),
+                                                  (700, 3, 1), (60, 7, 3), (9, 5, 13),
+                                                  (1, 1, 5000)])
+def test_emulated_per_channel_matches_reference(emu, outer, channels, inner):
+    x = _random(outer * channels * inner, seed=inner).reshape(outer, channels, inner)
+    alpha = np.linspace(0.0, 4.0, channels).astype(np.float32)  # channel 0 has alpha 0
+    inv, scale = reference.inv_scale_from_alpha(alpha), reference.scale_from_alpha(alpha)
+    expected = reference.quantize_per_channel(x, alpha, 1)
+    expected_values = reference.dequantize_per_channel(expected, scale, 1)
+    view = (outer, channels, inner)
+    for x_off in X_OFFSETS:
+        for q_off in (0, 1):
+            q, bad = _emu_quantize(emu, x, inv, channel_view=view, x_off=x_off, q_off=q_off)
+            _same(q, expected)
+            assert bad == 0
+            values = _emu_dequantize(emu, q, scale, channel_view=view, q_off=q_off, x_off=x_off)
+            _same(values, expected_values, "values")
+    amax = np.zeros(channels, np.float32)
+    bad = np.zeros(1, np.uint64)
+    for x_off in X_OFFSETS:
+        xs = _placed(x, x_off)
+        _ok(emu.qk_absmax_per_channel_f32(_ptr(xs), outer, channels, inner, _ptr(amax), _ptr(bad),
+                                          0, None))
+        _same(amax, np.abs(x).max(axis=(0, 2)), "absmax")
+
+
+@pytest.mark.parametrize("block_size", [64, 256, 4096])
+@pytest.mark.parametrize("n", [1, 100, 5000, 70_000])
+def test_emulated_blockwise_matches_reference(emu, block_size, n):
+    x = _random(n, seed=n + block_size)
+    amax = reference.absmax_per_block(x, block_size)
+    amax[0] = 0.0
+    inv, scale = reference.inv_scale_from_alpha(amax), reference.scale_from_alpha(amax)
+    expected = reference.quantize_blockwise(x, amax, block_size)
+    expected_values = reference.dequantize_blockwise(expected, scale, block_size)
+    for x_off in X_OFFSETS:
+        q, bad = _emu_quantize(emu, x, inv, block_size=block_size, x_off=x_off, q_off=x_off)
+        _same(q, expected)
+        values = _emu_dequantize(emu, q, scale, block_size=block_size, q_off=x_off, x_off=x_off)
+        _same(values, expected_values, "values")
+        got = np.zeros(amax.size, np.float32)
+        count = np.zeros(1, np.uint64)
+        xs = _placed(x, x_off)  # kept alive across the call
+        _ok(emu.qk_absmax_blockwise_f32(_ptr(xs), n, block_size, _ptr(got), _ptr(count), 0, None))
+        _same(got, reference.absmax_per_block(x, block_size), "absmax")
+
+
+def test_emulated_ties_extremes_and_nonfinite(emu):
+    k = np.arange(-140, 141, dtype=np.float32)
+    x = np.concatenate([k + np.float32(0.5), k, -(k + np.float32(0.5)),
+                        np.float32([0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38])])
+    for alpha in (np.float32(127.0), np.float32(3.0), np.float32(3.7321948e-37),
+                  np.float32(3.4e38), np.float32(0.0)):
+        inv = reference.inv_scale_from_alpha(alpha)
+        for x_off in X_OFFSETS:
+            q, bad = _emu_quantize(emu, x, inv, x_off=x_off)
+            _same(q, reference.quantize_per_tensor(x, alpha))
+    bad_x = _random(5000)
+    bad_x[[0, 17, 2500, 4999]] = [np.nan, np.inf, -np.inf, np.nan]
+    for x_off in X_OFFSETS:
+        _, bad = _emu_quantize(emu, bad_x, np.float32(1.0), x_off=x_off)
+        assert bad == 4
+        _, bad = _emu_quantize(emu, bad_x, np.ones(79, np.float32), block_size=64, x_off=x_off)
+        assert bad == 4
+        out = np.zeros(1, np.float32)
+        count = np.zeros(1, np.uint64)
+        xs = _placed(bad_x, x_off)
+        _ok(emu.qk_absmax_f32(_ptr(xs), bad_x.size, _ptr(out), _ptr(count), 0, None))
+        finite = bad_x[np.isfinite(bad_x)]
+        assert (out[0], int(count[0])) == (np.abs(finite).max(), 4)
+
+
+@pytest.mark.parametrize("bins", [1, 100, 2048, 4096])
+def test_emulated_abs_histogram(emu, bins):
+    x = _random(70_001, seed=bins)
+    x[5] = np.nan
+    hi = float(np.abs(x[np.isfinite(x)]).max()) * 0.9
+    inv_width = cuda.histogram_inv_width(bins, hi)
+    finite = x[np.isfinite(x)]
+    c, s, s2 = _histogram_reference(finite, bins, hi)
+    for x_off in X_OFFSETS:
+        counts = np.zeros(bins, np.uint64)
+        sums = np.zeros(bins, np.float64)
+        sumsq = np.zeros(bins, np.float64)
+        bad = np.zeros(1, np.uint64)
+        xs = _placed(x, x_off)
+        _ok(emu.qk_abs_histogram_f32(_ptr(xs), x.size, bins, float(inv_width),
+                                     _ptr(counts), _ptr(sums), _ptr(sumsq), _ptr(bad), 0, None))
+        _same(counts.astype(np.int64), c, "counts")
+        np.testing.assert_allclose(sums, s, rtol=1e-10, atol=0)
+        np.testing.assert_allclose(sumsq, s2, rtol=1e-10, atol=0)
+        assert int(bad[0]) == 1
+
+
+@pytest.mark.parametrize("n", [1, 31, 70_001])
+def test_emulated_calibration_kernels_equal_numba_calib(emu, n):
+    from quantkit.backends import numba_calib
+
+    x = _random(n, seed=n) * np.float32(0.37)
+    x[: min(n, 5)] = np.float32([0.0, -0.0, 1e-40, -3e-39, 65504.0])[: min(n, 5)]
+    expected = [np.zeros(numba_calib.HIST_BINS, np.int64) for _ in range(3)]
+    numba_calib.histogram_log(x, 2, *expected)
+    amax = np.float32(np.abs(x).max())
+    unit_inv = numba_calib.unit_inverse(max(amax, np.float32(1)), n)
+    alphas = np.concatenate([amax * np.linspace(0.05, 1.0, 21).astype(np.float32),
+                             np.float32([0.0, 3.7321948e-37])]).astype(np.float32)
+    scale, inv = cuda.candidate_scales(alphas)
+    expected_sse = numba_calib.sse_fixed_many(x, alphas, unit_inv)
+    for x_off in X_OFFSETS:
+        xs = _placed(x, x_off)
+        got = [np.zeros(numba_calib.HIST_BINS, np.uint64) for _ in range(3)]
+        bad = np.zeros(1, np.uint64)
+        _ok(emu.qk_abs_histogram_log_f32(_ptr(xs), n, *(_ptr(g) for g in got), _ptr(bad), 0,
+                                         None))
+        for g, e in zip(got, expected):
+            _same(g.astype(np.int64), e, "log histogram")
+        sse = np.zeros(alphas.size, np.uint64)
+        for lo in range(0, alphas.size, cuda.MAX_SSE_CANDIDATES):
+            k = min(cuda.MAX_SSE_CANDIDATES, alphas.size - lo)
+            _ok(emu.qk_sse_fixed_many_f32(_ptr(xs), n, _ptr(scale[lo:]), _ptr(inv[lo:]), k,
+                                          unit_inv, _ptr(sse[lo:]), _ptr(bad), 0, None))
+        _same(sse.astype(np.int64), expected_sse, "sse")

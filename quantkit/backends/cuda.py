@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import _arrays, reference
-from .._constants import QMAX
+from .._constants import MIN_POSITIVE_ALPHA, QMAX
 from ..qtensor import QTensor
 
 #: Must equal QK_ABI_VERSION in csrc/quantkit.h.
@@ -472,17 +472,18 @@ def abs_histogram_log(x):
 def candidate_scales(alphas) -> tuple:
     """(scale, inv_scale) float32 arrays of candidate alphas, as ``numba_calib.scale_inv``.
 
-    ``scale = float32(a / 127)``; ``inv = float32(127 / a)`` saturated at FLT_MAX, 0 where a == 0.
+    ``scale = float32(a / 127)``, ``inv = float32(127 / a)``, 0 where a == 0. Each alpha must be 0
+    or at least MIN_POSITIVE_ALPHA (so inv is finite), as everywhere in quantkit.
     """
     a = np.asarray(alphas, dtype=np.float32).reshape(-1)
-    if not (np.isfinite(a).all() and (a >= 0).all()):
-        raise ValueError("candidate alphas must be finite and >= 0")
+    tiny = (a > 0) & (a < np.float32(MIN_POSITIVE_ALPHA))
+    if not (np.isfinite(a).all() and (a >= 0).all()) or tiny.any():
+        raise ValueError(f"candidate alphas must be finite and 0 or >= {MIN_POSITIVE_ALPHA}")
     q = np.float32(QMAX)
     scale = (a / q).astype(np.float32)
     inv = np.zeros_like(a)
-    with np.errstate(over="ignore"):
-        np.divide(q, a, out=inv, where=a > 0)
-    return scale, np.minimum(inv, np.finfo(np.float32).max).astype(np.float32)
+    np.divide(q, a, out=inv, where=a > 0)
+    return scale, inv
 
 
 def sse_fixed_many(x, alphas, unit_inv: float) -> np.ndarray:
