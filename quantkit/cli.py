@@ -761,6 +761,10 @@ def _require_matplotlib():
         import matplotlib  # noqa: F401
     except ImportError:
         raise CommandError(f"--plot needs matplotlib: {PLOT_HINT}") from None
+    try:
+        from . import report  # noqa: F401
+    except ImportError as exc:
+        raise CommandError(f"--plot needs quantkit.report, which failed to import: {exc}") from None
 
 
 def draw_calibration_plot(x, png: Path, name: str) -> Path:

@@ -315,6 +315,7 @@ def test_calibrate_compares_methods(checkpoint, capsys):
 
 def test_calibrate_one_tensor_with_plot(checkpoint, tmp_path, capsys):
     pytest.importorskip("matplotlib")
+    pytest.importorskip("quantkit.report")
     png = tmp_path / "curve.png"
     assert main(["calibrate", str(checkpoint), "--tensor", "encoder.fc1.weight",
                  "--plot", str(png)]) == 0
