@@ -847,3 +847,103 @@ def test_emulated_calibration_kernels_equal_numba_calib(emu, n):
             _ok(emu.qk_sse_fixed_many_f32(_ptr(xs), n, _ptr(scale[lo:]), _ptr(inv[lo:]), k,
                                           unit_inv, _ptr(sse[lo:]), _ptr(bad), 0, None))
         _same(sse.astype(np.int64), expected_sse, "sse")
+
+
+# ------------------------------------------- the Python wrappers over the emulated kernels
+# quantkit.backends.cuda run end to end on CPU tensors: only the device checks, the library and the
+# stream are swapped for the emulation, so the wrappers' own logic (layouts, axes, out=, errors,
+# readback) is exercised as it will be on a GPU.
+
+
+@pytest.fixture
+def emulated_backend(emu, monkeypatch):
+    monkeypatch.setattr(cuda, "library", lambda: emu)
+    monkeypatch.setattr(cuda, "_require_cuda", lambda t, name: None)
+    monkeypatch.setattr(cuda, "_stream", lambda device: 0)
+    return cuda
+
+
+def _cpu_layout(x: np.ndarray, how: str):
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if how == "transpose" and x.ndim >= 2:
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+    if how == "sliced":
+        wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=torch.float32)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if how == "offset":
+        base = torch.zeros(x.size + 1, dtype=torch.float32)
+        base[1:] = t.reshape(-1)
+        return base[1:].reshape(x.shape)
+    return t
+
+
+@pytest.mark.parametrize("how", ["plain", "transpose", "sliced", "offset"])
+@pytest.mark.parametrize("shape", [(1,), (37,), (3, 5, 70), (40, 33), (1030, 3)])
+def test_emulated_wrappers_match_reference(emulated_backend, how, shape):
+    n = int(np.prod(shape))
+    x = _random(n, seed=n).reshape(shape)
+    t = _cpu_layout(x, how)
+    q = cuda.quantize(t, 3.0)
+    _same(q.data, reference.quantize_per_tensor(x, 3.0))
+    _same(cuda.dequantize(q), reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)),
+          "values")
+    _same(cuda.absmax(t), np.float32(np.abs(x).max()), "absmax")
+    for axis in range(-len(shape), len(shape)):
+        other = tuple(k for k in range(len(shape)) if k != axis % len(shape))
+        alpha = np.abs(x).max(axis=other).astype(np.float32)
+        _same(cuda.absmax(t, axis=axis), alpha, "absmax per channel")
+        q = cuda.quantize(t, alpha, axis=axis)
+        assert q.axis == axis % len(shape)
+        _same(q.data, reference.quantize_per_channel(x, alpha, axis % len(shape)))
+        _same(cuda.dequantize(q), reference.dequantize_per_channel(
+            _cpu(q.data), _cpu(q.scale), axis % len(shape)), "values per channel")
+    alpha = reference.absmax_per_block(x, 64)
+    _same(cuda.absmax(t, block_size=64), alpha, "absmax per block")
+    q = cuda.quantize(t, alpha, block_size=64)
+    _same(q.data, reference.quantize_blockwise(x, alpha, 64))
+    _same(cuda.dequantize(q), reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), 64),
+          "values per block")
+
+
+def test_emulated_wrappers_out_errors_and_statistics(emulated_backend):
+    x = _random(4096).reshape(64, 64)
+    t = torch.from_numpy(x)
+    out = torch.empty(64, 64, dtype=torch.int8)
+    q = cuda.quantize(t.t(), 3.0, out=out)  # out= is C-ordered: the transposed input is copied
+    assert q.data is out
+    _same(out, reference.quantize_per_tensor(np.ascontiguousarray(x.T), 3.0))
+    values = torch.empty(64, 64)
+    assert cuda.dequantize(q, out=values) is values
+    _same(values, reference.dequantize_per_tensor(_cpu(out), np.float32(3.0) / np.float32(127)),
+          "values")
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        th = t.to(dtype)
+        _same(cuda.quantize(th, 3.0).data, reference.quantize_per_tensor(_cpu(th.float()), 3.0))
+    bad = x.copy()
+    bad[7, 9] = np.inf
+    with pytest.raises(ValueError) as expected:
+        ops.quantize(bad, 3.0)
+    for call in (lambda: cuda.quantize(torch.from_numpy(bad), 3.0),
+                 lambda: cuda.absmax(torch.from_numpy(bad), axis=0),
+                 lambda: cuda.abs_histogram(torch.from_numpy(bad), 10, 1.0),
+                 lambda: cuda.abs_histogram_log(torch.from_numpy(bad)),
+                 lambda: cuda.sse_fixed_many(torch.from_numpy(bad), [1.0], 1.0)):
+        with pytest.raises(ValueError) as got:
+            call()
+        assert str(got.value) == str(expected.value)
+    counts, sums, sumsq = cuda.abs_histogram(t, 50, 2.0)
+    c, s, s2 = _histogram_reference(x.reshape(-1), 50, 2.0)
+    _same(counts, c, "counts")
+    np.testing.assert_allclose(sums.numpy(), s, rtol=1e-10)
+    np.testing.assert_allclose(sumsq.numpy(), s2, rtol=1e-10)
+    from quantkit.backends import numba_calib
+
+    expected_log = [np.zeros(numba_calib.HIST_BINS, np.int64) for _ in range(3)]
+    numba_calib.histogram_log(x.reshape(-1), 1, *expected_log)
+    for got, want in zip(cuda.abs_histogram_log(t), expected_log):
+        _same(got, want, "log histogram")
+    alphas = np.linspace(0.5, 4.0, 40).astype(np.float32)  # three passes of 16 candidates
+    unit_inv = numba_calib.unit_inverse(np.float32(np.abs(x).max()), x.size)
+    _same(cuda.sse_fixed_many(t, alphas, unit_inv),
+          numba_calib.sse_fixed_many(x.reshape(-1), alphas, unit_inv), "sse")

@@ -270,7 +270,13 @@ def nonfinite_error(x, count: int, name: str = "x") -> ValueError:
 
 
 def _stream(device) -> int:
+    """torch's current stream on ``device`` (a cudaStream_t as an int; 0 is the default stream)."""
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def _index(device) -> int:
+    """The CUDA device number of ``device`` (a CUDA tensor's device always has one)."""
+    return device.index if device.index is not None else 0
 
 
 def _device_array(a: np.ndarray, device):
@@ -307,7 +313,7 @@ def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> QTensor:
     if n > 0:
         inv_d = _device_array(inv, device)
         counter = torch.empty(1, dtype=torch.int64, device=device)
-        args = (counter.data_ptr(), device.index, _stream(device))
+        args = (counter.data_ptr(), _index(device), _stream(device))
         if axis is not None:
             outer, channels, inner = channel_view(tuple(dense.shape), perm.index(axis))
             code = lib.qk_quantize_int8_per_channel_f32(dense.data_ptr(), codes.data_ptr(), outer,
@@ -344,7 +350,7 @@ def dequantize(q: QTensor, *, out=None):
     n = dense.numel()
     if n > 0:
         scale = q.scale.detach().to(torch.float32).contiguous().reshape(-1)
-        args = (device.index, _stream(device))
+        args = (_index(device), _stream(device))
         if q.axis is not None:
             outer, channels, inner = channel_view(tuple(dense.shape), perm.index(q.axis))
             code = lib.qk_dequantize_int8_per_channel_f32(dense.data_ptr(), values.data_ptr(),
@@ -375,7 +381,7 @@ def absmax(x, *, axis=None, block_size=None):
     dense, perm = _dense(x32, keep_layout=block_size is None)
     result = torch.empty(_numel(out_shape), dtype=torch.float32, device=device)
     counter = torch.empty(1, dtype=torch.int64, device=device)
-    args = (result.data_ptr(), counter.data_ptr(), device.index, _stream(device))
+    args = (result.data_ptr(), counter.data_ptr(), _index(device), _stream(device))
     n = dense.numel()
     if axis is not None:
         outer, channels, inner = channel_view(tuple(dense.shape), perm.index(axis))
@@ -430,7 +436,7 @@ def abs_histogram(x, bins: int, hi):
     counter = torch.empty(1, dtype=torch.int64, device=device)
     code = lib.qk_abs_histogram_f32(dense.data_ptr(), dense.numel(), bins, float(inv_width),
                                     counts.data_ptr(), sums.data_ptr(), sumsq.data_ptr(),
-                                    counter.data_ptr(), device.index, _stream(device))
+                                    counter.data_ptr(), _index(device), _stream(device))
     _check(code, "histogram")
     bad = _read_count(counter)
     if bad:
@@ -461,7 +467,7 @@ def abs_histogram_log(x):
     counter = torch.empty(1, dtype=torch.int64, device=device)
     code = lib.qk_abs_histogram_log_f32(dense.data_ptr(), dense.numel(), counts.data_ptr(),
                                         sum_res.data_ptr(), sum_res2.data_ptr(),
-                                        counter.data_ptr(), device.index, _stream(device))
+                                        counter.data_ptr(), _index(device), _stream(device))
     _check(code, "log histogram")
     bad = _read_count(counter)
     if bad:
@@ -511,7 +517,7 @@ def sse_fixed_many(x, alphas, unit_inv: float) -> np.ndarray:
         code = lib.qk_sse_fixed_many_f32(dense.data_ptr(), dense.numel(),
                                          scale_d[lo:].data_ptr(), inv_d[lo:].data_ptr(), k,
                                          unit_inv, sums[lo:].data_ptr(), counter.data_ptr(),
-                                         device.index, _stream(device))
+                                         _index(device), _stream(device))
         _check(code, "error sums")
         bad = _read_count(counter)
         if bad:
@@ -540,7 +546,7 @@ class CalibrationKernels:
         out = torch.empty(1, dtype=torch.float32, device=flat.device)
         counter = torch.empty(1, dtype=torch.int64, device=flat.device)
         code = library().qk_absmax_f32(dense.data_ptr(), dense.numel(), out.data_ptr(),
-                                       counter.data_ptr(), flat.device.index,
+                                       counter.data_ptr(), _index(flat.device),
                                        _stream(flat.device))
         _check(code, "absmax")
         return np.float32(out.item()), _read_count(counter)
