@@ -124,10 +124,13 @@ _SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];")
 def emulation_source(text: str) -> str:
     """A .cu file as C++ for host_emulation.h: launches become qk_emu::launch, shared memory a
     pointer into the emulated block's buffer."""
-    text = _LAUNCH.sub(lambda m: f"qk_emu::launch({m.group(2)}, [&] {{ {m.group(1)}({m.group(3)}); }});",
-                       text)
-    return _SHARED.sub(lambda m: f"{m.group(1)} *{m.group(2)} = qk_emu::shared_memory<{m.group(1)}>();",
-                       text)
+    def launch(m):
+        return f"qk_emu::launch({m.group(2)}, [&] {{ {m.group(1)}({m.group(3)}); }});"
+
+    def shared(m):
+        return f"{m.group(1)} *{m.group(2)} = qk_emu::shared_memory<{m.group(1)}>();"
+
+    return _SHARED.sub(shared, _LAUNCH.sub(launch, text))
 
 
 def build_emulation(out, *, cxx: str = "g++", quiet=False) -> Path:
@@ -168,7 +171,9 @@ def main(argv=None) -> int:
                         help="build the CPU emulation of the kernels (g++, no GPU) instead")
     args = parser.parse_args(argv)
     if args.emulate:
-        out = args.out if args.out != str(DEFAULT_OUT) else str(CSRC.parent / "build" / EMULATION_NAME)
+        out = args.out
+        if out == str(DEFAULT_OUT):
+            out = str(CSRC.parent / "build" / EMULATION_NAME)
         try:
             build_emulation(out)
         except RuntimeError as exc:

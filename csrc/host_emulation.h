@@ -30,7 +30,10 @@ typedef enum cudaError {
   cudaErrorInvalidValue = 1,
 } cudaError_t;
 typedef void *cudaStream_t;
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxThreadsPerMultiProcessor = 39 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxThreadsPerMultiProcessor = 39,
+};
 
 #define __global__
 #define __device__

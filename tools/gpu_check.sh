@@ -55,10 +55,12 @@ step environment 30 bash -c '
   if command -v nvcc >/dev/null; then nvcc --version; else echo "nvcc: not found"; fi
   python3 - <<EOF
 import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
-    print(i, p.name, f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.0f} GiB", p.multi_processor_count, "SMs")
+    print(i, p.name, f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.0f} GiB",
+          p.multi_processor_count, "SMs")
 for m in ("numpy", "numba", "hypothesis", "pytest"):
     try:
         print(m, __import__(m).__version__)
@@ -84,7 +86,8 @@ else
   status=1
 fi
 
-step cuda-tests 180 python3 -m pytest -q -rs --gpu tests/test_cuda_backend.py tests/test_torch_ops.py \
+step cuda-tests 180 python3 -m pytest -q -rs --gpu \
+  tests/test_cuda_backend.py tests/test_torch_ops.py \
   --junitxml="$OUT/cuda_tests.xml"
 
 step gpu-tests 90 python3 -m pytest -q -rs --gpu -m gpu tests/ --junitxml="$OUT/gpu_tests.xml"
