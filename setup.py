@@ -30,6 +30,9 @@ class BuildPyWithCuda(build_py):
         if os.environ.get("QUANTKIT_NO_CUDA") == "1":
             print("quantkit: QUANTKIT_NO_CUDA=1, not building the CUDA library (CPU only)")
             return
+        if not (HERE / "csrc" / "build.py").is_file():
+            print("quantkit: csrc/ is not in this source tree, not building the CUDA library")
+            return
         csrc = _csrc_build()
         nvcc = csrc.find_nvcc()
         if nvcc is None:
