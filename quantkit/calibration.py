@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _arrays
-from ._constants import QMAX
+from ._constants import MIN_POSITIVE_ALPHA
 
 METHODS = ("max", "percentile", "mse", "entropy")
 _OPTIONS = {"max": (), "percentile": ("percentile",), "mse": (), "entropy": ("bins",)}
@@ -48,6 +48,21 @@ class QuantizationMSE(NamedTuple):
 
 
 # --------------------------------------------------------------------------------- arguments
+
+
+_MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)
+
+
+def _legal(alpha, amax):
+    """alpha made legal for ``quantize``: a positive alpha below MIN_POSITIVE_ALPHA (127 / alpha
+    would overflow float32) becomes MIN_POSITIVE_ALPHA where max |x| allows, else 0 (all |x| are
+    below 4e-37 there: their error at alpha 0 is at most 1.4e-73)."""
+    a = np.asarray(alpha, np.float32)
+    tiny = (a > 0) & (a < _MIN_ALPHA)
+    if not tiny.any():
+        return a
+    fix = np.where(np.asarray(amax, np.float32) >= _MIN_ALPHA, _MIN_ALPHA, np.float32(0))
+    return np.where(tiny, fix, a).astype(np.float32)
 
 
 def _kernels():
@@ -192,14 +207,14 @@ def _mse_flat(flat: np.ndarray, x32=None, name="x") -> np.float32:
     k = _kernels()
     if flat.size <= _SMALL:
         amax = _check_finite_flat(flat if x32 is None else x32, flat, name)
-        if amax == 0:
+        if amax < _MIN_ALPHA:
             return np.float32(0)
         return np.float32(k.search_mse(flat, amax))
     counts = np.zeros(k.HIST_BINS, np.int64)
     amax, bad, zeros, low_bits = k.scan_flat(flat, _tasks(), counts)
     if bad:
         raise _arrays.nonfinite_error(flat if x32 is None else x32, int(bad), name)
-    if amax == 0:
+    if amax < _MIN_ALPHA:
         return np.float32(0)
     if flat.size - zeros <= _SMALL:  # mostly zeros: search the non-zero values exactly
         return np.float32(k.search_mse(flat, np.float32(amax)))
@@ -214,8 +229,10 @@ def _percentile_rows(rows: np.ndarray, p: float) -> np.ndarray:
 
 
 def _entropy_flat(flat: np.ndarray, amax: np.float32, bins: int) -> np.float32:
+    """TensorRT's KL threshold of one flat array, on at most one bin per two elements."""
     if amax == 0:
         return np.float32(0)
+    bins = _entropy_bins_for(flat.size, bins)
     k = _kernels()
     hist = k.histogram_linear(flat, amax, bins)
     i = k.entropy_threshold(hist)
@@ -230,17 +247,17 @@ def _entropy_bins_for(n: int, bins: int) -> int:
 def _calibrate_rows(rows: np.ndarray, amax: np.ndarray, method: str, opts: dict) -> np.ndarray:
     """One alpha per row of a 2-D C-contiguous array."""
     if method == "max":
-        return amax.copy()
+        return _legal(amax, amax)
     if method == "percentile":
-        return _percentile_rows(rows, opts["percentile"])
+        return _legal(_percentile_rows(rows, opts["percentile"]), amax)
     out = np.zeros(rows.shape[0], np.float32)
     if method == "entropy":
-        bins = _entropy_bins_for(rows.shape[1], opts["bins"])
         for r in range(rows.shape[0]):
-            out[r] = _entropy_flat(rows[r], amax[r], bins)
-        return out
+            out[r] = _entropy_flat(rows[r], amax[r], opts["bins"])
+        return _legal(out, amax)
     if rows.shape[1] <= _SMALL:
-        _kernels().search_mse_rows(rows, amax, out)
+        _kernels().search_mse_rows(rows, np.where(amax < _MIN_ALPHA, 0, amax).astype(np.float32),
+                                   out)
     else:
         for r in range(rows.shape[0]):
             out[r] = _mse_flat(rows[r])
@@ -252,6 +269,11 @@ def _calibrate_blocks(flat: np.ndarray, block_size: int, method: str, opts: dict
     padded = np.zeros(nb * block_size, np.float32)
     padded[: flat.size] = flat
     amax = np.abs(padded.reshape(nb, block_size)).max(axis=1).astype(np.float32)
+    return _legal(_blocks_raw(flat, block_size, method, opts, amax), amax)
+
+
+def _blocks_raw(flat, block_size, method, opts, amax):
+    nb = amax.size
     if method == "max":
         return amax
     if method == "percentile":
@@ -268,9 +290,10 @@ def _calibrate_blocks(flat: np.ndarray, block_size: int, method: str, opts: dict
     if method == "entropy":
         for b in range(nb):
             block = flat[b * block_size:(b + 1) * block_size]
-            out[b] = _entropy_flat(block, amax[b], _entropy_bins_for(block.size, opts["bins"]))
+            out[b] = _entropy_flat(block, amax[b], opts["bins"])
         return out
-    _kernels().search_mse_blocks(flat, block_size, amax, out)
+    _kernels().search_mse_blocks(flat, block_size, np.where(amax < _MIN_ALPHA, 0, amax)
+                                 .astype(np.float32), out)
     return out
 
 
@@ -285,7 +308,8 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
         axis: one alpha per slice along this axis (per channel).
         block_size: one alpha per block of the C-order flattening (power of two in [64, 4096]).
         **options: ``percentile=`` (in (0, 100], default 99.99) for "percentile"; ``bins=`` (>= 128,
-            default 2048; rows and blocks use at most one bin per two elements) for "entropy".
+            default 2048; at most one bin per two elements of the tensor, row or block) for
+            "entropy".
 
     Returns:
         A Python float per tensor; per channel or per block a float32 array (NumPy, or a torch
@@ -316,7 +340,7 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
         alpha = np.float32(np.percentile(np.abs(flat), opts["percentile"]))
     else:
         alpha = _entropy_flat(flat, amax, opts["bins"])
-    return float(alpha)
+    return float(_legal(alpha, amax))
 
 
 # ------------------------------------------------------------------------------ the exact MSE
@@ -402,9 +426,10 @@ class Observer:
         self.updates = 0
         self.count = 0
         self._amax = None  # float32 per channel
-        # sparse histogram: sorted int64 keys (channel * HIST_BINS + bin) and their integer sums
+        # per tensor a dense (3, HIST_BINS) array; per channel sparse: sorted int64 keys
+        # (channel * HIST_BINS + bin) and their (3, m) sums. Rows: count, sum of residuals, squares
         self._keys = np.empty(0, np.int64)
-        self._sums = np.empty((3, 0), np.int64)  # count, sum of residuals, sum of squares
+        self._sums = np.empty((3, 0), np.int64)
 
     def __repr__(self):
         return (f"Observer(method={self.method!r}, axis={self.axis}, updates={self.updates}, "
@@ -449,29 +474,37 @@ class Observer:
             return self
         if self._amax is not None and self._amax.size != other._amax.size:
             raise ValueError(f"other has {other._amax.size} channels, this one {self._amax.size}")
-        self._absorb(other._keys, other._sums, other._amax)
+        self._absorb(None if self.axis is None else other._keys, other._sums, other._amax)
         self.updates += other.updates
         self.count += other.count
         return self
 
     def _absorb(self, keys, sums, amax):
         self._amax = amax.copy() if self._amax is None else np.maximum(self._amax, amax)
-        self._keys, self._sums = _merge_sparse(self._keys, self._sums, keys, sums)
+        if keys is None:  # per tensor: a dense histogram
+            self._sums = sums.copy() if self._sums.size == 0 else self._sums + sums
+        else:
+            self._keys, self._sums = _merge_sparse(self._keys, self._sums, keys, sums)
 
     def alpha(self):
         """alpha of everything seen so far: a float per tensor, a float32 NumPy array per channel."""
         if self._amax is None:
             raise ValueError("the Observer has seen no data; call update() first")
         k = _kernels()
+        if self.axis is None:
+            return float(self._alpha_of(np.arange(k.HIST_BINS), self._sums, self._amax[0]))
         channels = self._amax.size
         bounds = np.searchsorted(self._keys // k.HIST_BINS, np.arange(channels + 1))
         out = np.zeros(channels, np.float32)
         for c in range(channels):
             sl = slice(bounds[c], bounds[c + 1])
             out[c] = self._alpha_of(self._keys[sl] % k.HIST_BINS, self._sums[:, sl], self._amax[c])
-        return float(out[0]) if self.axis is None else out
+        return out
 
     def _alpha_of(self, bins, sums, amax) -> np.float32:
+        return _legal(self._alpha_raw(bins, sums, amax), amax)
+
+    def _alpha_raw(self, bins, sums, amax) -> np.float32:
         if amax == 0 or self.method == "max":
             return np.float32(amax)
         k = _kernels()
@@ -481,22 +514,23 @@ class Observer:
         if self.method == "percentile":
             return _histogram_percentile(cnt, mean, var, self._opts["percentile"], amax)
         if self.method == "entropy":
-            nbins = self._opts["bins"]
-            pos = np.minimum((mean * (nbins / np.float64(amax))).astype(np.int64), nbins - 1)
-            lin = np.bincount(pos, weights=cnt, minlength=nbins).astype(np.int64)
+            nbins = _entropy_bins_for(int(cnt.sum()), self._opts["bins"])
+            lin = _rebin_linear(cnt, mean, var, np.float64(amax), nbins)
             i = k.entropy_threshold(lin)
             return np.float32(min(np.float64(amax) * i / nbins, np.float64(amax)))
+        if amax < _MIN_ALPHA:
+            return np.float32(0)
         return np.float32(k.model_search(cnt, mean, var, amax))
 
 
 def _summarise(rows: np.ndarray):
-    """Sparse log histogram of |rows|: (sorted keys row * HIST_BINS + bin, (3, m) integer sums)."""
+    """Log histogram of |rows|: per tensor (one row) a dense (3, HIST_BINS) array; per channel
+    sparse, as (sorted keys row * HIST_BINS + bin, (3, m) integer sums)."""
     k = _kernels()
     if rows.shape[0] == 1:
         dense = np.zeros((3, k.HIST_BINS), np.int64)
         k.histogram_log(rows.reshape(-1), _tasks(), dense[0], dense[1], dense[2])
-        nz = np.nonzero(dense[0])[0]
-        return nz.astype(np.int64), dense[:, nz]
+        return None, dense
     bits = (rows.view(np.int32) & np.int32(0x7FFFFFFF)).astype(np.int64)
     keys = (np.arange(rows.shape[0], dtype=np.int64)[:, None] * k.HIST_BINS
             + (bits >> k.HIST_SHIFT)).reshape(-1)
@@ -518,6 +552,23 @@ def _merge_sparse(keys_a, sums_a, keys_b, sums_b):
     for j in range(3):
         np.add.at(out[j], inverse, sums[j])
     return uniq, out
+
+
+def _rebin_linear(cnt, mean, var, amax, nbins):
+    """Counts of the binned data (bin j uniform over mean_j +- sqrt(3 var_j)) in ``nbins`` equal
+    bins over [0, amax]: differences of the piecewise-linear CDF at the bin edges."""
+    edges = np.linspace(0.0, amax, nbins + 1)[1:-1]
+    h = np.sqrt(3.0 * var)
+    lo = mean - h
+    cdf = np.zeros(edges.size)
+    for j0 in range(0, cnt.size, 512):
+        sl = slice(j0, j0 + 512)
+        width = np.maximum(2.0 * h[sl], 1e-300)
+        frac = np.clip((edges[:, None] - lo[None, sl]) / width[None, :], 0.0, 1.0)
+        frac = np.where(h[None, sl] > 0, frac, (edges[:, None] >= mean[None, sl]).astype(float))
+        cdf += frac @ cnt[sl]
+    full = np.concatenate([[0.0], cdf, [cnt.sum()]])
+    return np.maximum(np.diff(full), 0.0)
 
 
 def _histogram_percentile(cnt, mean, var, p, amax) -> np.float32:

@@ -28,12 +28,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .._constants import QMAX
+from .._constants import MIN_POSITIVE_ALPHA, QMAX
 
 _CHUNK = 1 << 16
 _Q = np.float32(QMAX)
 _ZERO = np.float32(0.0)
-_F32_MAX = np.float32(np.finfo(np.float32).max)
+_MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)  # smaller positive alphas are not legal
 _ABS_MASK = np.int32(0x7FFFFFFF)
 _INF_BITS = np.int32(0x7F800000)
 
@@ -54,15 +54,10 @@ _LATTICE_WORK = 1 << 20               # element-evaluations for its grid (at lea
 
 @njit(cache=True, inline="always")
 def scale_inv(alpha):
-    """(scale, inv_scale) of reference.py for one float32 alpha >= 0."""
+    """(scale, inv_scale) of reference.py for one float32 alpha: 0 or >= MIN_POSITIVE_ALPHA."""
     a = np.float32(alpha)
     scale = np.float32(a / _Q)
-    if a > _ZERO:
-        inv = np.float32(_Q / a)
-        if not inv <= _F32_MAX:
-            inv = _F32_MAX
-    else:
-        inv = _ZERO
+    inv = np.float32(_Q / a) if a > _ZERO else _ZERO
     return scale, inv
 
 
@@ -340,7 +335,7 @@ def _scan(values, counts, lo, hi, npts, geometric, unit_inv, best_a, best_s):
             a = np.float32(lo * (hi / lo) ** t)
         else:
             a = np.float32(lo + (hi - lo) * t)
-        if not a > _ZERO:
+        if not a >= _MIN_ALPHA:
             continue
         s = _sse(values, counts, a, unit_inv)
         if _better(s, a, best_s, best_a):
@@ -375,7 +370,7 @@ def _search_continuous(values, counts, amax, unit_inv):
     for _ in range(8 * 40):
         a *= _COARSE_RATIO
         af = np.float32(a)
-        if not af > _ZERO:
+        if not af >= _MIN_ALPHA:
             break
         s, bound = _sse_bound(values, counts, af, unit_inv)
         if _better(s, af, best_s, best_a):
@@ -429,7 +424,7 @@ def _search_continuous(values, counts, amax, unit_inv):
 
 @njit(cache=True)
 def search_mse_values(values, counts, amax):
-    """The alpha in (0, amax] minimising the exact quantization error of |x| values ``values``
+    """The legal alpha in (0, amax] (>= MIN_POSITIVE_ALPHA) minimising the exact quantization error of |x| values ``values``
     (> 0), value i occurring counts[i] times (each once when counts is empty).
 
     1. At most 256 distinct values (discrete or already-quantized data, tiny tensors): an
@@ -709,7 +704,7 @@ def model_search(cnt, mean, var, amax):
     for _ in range(8 * 40):
         a *= _COARSE_RATIO
         af = np.float32(a)
-        if not af > _ZERO:
+        if not af >= _MIN_ALPHA:
             break
         s = model_sse(cnt, mean, var, af)
         if s < best_s:
@@ -723,7 +718,7 @@ def model_search(cnt, mean, var, amax):
         hi = min(np.float64(best_a) * step, a64)
         for k in range(17):
             af = np.float32(lo * (hi / lo) ** (k / 16.0))
-            if not af > _ZERO:
+            if not af >= _MIN_ALPHA:
                 continue
             s = model_sse(cnt, mean, var, af)
             if s < best_s:
