@@ -19,15 +19,20 @@ and a float32 ``bias``. With W = weight codes, s_w = weight_scale, b = bias, for
       acc = q_x @ W.T                                (int8 x int8 -> exact int32, torch._int_mm)
       y   = float32(acc) * (s_x[:, None] * s_w[None, :]) + b       s_x = float32(a_x / 127)
 
-- ``"static"``: the same with one calibrated activation alpha for every row (buffer ``input_scale``
-  holds ``float32(alpha / 127)``; the multiplier is ``float32(127 / alpha)``).
+- ``"static"``: the same with one calibrated activation alpha for every row (float32 buffer
+  ``input_alpha``, the clipping range; ``s_x = float32(alpha / 127)``, multiplier
+  ``float32(127 / alpha)``; inputs beyond +-alpha clip to +-127).
 
-The three products are registered as torch custom ops (``quantkit::linear_w8``,
-``quantkit::linear_w8a8``) with fake implementations, so ``torch.compile`` treats them as opaque
-calls, and with an autograd formula so gradients reach the input (weights are frozen buffers; the
-bias gets a gradient when it requires one). The gradient to the input is that of the dequantized
-linear, ``dL/dx = (dL/dy * s_w) @ float32(W)``, for all modes (activation rounding is passed
-straight through).
+On the CPU the activation codes come from the numba kernels (the row maxima through
+``calibrate(x, "max", axis=0)``) and the rescale is one fused numba pass
+(:mod:`quantkit.backends.numba_nn`); elsewhere the same arithmetic runs as torch ops.
+
+Both products are torch custom ops (``quantkit::linear_w8``, ``quantkit::linear_w8a8``, and
+``quantkit::linear_int8_grad_input`` for the backward) with fake implementations, so
+``torch.compile`` treats them as opaque calls, and with an autograd formula so gradients reach the
+input (weights are frozen int8 buffers; the bias gets a gradient when it requires one). The gradient
+to the input is that of the dequantized linear, ``dL/dx = (dL/dy * s_w) @ float32(W)``, in every
+mode (activation rounding and clipping are passed straight through).
 """
 
 from __future__ import annotations
