@@ -221,6 +221,9 @@ class CheckpointWriter:
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, self._tmp = tempfile.mkstemp(prefix=".quantkit-", suffix=".tmp", dir=directory)
         self._file = os.fdopen(fd, "wb")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o666 & ~umask)    # mkstemp's 0600 would make the checkpoint private
         try:
             self._file.write(len(blob).to_bytes(8, "little"))
             self._file.write(blob)

@@ -145,6 +145,9 @@ def test_writer_streams_in_any_order(tmp_path):
     loaded = quantkit.load(path)
     assert _same(q, loaded["fc.weight"]) and torch.equal(loaded["emb"], emb)
     assert loaded.metadata["source"] == "test"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask       # an ordinary file, not mkstemp's
 
 
 @pytest.mark.parametrize("case", ["missing", "exception", "bad_shape", "bad_dtype", "unplanned",
