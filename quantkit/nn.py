@@ -406,7 +406,11 @@ def _observe_inputs(model, names, calib_data, method):
     def hook_for(name):
         def hook(module, args):
             x = args[0].detach()
-            observers[name].update(x.to(device="cpu", dtype=torch.float32).reshape(-1))
+            try:
+                observers[name].update(x.to(device="cpu", dtype=torch.float32).reshape(-1))
+            except ValueError as exc:
+                raise ValueError(f"calibration data at the input of layer {name!r}: {exc}") \
+                    from None
             seen[name] += 1
         return hook
 

@@ -334,7 +334,7 @@ def test_quantize_model_static_calibration():
         quantize_model(model, activations="static", calib_data=[])
     bad = [torch.randn(8, 16)]
     bad[0][2, 3] = float("nan")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="layer '0'.*non-finite"):
         quantize_model(model, activations="static", calib_data=bad)
     with pytest.raises(ValueError, match="activations"):
         quantize_model(model, activations="int4")
