@@ -45,7 +45,7 @@ _RES_MASK = np.int32((1 << HIST_SHIFT) - 1)
 
 # Small-tensor search (``search_mse``), see docs/CALIBRATION.md.
 _COARSE_RATIO = 2.0 ** (-1.0 / 8.0)    # geometric coarse grid from amax down, pruned by a bound
-_LATTICE_MAX_DISTINCT = 256            # at most this many distinct |x|: exhaustive lattice search
+_LATTICE_MAX_DISTINCT = 1024           # at most this many distinct |x|: exhaustive grid search
 _LATTICE_WORK = 1 << 20               # element-evaluations for its grid (at least 1024 points)
 
 
@@ -346,18 +346,36 @@ def _scan(values, counts, lo, hi, npts, geometric, unit_inv, best_a, best_s):
 
 @njit(cache=True)
 def _search_lattice(values, counts, amax, unit_inv):
-    """Few distinct values: exhaustive linear grid on (0, amax], refined 3 times around the best."""
+    """Few distinct values: an exhaustive linear grid over (0, amax] (at least 2048 points, more
+    when there are fewer values), then +-1 grid step refined twice (65 points) around each of the
+    three lowest grid points."""
+    a64 = np.float64(amax)
+    grid = min(max(_LATTICE_WORK // values.size, 2048), 16384)
+    alphas = np.empty(grid, np.float32)
+    errs = np.empty(grid, np.int64)
     best_a = np.float32(amax)
     best_s = _sse(values, counts, best_a, unit_inv)
-    a64 = np.float64(amax)
-    grid = min(max(_LATTICE_WORK // values.size, 1024), 16384)
-    best_a, best_s = _scan(values, counts, a64 / grid, a64, grid, False, unit_inv, best_a, best_s)
-    step = a64 / grid
-    for _ in range(3):
-        lo = max(np.float64(best_a) - step, step / 64)
-        hi = min(np.float64(best_a) + step, a64)
-        best_a, best_s = _scan(values, counts, lo, hi, 65, False, unit_inv, best_a, best_s)
-        step = (hi - lo) / 64
+    for g in range(grid):
+        a = np.float32(a64 * (g + 1) / grid)
+        alphas[g] = a
+        errs[g] = _sse(values, counts, a, unit_inv) if a >= _MIN_ALPHA else np.iinfo(np.int64).max
+        if _better(errs[g], a, best_s, best_a):
+            best_s = errs[g]
+            best_a = a
+    order = np.argsort(errs)
+    for j in range(min(3, grid)):
+        center = np.float64(alphas[order[j]])
+        step = a64 / grid
+        for _ in range(2):
+            lo = max(center - step, step / 64)
+            hi = min(center + step, a64)
+            c_a, c_s = _scan(values, counts, lo, hi, 65, False, unit_inv, np.float32(center),
+                             _sse(values, counts, np.float32(center), unit_inv))
+            if _better(c_s, c_a, best_s, best_a):
+                best_s = c_s
+                best_a = c_a
+            center = np.float64(c_a)
+            step = (hi - lo) / 64
     return best_a
 
 
@@ -427,8 +445,8 @@ def search_mse_values(values, counts, amax):
     """The legal alpha in (0, amax] (>= MIN_POSITIVE_ALPHA) minimising the exact quantization error of |x| values ``values``
     (> 0), value i occurring counts[i] times (each once when counts is empty).
 
-    1. At most 256 distinct values (discrete or already-quantized data, tiny tensors): an
-       exhaustive linear grid over (0, amax], refined three times around the best.
+    1. At most 1024 distinct values (small rows and blocks, discrete or already-quantized data):
+       an exhaustive linear grid over (0, amax], refined around its three lowest points.
     2. Otherwise a coarse geometric scan from amax down by 2^(-1/8), stopped as soon as the clip
        bound (a lower bound of the error at every smaller alpha) reaches the best error found;
        then exact scans ever finer around the best: +-9% at 1%, the near-optimal window at 0.05%

