@@ -82,9 +82,10 @@ def calibration_plot(png: Path) -> str:
         from quantkit import report
     except ImportError as exc:
         return f"no calibration curve: quantkit.report is not available ({exc})"
-    written = report.plot_mse_curve(calibration_sample(), png,
-                                    title="int8 MSE vs alpha, Student-t(3), 256K elements")
-    return f"wrote {written or png}"
+    result = report.plot_calibration(calibration_sample(), png,
+                                     title="int8 MSE vs alpha, Student-t(3), 256K elements")
+    best = result.best_method()
+    return f"wrote {png} (best method on this sample: {best})"
 
 
 if __name__ == "__main__":

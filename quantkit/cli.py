@@ -114,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def add_method(p):
-        p.add_argument("--granularity", type=parse_granularity, default=Granularity("channel"),
-                       metavar="G", help="tensor, channel (one alpha per output channel, axis 0; "
-                                         "the default) or block:N")
+    def add_granularity(p, default):
+        p.add_argument("--granularity", type=parse_granularity, default=Granularity(default),
+                       metavar="G", help="tensor, channel (one alpha per output channel, axis 0) "
+                                         f"or block:N (default: {default})")
 
     q = sub.add_parser("quantize", help="quantize a checkpoint to int8",
                        description="Quantize every floating-point tensor of 2+ dimensions of a "
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=METHODS, default="mse", help="calibration (default: mse)")
     q.add_argument("--percentile", type=float, default=None, metavar="P",
                    help="the percentile for --method percentile")
-    add_method(q)
+    add_granularity(q, "channel")
     q.add_argument("--skip", action="extend", nargs="+", default=[], metavar="PATTERN",
                    help="keep tensors whose name matches this shell-style pattern in float")
     q.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "its time; --plot draws the MSE-vs-alpha curve.")
     c.add_argument("file", metavar="FILE", help=file_help)
     c.add_argument("--tensor", metavar="NAME", help="only this tensor")
-    add_method(c)
+    add_granularity(c, "tensor")
     c.add_argument("--plot", metavar="PNG", help="write the MSE-vs-alpha picture of the tensor "
                                                  "(--tensor, else the largest) to this PNG")
 
@@ -773,10 +773,10 @@ def draw_calibration_plot(x, png: Path, name: str) -> Path:
 
     x32 = _arrays.float32_numpy(x)
     try:
-        written = report.plot_mse_curve(x32, png, title=f"int8 MSE vs alpha: {name}")
+        report.plot_calibration(x32, png, title=f"int8 MSE vs alpha (per tensor): {name}")
     except (OSError, ValueError) as exc:
         raise CommandError(f"{png}: cannot write the plot: {exc}") from None
-    return Path(written) if written else png
+    return png
 
 
 # ------------------------------------------------------------------------------ demo

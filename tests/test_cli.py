@@ -245,7 +245,8 @@ def test_quantize_interrupted_leaves_no_output(checkpoint, tmp_path, capsys, mon
     (["inspect", "{text}"], 1, "not a safetensors file"),
     (["calibrate", "{ckpt}", "--tensor", "nope"], 1, "no tensor 'nope'"),
     (["calibrate", "{ckpt}", "--tensor", "position_ids"], 1, "floating-point"),
-    (["calibrate", "{ckpt}", "--tensor", "encoder.fc1.bias"], 2, "no channels"),
+    (["calibrate", "{ckpt}", "--tensor", "encoder.fc1.bias", "--granularity", "channel"], 2,
+     "no channels"),
     (["frobnicate"], 2, "invalid choice"),
     ([], 2, "usage"),
 ])
@@ -301,9 +302,12 @@ def test_inspect_float_and_int8(checkpoint, sharded, tmp_path, capsys):
 # ------------------------------------------------------------------------------------ calibrate
 
 
-def test_calibrate_compares_methods(checkpoint, capsys):
-    assert main(["calibrate", str(checkpoint), "--granularity", "tensor"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+@pytest.mark.parametrize("granularity", [[], ["--granularity", "channel"]])
+def test_calibrate_compares_methods(checkpoint, capsys, granularity):
+    assert main(["calibrate", str(checkpoint), *granularity]) == 0
+    out = capsys.readouterr().out
+    assert f"granularity {'channel' if granularity else 'tensor'}" in out
+    lines = out.splitlines()
     for name in QUANTIZED:
         rows = [line.split() for line in lines if line.startswith(name + " ")]
         assert [r[1] for r in rows] == list(cli.METHODS)
