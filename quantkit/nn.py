@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from . import reference
+from ._constants import MIN_POSITIVE_ALPHA
 from .ops import quantize
 from .qtensor import QTensor
 
@@ -100,6 +101,8 @@ def quantize_rows(x: torch.Tensor, alpha: Optional[torch.Tensor] = None):
         raise ValueError("input has non-finite values (NaN or Inf)")
     if alpha is None:
         alpha = x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(rows)
+        # as calibrate(): a row max below MIN_POSITIVE_ALPHA (127 / alpha overflows) becomes 0
+        alpha = torch.where(alpha < MIN_POSITIVE_ALPHA, torch.zeros_like(alpha), alpha)
     return _quantize_rows_torch(x, alpha.to(torch.float32).expand(rows).contiguous())
 
 

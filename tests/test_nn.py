@@ -183,6 +183,16 @@ def test_dynamic_w8a8_exact(shape):
     assert torch.equal(y.reshape(-1, 24), _exact_w8a8(x2, layer, alpha.astype(np.float32)))
 
 
+def test_dynamic_row_of_subnormals_gives_zero_codes():
+    """A row whose max is below MIN_POSITIVE_ALPHA (127 / alpha would overflow) quantizes to 0."""
+    layer = _from_float(_linear(), "dynamic")
+    x = torch.randn(3, 48)
+    x[1] *= 1e-40
+    y = layer(x)
+    assert torch.equal(y[1], layer.bias.detach())
+    assert torch.equal(y[[0, 2]], layer(x[[0, 2]]))
+
+
 def test_static_w8a8_exact_and_clips():
     layer = _from_float(_linear(bias=False), "static")
     assert float(layer.input_alpha) == 3.0
