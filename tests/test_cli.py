@@ -134,15 +134,18 @@ def test_quantize_granularities(checkpoint, tmp_path, capsys, granularity, check
 @pytest.mark.parametrize("method", cli.METHODS)
 def test_quantize_methods(checkpoint, tmp_path, capsys, method):
     out = tmp_path / f"{method}.safetensors"
-    assert main(["quantize", str(checkpoint), "-o", str(out), "--method", method]) == 0
+    # Per tensor here (fast for every method); the other tests cover the per-channel default.
+    assert main(["quantize", str(checkpoint), "-o", str(out), "--method", method,
+                 "--granularity", "tensor"]) == 0
     loaded = load(out)
     _check_close(_tensors(), loaded)
     assert loaded.metadata["quantkit.method"] == method
-    if method == "max":   # at alpha = |x|max nothing is clipped
-        for name in QUANTIZED:
-            x = _tensors()[name].float()
-            alpha = loaded[name].scale * 127
-            assert torch.allclose(alpha, x.abs().amax(dim=tuple(range(1, x.dim()))), rtol=1e-6)
+    for name in QUANTIZED:
+        alpha = float(loaded[name].scale) * 127
+        amax = float(_tensors()[name].float().abs().max())
+        assert 0 < alpha <= amax * (1 + 1e-6)
+        if method == "max":   # at alpha = |x|max nothing is clipped
+            assert alpha == pytest.approx(amax, rel=1e-6)
 
 
 def test_quantize_skip(checkpoint, tmp_path, capsys):
