@@ -172,9 +172,10 @@ def _mse_large(flat: np.ndarray, amax: np.float32, counts: np.ndarray, low_bits:
     2. Exact errors of the data decide. The exact MSE wiggles around the smooth model by about
        0.9 / sqrt(non-zero count) (rounding errors decorrelate as alpha moves), so the exact scan
        around the model's alpha is as wide and as dense as that asks for and the size affords:
-       one fused pass at the model's alpha, +-0.15% and +-0.3% of it and amax for tensors of 16M
-       values and more; for smaller ones up to 41 points over up to +-2%, then 11 points at 0.02%
-       around the best. The lowest exact error wins (on a tie the larger alpha).
+       one fused pass at the model's alpha and +-0.2% of it for tensors of 16M values and more
+       (and amax when the model's alpha is within 3% of it); for smaller ones up to 41 points
+       over up to +-2%, then 11 points at a fifth of that step around the best. The lowest exact
+       error wins (on a tie the larger alpha).
     """
     k = _kernels()
     cnt, mean, var = k.count_moments(counts, low_bits == 0)
@@ -192,10 +193,11 @@ def _mse_large(flat: np.ndarray, amax: np.float32, counts: np.ndarray, low_bits:
 
     wiggle = 0.9 / np.sqrt(nonzero)
     half = int(min(20, max(2, (1 << 25) // flat.size)))  # points on each side
+    near_top = (a_max,) if model_alpha > 0.97 * a_max else ()
     if half <= 2:
-        return np.float32(best_of(model_alpha, (-0.003, -0.0015, 0.0, 0.0015, 0.003), (a_max,)))
+        return np.float32(best_of(model_alpha, (-0.002, 0.0, 0.002), near_top))
     width = min(0.02, max(0.003, 8 * wiggle))
-    best = best_of(model_alpha, [width * j / half for j in range(-half, half + 1)], (a_max,))
+    best = best_of(model_alpha, [width * j / half for j in range(-half, half + 1)], near_top)
     step = width / half
     best = best_of(best, [step * j / 5 for j in range(-5, 6)])
     return np.float32(best)

@@ -45,7 +45,8 @@ _RES_MASK = np.int32((1 << HIST_SHIFT) - 1)
 
 # Small-tensor search (``search_mse``), see docs/CALIBRATION.md.
 _COARSE_RATIO = 2.0 ** (-1.0 / 8.0)    # geometric coarse grid from amax down, pruned by a bound
-_LATTICE_MAX_DISTINCT = 1024           # at most this many distinct |x|: exhaustive grid search
+_LATTICE_MAX_DISTINCT = 512            # at most this many distinct |x|: exhaustive grid search
+_FINE_STEP = 1.001                     # ratio between neighbours of the fine scan
 _LATTICE_WORK = 1 << 20               # element-evaluations for its grid (at least 1024 points)
 
 
@@ -167,6 +168,18 @@ def sse_fixed_weighted(values, counts, alpha, unit_inv):
     return acc
 
 
+@njit(cache=True)
+def _sse_fixed_signed(xs, alpha, unit_inv):
+    """sse_fixed of a signed chunk (|x| taken in the loop)."""
+    scale, inv = scale_inv(alpha)
+    acc = 0
+    for i in range(xs.size):
+        v = abs(xs[i])
+        e = np.float64(v - min(np.rint(v * inv), _Q) * scale)
+        acc += np.int64(e * e * unit_inv)
+    return acc
+
+
 @njit(parallel=True, cache=True)
 def sse_fixed_many(x, alphas, unit_inv):
     """sse_fixed of a flat signed array for several alphas in one pass (chunks stay in cache)."""
@@ -177,9 +190,9 @@ def sse_fixed_many(x, alphas, unit_inv):
     for c in prange(n_chunks):
         lo = c * _CHUNK
         hi = min(lo + _CHUNK, n)
-        ax = np.abs(x[lo:hi])
+        xs = x[lo:hi]
         for j in range(k):
-            part[c, j] = sse_fixed(ax, alphas[j], unit_inv)
+            part[c, j] = _sse_fixed_signed(xs, alphas[j], unit_inv)
     out = np.zeros(k, np.int64)
     for c in range(n_chunks):
         for j in range(k):
@@ -251,7 +264,7 @@ def _distinct(ax, limit):
     Stops as soon as limit + 1 distinct values were seen, so continuous data costs little.
     """
     size = 1
-    while size < 4 * limit:
+    while size < 2 * limit:
         size *= 2
     mask = size - 1
     keys = np.full(size, -1, np.int32)
@@ -411,8 +424,10 @@ def _search_continuous(values, counts, amax, unit_inv):
         if _better(errs[k], af, best_s, best_a):
             best_s = errs[k]
             best_a = af
-    # the window of points within 4% of the best, one grid step wider on each side
-    limit = best_s + best_s // 25
+    # the window of points within max(4%, 3 * 0.9 / sqrt(n)) of the best (the exact error wiggles
+    # by about 0.9 / sqrt(n) around its smooth trend), one grid step wider on each side
+    n = counts.sum() if counts.size else values.size
+    limit = best_s + np.int64(best_s * max(0.04, 2.7 / np.sqrt(n)))
     w_lo = np.float64(best_a)
     w_hi = np.float64(best_a)
     for k in range(npts):
@@ -420,7 +435,7 @@ def _search_continuous(values, counts, amax, unit_inv):
             w_lo = min(w_lo, grid[max(k - 1, 0)])
             w_hi = max(w_hi, grid[min(k + 1, npts - 1)])
     w_hi = min(w_hi, a64)
-    fine = min(max(int(np.ceil(np.log(w_hi / w_lo) / np.log(1.0005))) + 1, 2), 160)
+    fine = min(max(int(np.ceil(np.log(w_hi / w_lo) / np.log(_FINE_STEP))) + 1, 2), 200)
     ratio = (w_hi / w_lo) ** (1.0 / (fine - 1))
     grid = np.empty(fine)
     errs = np.empty(fine, np.int64)
@@ -445,13 +460,13 @@ def search_mse_values(values, counts, amax):
     """The legal alpha in (0, amax] (>= MIN_POSITIVE_ALPHA) minimising the exact quantization error of |x| values ``values``
     (> 0), value i occurring counts[i] times (each once when counts is empty).
 
-    1. At most 1024 distinct values (small rows and blocks, discrete or already-quantized data):
+    1. At most 512 distinct values (small rows and blocks, discrete or already-quantized data):
        an exhaustive linear grid over (0, amax], refined around its three lowest points.
     2. Otherwise a coarse geometric scan from amax down by 2^(-1/8), stopped as soon as the clip
        bound (a lower bound of the error at every smaller alpha) reaches the best error found;
-       then exact scans ever finer around the best: +-9% at 1%, the near-optimal window at 0.05%
-       (every 1% point within 4% of the best is kept; at most 160 points), then +-1 step at a
-       fifth of it around the three lowest points of that scan.
+       then exact scans ever finer around the best: +-9% at 1%, the near-optimal window at 0.1%
+       (every 1% point within max(4%, 2.7 / sqrt(n)) of the best; at most 200 points), then +-1
+       step at a fifth of it around the three lowest points of that scan.
     Every decision is made on exact errors of the data (fixed-point sums, see module docstring).
     """
     n = counts.sum() if counts.size else values.size
@@ -556,7 +571,7 @@ def scan_flat(x, tasks, counts):
     """
     bits = x.view(np.int32)
     n = bits.size
-    table = np.zeros((tasks, 4, HIST_BINS), np.int64)
+    table = np.zeros((tasks, 4, HIST_BINS), np.int32)
     best = np.zeros(tasks, np.int32)
     bad = np.zeros(tasks, np.int64)
     low = np.zeros(tasks, np.int32)
@@ -596,7 +611,9 @@ def scan_flat(x, tasks, counts):
             tb[0, (bs[i] & _ABS_MASK) >> HIST_SHIFT] += 1
     for t in range(tasks):
         for j in range(4):
-            counts += table[t, j]
+            tj = table[t, j]
+            for k in range(HIST_BINS):
+                counts[k] += tj[k]
     orr = np.int32(0)
     for t in range(tasks):
         orr |= low[t]
