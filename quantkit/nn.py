@@ -1,8 +1,9 @@
 """PyTorch layers: :class:`QuantLinear` (an int8 ``nn.Linear``) and :func:`quantize_model`.
 
 A QuantLinear holds ``weight`` (int8 codes, ``(out_features, in_features)``, one alpha per output
-channel, i.e. per row) and ``weight_scale`` (float32, ``(out_features,)``, ``alpha / 127``) as buffers,
-and a float32 ``bias``. With W = weight codes, s_w = weight_scale, b = bias, for an input row x:
+channel, i.e. per row) and ``weight_scale`` (float32, ``(out_features,)``, ``alpha / 127``) as
+buffers, and a float32 ``bias``. With W = weight codes, s_w = weight_scale, b = bias, for an input
+row x:
 
 - weight-only (``activations=None``)::
 
@@ -12,8 +13,8 @@ and a float32 ``bias``. With W = weight codes, s_w = weight_scale, b = bias, for
   converted to float32 in chunks of rows small enough to stay in cache, so no full-size float32
   weight is ever materialized).
 
-- ``"dynamic"`` (W8A8): each input row gets its own alpha ``a_x = max|x|`` and is quantized exactly as
-  DESIGN.md section 1 says (``q_x = clamp(rint(x * float32(127 / a_x)), -127, 127)``, the
+- ``"dynamic"`` (W8A8): each input row gets its own alpha ``a_x = max|x|`` and is quantized exactly
+  as DESIGN.md section 1 says (``q_x = clamp(rint(x * float32(127 / a_x)), -127, 127)``, the
   same codes as :func:`quantkit.reference.quantize_per_channel`), then::
 
       acc = q_x @ W.T                                (int8 x int8 -> exact int32, torch._int_mm)
@@ -46,7 +47,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import reference
 from ._constants import MIN_POSITIVE_ALPHA
 from .ops import quantize
 from .qtensor import QTensor
@@ -284,8 +284,8 @@ class QuantLinear(nn.Module):
         if activations == "static":
             if act_alpha is None:
                 raise ValueError("activations='static' needs act_alpha (the activation clipping "
-                                 "range); quantize_model(..., activations='static', calib_data=...) "
-                                 "finds it from calibration data")
+                                 "range); quantize_model(..., activations='static', "
+                                 "calib_data=...) finds it from calibration data")
             act_alpha = float(np.asarray(act_alpha, dtype=np.float64))
             if not (math.isfinite(act_alpha) and act_alpha > 0):
                 raise ValueError(f"act_alpha must be finite and > 0, got {act_alpha}")
@@ -324,7 +324,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """``float32(weight) * weight_scale[:, None]``, the float weight this layer computes with."""
+        """``float32(weight) * weight_scale[:, None]``: the float weight this layer stands for."""
         return self.weight.to(torch.float32) * self.weight_scale[:, None]
 
     def qtensor(self) -> QTensor:
@@ -347,7 +347,10 @@ def _weight_stats(w: torch.Tensor, q: QTensor, alpha: np.ndarray, element_size: 
     w64 = w.numpy().astype(np.float64)
     err = w64 - q.dequantize().numpy().astype(np.float64)
     signal, noise = float(np.sum(w64 * w64)), float(np.sum(err * err))
-    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    if noise == 0:
+        sqnr = math.inf
+    else:
+        sqnr = 10 * math.log10(signal / noise) if signal > 0 else -math.inf
     return {"alpha_min": float(alpha.min()) if alpha.size else 0.0,
             "alpha_max": float(alpha.max()) if alpha.size else 0.0,
             "sqnr_db": sqnr, "bytes_before": int(w.numel()) * int(element_size),
@@ -396,7 +399,7 @@ def _call(model, batch):
 
 
 def _observe_inputs(model, names, calib_data, method):
-    """The activation alpha of each named Linear's input over ``calib_data`` (Observer ``method``)."""
+    """The activation alpha of each named Linear's input over ``calib_data`` (an Observer each)."""
     from .calibration import Observer   # deferred: calibration is a sibling layer
 
     if calib_data is None:
@@ -504,7 +507,8 @@ def load_quantized(model: nn.Module, source) -> nn.Module:
     replacements = {}
     for name, entry in checkpoint.modules.items():
         if entry.get("type") != "QuantLinear":
-            raise ValueError(f"module {name!r}: unknown quantized module type {entry.get('type')!r}")
+            raise ValueError(f"module {name!r}: unknown quantized module type "
+                             f"{entry.get('type')!r}")
         old = modules.get(name)
         if not isinstance(old, (nn.Linear, QuantLinear)):
             raise ValueError(f"module {name!r}: the checkpoint has a QuantLinear there, the model "
@@ -514,7 +518,8 @@ def load_quantized(model: nn.Module, source) -> nn.Module:
             raise ValueError(f"module {name!r}: checkpoint layer (in, out, bias) = {shape}, model "
                              f"layer = {(old.in_features, old.out_features, old.bias is not None)}")
         if name == "":
-            if not (isinstance(model, QuantLinear) and model.activations == entry.get("activations")):
+            mode = entry.get("activations")
+            if not (isinstance(model, QuantLinear) and model.activations == mode):
                 raise ValueError("the checkpoint holds a single QuantLinear: load it into a "
                                  "QuantLinear built with the same activations mode")
             continue

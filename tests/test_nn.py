@@ -1,4 +1,4 @@
-"""QuantLinear and quantize_model: exact arithmetic, autograd, torch.compile, state and checkpoints."""
+"""QuantLinear and quantize_model: exact arithmetic, autograd, torch.compile, state, checkpoints."""
 
 import copy
 import warnings
@@ -136,7 +136,7 @@ def test_weight_only_chunked_matmul_spans_chunks(monkeypatch):
 
 
 def _tie_rows():
-    """Rows whose products x * 127 / alpha land exactly on .5 ties, +-alpha, zeros and tiny values."""
+    """Rows whose products x * 127 / alpha land on .5 ties, +-alpha, zeros and tiny values."""
     alpha = np.float32(127.0)                                  # inv = 1: x itself is x * inv
     ties = np.arange(-127, 127, dtype=np.float32) + np.float32(0.5)
     rows = [np.resize(np.concatenate([ties, [alpha, -alpha]]), 256)]
@@ -335,7 +335,8 @@ def test_quantize_model_static_calibration():
     assert rel < 0.05
     # keyword batches (dicts) and positional ones (tuples) both reach the model
     by_tuple = quantize_model(model, activations="static", calib_data=[(b,) for b in batches])
-    by_dict = quantize_model(model, activations="static", calib_data=[{"input": b} for b in batches])
+    by_dict = quantize_model(model, activations="static",
+                             calib_data=[{"input": b} for b in batches])
     assert torch.equal(by_tuple[0].input_alpha, q[0].input_alpha)
     assert torch.equal(by_dict[0].input_alpha, q[0].input_alpha)
     with pytest.raises(ValueError, match="calib_data"):
