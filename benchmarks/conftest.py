@@ -69,7 +69,7 @@ class Bench:
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    info = {"platform": platform.platform(), "processor": _cpu_model(),
             "cpus": os.cpu_count(), "python": platform.python_version()}
     try:
         import torch
@@ -80,6 +80,18 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def markdown_table(header: list, rows: list) -> str:
@@ -130,4 +142,7 @@ def pytest_sessionfinish(session, exitstatus):
             f"{m['platform']}, torch {m.get('torch', '-')}" + (f", GPU {m['gpu']}" if 'gpu' in m else "")
             + ". Medians of repeats after warm-up; ratios are within one run.", ""]
     body = [p.read_text() for p in sections]
+    pictures = [f"![{p.stem}]({p.name})" for p in sorted(RESULTS.glob("*.png"))]
+    if pictures:
+        body += ["## Plots", "", *pictures, ""]
     (RESULTS / "summary.md").write_text("\n".join(head) + "\n" + "\n".join(body))
