@@ -537,6 +537,9 @@ def run_quantize(source: Checkpoint, out: Path, *, method="mse", granularity=Gra
 
     stdout = stdout or sys.stdout
     _check_output(out, source)
+    if source.metadata.get("format") == "quantkit.int8":
+        raise CommandError(f"{source.path} is already a quantkit int8 checkpoint; quantize the "
+                           "float checkpoint it came from")
     plans, reasons = {}, {}
     for info in source.tensors:
         reason = quantizable(info, skip)

@@ -213,6 +213,15 @@ def test_quantize_failure_leaves_no_output(tmp_path, capsys):
     assert out.read_bytes() == b"previous" and _leftovers(tmp_path) == []
 
 
+def test_quantize_refuses_an_int8_checkpoint(checkpoint, tmp_path, capsys):
+    q = tmp_path / "int8.safetensors"
+    assert main(["quantize", str(checkpoint), "-o", str(q)]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(q), "-o", str(tmp_path / "again.safetensors")]) == 1
+    assert "already a quantkit int8 checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "again.safetensors").exists()
+
+
 def test_quantize_interrupted_leaves_no_output(checkpoint, tmp_path, capsys, monkeypatch):
     calls = []
 
