@@ -12,7 +12,7 @@ One run measures, on the same data (64M float32 elements; 4096x4096 for per chan
 
 quantize moves 5 bytes per element (4 read, 1 written) and dequantize 5 (1 read, 4 written); their
 GB/s are reported as a fraction of the 2-thread copy bandwidth. Full mode asserts issue 2's goals
-against torch: quantize >= 2.5x, dequantize >= 3x, per channel >= 5x.
+against torch: quantize >= 2.5x, dequantize >= 3x, per channel >= 5x. (CUDA: bench_cuda.py.)
 """
 
 from __future__ import annotations
@@ -160,45 +160,3 @@ def test_quantize_throughput(bench):
         failed = [f"{k}: {ratios[k]:.2f}x < {goal}x" for k, goal in GOALS.items()
                   if ratios[k] < goal]
         assert not failed, "below the goals against torch: " + "; ".join(failed)
-
-
-@pytest.mark.gpu
-def test_quantize_throughput_cuda(bench):
-    """CUDA: quantize / dequantize GB/s against the device copy bandwidth and the datasheet."""
-    n = bench.size(256 << 20, 4 << 20)
-    x = torch.randn(n, device="cuda")
-    alpha = float(x.abs().max()) * 0.8
-    sync = torch.cuda.synchronize
-    dst = torch.empty_like(x)
-    codes = torch.empty(n, dtype=torch.int8, device="cuda")
-    t_copy = bench.time(lambda: dst.copy_(x), sync=sync)
-    t_q = bench.time(lambda: quantize(x, alpha), sync=sync)
-    t_q_out = bench.time(lambda: quantize(x, alpha, out=codes), sync=sync)
-    q = quantize(x, alpha)
-    t_dq = bench.time(lambda: dequantize(q), sync=sync)
-    t_torch = bench.time(lambda: torch.quantize_per_tensor(x, alpha / 127, 0, torch.qint8),
-                         sync=sync)
-    copy_gbs = 8 * n / t_copy / 1e9
-    name = torch.cuda.get_device_name(0)
-    peak = next((gbs for key, gbs in DATASHEET_GBS.items() if key in name), None)
-    rows = {"copy": (t_copy, 8 * n), "quantize (allocating)": (t_q, 5 * n),
-            "quantize (out=)": (t_q_out, 5 * n), "dequantize": (t_dq, 5 * n),
-            "torch.quantize_per_tensor": (t_torch, 5 * n)}
-    result = {"device": name, "elements": n, "copy_gb_per_s": copy_gbs, "datasheet_gb_per_s": peak,
-              "rows": {k: {"ms": t * 1e3, "gb_per_s": b / t / 1e9,
-                           "fraction_of_copy": b / t / 1e9 / copy_gbs,
-                           "fraction_of_datasheet": (b / t / 1e9 / peak) if peak else None}
-                       for k, (t, b) in rows.items()}}
-    table = [[k, v["ms"], v["gb_per_s"], v["fraction_of_copy"],
-              v["fraction_of_datasheet"] if peak else "-"] for k, v in result["rows"].items()]
-    markdown = "\n".join([
-        f"## CUDA quantize throughput ({name})", "",
-        f"{n / 2**20:.0f}M float32 elements; copy measured at {copy_gbs:.0f} GB/s"
-        + (f", datasheet {peak} GB/s." if peak else "."), "",
-        bench.table(["op", "ms", "GB/s", "of copy", "of datasheet"], table)])
-    bench.record("quantize_throughput_cuda", result, markdown)
-
-
-#: Datasheet memory bandwidth (GB/s) of cards the CUDA benchmark knows by name.
-DATASHEET_GBS = {"T4": 320, "L4": 300, "A10G": 600, "A100-SXM4-80GB": 2039, "A100": 1555,
-                 "H100": 3350, "H200": 4800, "V100": 900, "RTX 4090": 1008, "RTX 3090": 936}

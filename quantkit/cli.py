@@ -854,8 +854,8 @@ def synthetic_demo(stdout=None) -> int:
         src = Path(tmp) / "synthetic.safetensors"
         weights = synthetic_checkpoint(src)
         dst = Path(tmp) / "synthetic-int8.safetensors"
-        print(f"$ quantkit quantize synthetic.safetensors -o synthetic-int8.safetensors "
-              f"--method mse --granularity channel", file=stdout)
+        print("$ quantkit quantize synthetic.safetensors -o synthetic-int8.safetensors "
+              "--method mse --granularity channel --skip 'embeddings.*'", file=stdout)
         run_quantize(Checkpoint(src), dst, method="mse", stdout=stdout, skip=["embeddings.*"])
         rng = np.random.default_rng(1)
         tokens = weights["embeddings.weight"][rng.integers(0, 1000, 64)]
