@@ -863,6 +863,7 @@ def synthetic_demo(stdout=None) -> int:
         rows = []
         for label, method, granularity in (("int8 mse, per channel (quantkit)", "mse", "channel"),
                                            ("int8 max, per channel", "max", "channel"),
+                                           ("int8 mse, per tensor (quantkit)", "mse", "tensor"),
                                            ("int8 max, per tensor", "max", "tensor")):
             if method == "mse" and granularity == "channel":
                 path = dst
