@@ -34,13 +34,15 @@ GRID = 2000
 
 
 def brute_force(x: np.ndarray):
-    """(alpha, exact MSE): dense grid over (0, max|x|], then two refinements around the best."""
+    """(alpha, exact MSE): dense grid over (0, max|x|] (max|x| itself included), then two
+    refinements around the best."""
     flat = np.ascontiguousarray(x, np.float32).reshape(-1)
     amax = np.float32(np.abs(flat).max())
     if amax == 0:
         return 0.0, 0.0
     unit_inv = nc.unit_inverse(amax, flat.size)
     grid = (np.arange(1, GRID + 1) * (float(amax) / GRID)).astype(np.float32)
+    grid[-1] = amax
     sse = nc.sse_fixed_many(flat, grid, unit_inv)
     best = float(grid[np.argmin(sse)])
     step = float(amax) / GRID
@@ -59,7 +61,7 @@ def _brute_row(ax, amax):
     best_a = np.float32(amax)
     best_s = nc.sse_fixed(ax, best_a, unit_inv)
     a64 = np.float64(amax)
-    for g in range(1, GRID + 1):
+    for g in range(1, GRID):
         a = np.float32(a64 * g / GRID)
         s = nc.sse_fixed(ax, a, unit_inv)
         if s < best_s:

@@ -304,8 +304,9 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
 
     Args:
         x: NumPy array or CPU torch tensor, float16/bfloat16/float32/float64 (used as float32),
-            finite, not empty. Never modified. CUDA tensors raise RuntimeError (not implemented;
-            nothing is copied to the host behind the caller's back).
+            finite, not empty. Never modified. CUDA tensors go to ``backends.cuda.calibrate`` when
+            that backend offers one, else raise RuntimeError (nothing is copied to the host
+            behind the caller's back).
         method: ``"mse"`` (default; exact-MSE optimal), ``"max"``, ``"percentile"``, ``"entropy"``.
         axis: one alpha per slice along this axis (per channel).
         block_size: one alpha per block of the C-order flattening (power of two in [64, 4096]).
@@ -324,6 +325,12 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
         TypeError: x not an array of floats, an option the method does not take.
     """
     opts = _check_method(method, options)
+    if _arrays.kind_of(x) == _arrays.TORCH_CUDA:
+        from .backends import cuda
+
+        on_gpu = getattr(cuda, "calibrate", None)  # statistics kernels of the CUDA backend, if any
+        if on_gpu is not None:
+            return on_gpu(x, method, axis=axis, block_size=block_size, **opts)
     x32, kind = _prepare(x)
     axis, block_size = _granularity(x32.shape, axis, block_size)
     if axis is not None:
