@@ -2,7 +2,7 @@
 
 Generates a sharded float32 checkpoint (about 2.5 GiB in full mode, ~40 MiB in quick mode; one
 tensor four times larger than the others) in a temporary folder, then runs, each in its own
-process, with the peak RSS of that process read from ``os.wait4``:
+process, with its peak RSS (``ru_maxrss`` read by a small launcher process):
 
 * ``python -m quantkit quantize`` on a one-tensor checkpoint: the fixed cost (Python, torch, numba,
   the compiled kernels);
@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -62,19 +61,29 @@ def _write_checkpoint(folder: Path, shapes: dict, shard_bytes: int, seed: int = 
     return weight_map
 
 
+# Runs argv[1:] and reports the peak RSS of that child alone. A small launcher is needed because
+# Linux carries the RSS high-water mark of the process image an exec replaces into ru_maxrss: a
+# child forked straight from this (large) pytest process would report at least pytest's own size.
+_LAUNCHER = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.call(sys.argv[1:])
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+sys.stderr.write(f"\\nPEAK_RSS_KB {peak} SECONDS {seconds}\\n")
+sys.exit(code)
+"""
+
+
 def _peak_rss(cmd: list) -> tuple:
-    """(peak RSS in bytes, seconds, stdout) of a child process running ``cmd``."""
+    """(peak RSS in bytes, seconds, stdout) of a process running ``cmd``."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    # Read the pipes to the end, then reap the child with wait4 to get its own rusage.
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{err.decode()[-2000:]}"
-    return usage.ru_maxrss * 1024, seconds, out.decode()
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, env=env,
+                          cwd=ROOT, text=True)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-2000:]}"
+    last = proc.stderr.strip().splitlines()[-1].split()
+    assert last[0] == "PEAK_RSS_KB", proc.stderr[-2000:]
+    return int(last[1]) * 1024, float(last[3]), proc.stdout
 
 
 def test_streaming_peak_memory(bench, tmp_path_factory):
@@ -102,9 +111,11 @@ def test_streaming_peak_memory(bench, tmp_path_factory):
         quantkit = [sys.executable, "-m", "quantkit", "quantize"]
         tiny_out = work / "tiny-int8.safetensors"
         base_rss, _, _ = _peak_rss(quantkit + [str(tiny), "-o", str(tiny_out)])
+        # Load every shard and read every value (load_file maps the file lazily; a tool that
+        # quantizes the loaded tensors reads them all).
         load_all = ("import sys, glob; from safetensors.torch import load_file; "
                     "d = {}; [d.update(load_file(f)) for f in sorted(glob.glob(sys.argv[1] + "
-                    "'/*.safetensors'))]; print(sum(t.numel() for t in d.values()))")
+                    "'/*.safetensors'))]; print(sum(float(t.max()) for t in d.values()))")
         load_fixed, _, _ = _peak_rss([sys.executable, "-c", "import safetensors.torch"])
         load_rss, load_s, _ = _peak_rss([sys.executable, "-c", load_all, str(model)])
         out = work / "model-int8.safetensors"
@@ -140,7 +151,7 @@ def test_streaming_peak_memory(bench, tmp_path_factory):
             "## Streaming quantize: peak memory", "",
             f"`quantkit quantize` on a generated {checkpoint_bytes / 2**30:.2f} GiB float32 "
             f"checkpoint in {result['shards']} shards ({len(shapes)} tensors, the largest "
-            f"{largest / mib:.0f} MiB); peak RSS of each process from `wait4`.", "",
+            f"{largest / mib:.0f} MiB); peak RSS of each process (`ru_maxrss`).", "",
             bench.table(["process", "peak RSS MiB", "(peak - fixed) / largest", "s"], rows), "",
             f"quantize's peak is {rss / load_rss:.2f}x that of just loading the checkpoint; above "
             f"the fixed cost it needs {own / largest:.2f}x the largest tensor "
