@@ -105,6 +105,10 @@ def _minilm_weights():
             if k.startswith("encoder.") and k.endswith(".weight") and v.ndim == 2}
 
 
+def _gelu_like(z):
+    return z * 0.5 * (1 + np.tanh(0.8 * z))
+
+
 def datasets(n: int):
     rng = np.random.default_rng(2024)
     heavy = rng.standard_normal(n) * np.where(rng.random(n) < 1e-4, 60.0, 1.0)
@@ -118,7 +122,7 @@ def datasets(n: int):
         "student-t(2)": rng.standard_t(2, n),
         "rare outliers (1e-4 at 60x)": heavy,
         "relu (one-sided)": np.maximum(rng.standard_normal(n), 0),
-        "gelu-like skewed": (lambda z: z * 0.5 * (1 + np.tanh(0.8 * z)))(rng.standard_normal(n) * 2),
+        "gelu-like skewed": _gelu_like(rng.standard_normal(n) * 2),
         "lognormal": rng.lognormal(0, 1, n),
         "sparse (95% zeros)": rng.standard_normal(n) * (rng.random(n) < 0.05),
         "multimodal": rng.standard_normal(n) * 0.2 + rng.choice([-4.0, -1.0, 1.0, 4.0], n),
@@ -133,7 +137,8 @@ def datasets(n: int):
     }
     minilm = _minilm_weights()
     if minilm is not None:
-        d["all-MiniLM-L6-v2 Linear weights"] = np.concatenate([w.reshape(-1) for w in minilm.values()])
+        d["all-MiniLM-L6-v2 Linear weights"] = np.concatenate(
+            [w.reshape(-1) for w in minilm.values()])
     return {k: np.ascontiguousarray(v, np.float32) for k, v in d.items()}, minilm
 
 
@@ -196,7 +201,8 @@ def test_calibration_quality_and_speed(bench):
     ref = quantization_mse(w, brute_rows, axis=0).mse
     row_ratio = np.where(ref > 0, got / np.where(ref > 0, ref, 1), np.where(got > 0, np.inf, 1))
     pc = {"rows": shape[0], "worst_row_ratio": float(row_ratio.max()),
-          "rows_over_1.001": int((row_ratio > 1.001).sum()), "zero_row_alpha": float(alphas[shape[0] // 2])}
+          "rows_over_1.001": int((row_ratio > 1.001).sum()),
+          "zero_row_alpha": float(alphas[shape[0] // 2])}
     if minilm is not None:
         worst = 1.0
         for key, wt in list(minilm.items())[:6]:

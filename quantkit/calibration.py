@@ -117,7 +117,7 @@ def _prepare(x, name="x"):
     _reject_cuda(kind, "calibration")
     x32 = _arrays.float32_numpy(x, name)
     if x32.size == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x32.shape)}); there is nothing to calibrate")
+        raise ValueError(f"{name} is empty (shape {tuple(x32.shape)}); nothing to calibrate")
     return x32, kind
 
 
@@ -496,7 +496,7 @@ class Observer:
             self._keys, self._sums = _merge_sparse(self._keys, self._sums, keys, sums)
 
     def alpha(self):
-        """alpha of everything seen so far: a float per tensor, a float32 NumPy array per channel."""
+        """alpha of everything seen so far: a float per tensor, a float32 array per channel."""
         if self._amax is None:
             raise ValueError("the Observer has seen no data; call update() first")
         k = _kernels()

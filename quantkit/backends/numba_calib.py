@@ -217,7 +217,7 @@ def _sse_f64_chunk(xs, scale, inv):
 
 @njit(parallel=True, cache=True)
 def sse_f64_many(x, alphas):
-    """(sse, clip_sse) float64 arrays, one entry per alpha, over a flat array; fixed summation order.
+    """(sse, clip_sse) float64 arrays, one entry per alpha, over a flat array; fixed sum order.
 
     An element counts as clipped when ``rint(|x| * inv) > 127``, i.e. the clamp changed its code.
     """
@@ -457,8 +457,9 @@ def _search_continuous(values, counts, amax, unit_inv):
 
 @njit(cache=True)
 def search_mse_values(values, counts, amax):
-    """The legal alpha in (0, amax] (>= MIN_POSITIVE_ALPHA) minimising the exact quantization error of |x| values ``values``
-    (> 0), value i occurring counts[i] times (each once when counts is empty).
+    """The legal alpha in (0, amax] (>= MIN_POSITIVE_ALPHA) minimising the exact quantization
+    error of the |x| values ``values`` (> 0), value i occurring counts[i] times (each once when
+    counts is empty).
 
     1. At most 512 distinct values (small rows and blocks, discrete or already-quantized data):
        an exhaustive linear grid over (0, amax], refined around its three lowest points.
@@ -483,7 +484,7 @@ def search_mse_values(values, counts, amax):
 
 @njit(cache=True)
 def search_mse(x, amax):
-    """search_mse_values over the non-zero |x| of a flat array (zeros have no error at any alpha)."""
+    """search_mse_values over the non-zero |x| of a flat array (zeros have no error at all)."""
     return search_mse_values(nonzero_abs(x), np.empty(0, np.int64), amax)
 
 
@@ -769,7 +770,7 @@ def model_search(cnt, mean, var, amax):
 @njit(cache=True)
 def entropy_threshold(hist):
     """TensorRT's KL-divergence calibration (as in NVIDIA pytorch-quantization) on a histogram of
-    |x| with equal bins over [0, amax]; returns the number of bins i to keep (threshold = i * width).
+    |x| with equal bins over [0, amax]; returns the number of bins i to keep (threshold i * width).
 
     For each i in [128, bins]: the reference P is hist[:i] with the mass of hist[i:] added to bin
     i-1; the candidate Q merges hist[:i] into 128 equal groups (bin j in group floor(128 j / i)) and
