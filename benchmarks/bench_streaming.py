@@ -1,6 +1,6 @@
 """Streaming: the peak memory of ``quantkit quantize`` against the checkpoint's size.
 
-Generates a sharded float32 checkpoint (about 2.5 GiB in full mode, ~40 MiB in quick mode; one
+Generates a sharded float32 checkpoint (3 GiB in full mode, 40 MiB in quick mode; one
 tensor four times larger than the others) in a temporary folder, then runs, each in its own
 process, with its peak RSS (``ru_maxrss`` read by a small launcher process):
 
@@ -93,7 +93,7 @@ def test_streaming_peak_memory(bench, tmp_path_factory):
     try:
         big = bench.size((4096, 16384), (1024, 4096))      # 256 MiB / 16 MiB
         other = bench.size((4096, 4096), (512, 1024))      # 64 MiB / 2 MiB
-        count = bench.size(32, 12)
+        count = bench.size(44, 12)
         shapes = {"layers.0.big.weight": big}
         for k in range(count):
             shapes[f"layers.{k}.proj.weight"] = other
