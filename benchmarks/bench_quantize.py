@@ -27,55 +27,41 @@ GOALS = {"quantize": 2.5, "dequantize": 3.0, "quantize per channel": 5.0}
 BLOCK = 256
 
 
-def _copy_rows(bench, x: np.ndarray):
-    n = x.size
+def _copy_fns(x: np.ndarray) -> dict:
+    """The copies that measure the machine's bandwidth (2-thread torch, 1-thread NumPy)."""
     src = torch.from_numpy(x)
     dst = torch.empty_like(src)
     dst_np = np.empty_like(x)
-    threads = torch.get_num_threads()
-    try:
+
+    def torch_copy():
+        threads = torch.get_num_threads()
         torch.set_num_threads(2)
-        t_torch = bench.time(lambda: dst.copy_(src))
-    finally:
-        torch.set_num_threads(threads)
-    t_numpy = bench.time(lambda: np.copyto(dst_np, x))
-    return {"copy, 2 threads (torch copy_)": (t_torch, 8 * n, n),
-            "copy, 1 thread (numpy copyto)": (t_numpy, 8 * n, n)}
+        try:
+            dst.copy_(src)
+        finally:
+            torch.set_num_threads(threads)
+
+    return {"copy, 2 threads (torch copy_)": torch_copy,
+            "copy, 1 thread (numpy copyto)": lambda: np.copyto(dst_np, x)}
 
 
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_quantize_throughput(bench):
     n = bench.size(64 << 20, 1 << 20)
     side = bench.size(4096, 512)
+    repeats = bench.size(11, 1)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(n, dtype=np.float32)
     alpha = float(np.abs(x).max()) * 0.8        # some clipping, as a calibrated alpha has
     scale = alpha / 127
     xt = torch.from_numpy(x)
-
-    rows = _copy_rows(bench, x)  # name -> (seconds, bytes moved, elements)
-
-    # Per tensor quantize.
-    codes = np.empty(n, np.int8)
-    rows["quantize (quantkit, allocating)"] = (bench.time(lambda: quantize(x, alpha)), 5 * n, n)
-    rows["quantize (quantkit, out=)"] = (bench.time(lambda: quantize(x, alpha, out=codes)),
-                                         5 * n, n)
-    rows["torch.quantize_per_tensor"] = (
-        bench.time(lambda: torch.quantize_per_tensor(xt, scale, 0, torch.qint8)), 5 * n, n)
     inv = np.float32(127 / alpha)
-    rows["numpy clip(rint(x*inv))"] = (
-        bench.time(lambda: np.clip(np.rint(x * inv), -127, 127).astype(np.int8),
-                   repeats=min(bench.repeats, 3)), 5 * n, n)
-
-    # Dequantize.
+    codes = np.empty(n, np.int8)
     q = quantize(x, alpha)
     values = np.empty(n, np.float32)
     tq = torch.quantize_per_tensor(xt, scale, 0, torch.qint8)
-    rows["dequantize (quantkit, allocating)"] = (bench.time(lambda: dequantize(q)), 5 * n, n)
-    rows["dequantize (quantkit, out=)"] = (bench.time(lambda: dequantize(q, out=values)), 5 * n, n)
-    rows["torch q.dequantize()"] = (bench.time(lambda: tq.dequantize()), 5 * n, n)
 
-    # Per channel, a (side, side) weight with one alpha per row.
+    # Per channel: a (side, side) weight with one alpha per row.
     w = rng.standard_normal((side, side), dtype=np.float32) * rng.uniform(
         0.01, 1.0, (side, 1)).astype(np.float32)
     w_alpha = np.abs(w).max(axis=1)
@@ -83,19 +69,41 @@ def test_quantize_throughput(bench):
     w_scales = torch.from_numpy((w_alpha / 127).astype(np.float64))
     w_zeros = torch.zeros(side, dtype=torch.int64)
     m = w.size
-    rows["quantize per channel (quantkit)"] = (
-        bench.time(lambda: quantize(w, w_alpha, axis=0)), 5 * m, m)
-    rows["torch.quantize_per_channel"] = (
-        bench.time(lambda: torch.quantize_per_channel(wt, w_scales, w_zeros, 0, torch.qint8)),
-        5 * m, m)
 
-    # Blockwise over the 64M elements.
+    # Blockwise over the same elements as per tensor.
     padded = np.zeros(-(-n // BLOCK) * BLOCK, np.float32)
     padded[:n] = np.abs(x)
     b_alpha = padded.reshape(-1, BLOCK).max(axis=1)
     del padded
-    rows[f"quantize blockwise {BLOCK} (quantkit)"] = (
-        bench.time(lambda: quantize(x, b_alpha, block_size=BLOCK)), 5 * n, n)
+
+    # Each group is timed interleaved (round-robin), so noise hits what is compared alike.
+    fns = {
+        **_copy_fns(x),
+        "quantize (quantkit, allocating)": lambda: quantize(x, alpha),
+        "quantize (quantkit, out=)": lambda: quantize(x, alpha, out=codes),
+        "torch.quantize_per_tensor": lambda: torch.quantize_per_tensor(xt, scale, 0, torch.qint8),
+        "dequantize (quantkit, allocating)": lambda: dequantize(q),
+        "dequantize (quantkit, out=)": lambda: dequantize(q, out=values),
+        "torch q.dequantize()": lambda: tq.dequantize(),
+        "quantize per channel (quantkit)": lambda: quantize(w, w_alpha, axis=0),
+        "torch.quantize_per_channel":
+            lambda: torch.quantize_per_channel(wt, w_scales, w_zeros, 0, torch.qint8),
+        f"quantize blockwise {BLOCK} (quantkit)": lambda: quantize(x, b_alpha, block_size=BLOCK),
+    }
+    seconds = bench.time_many(fns, repeats=repeats)
+    seconds["numpy clip(rint(x*inv))"] = bench.time(
+        lambda: np.clip(np.rint(x * inv), -127, 127).astype(np.int8), repeats=min(repeats, 3))
+    order = ["copy, 2 threads (torch copy_)", "copy, 1 thread (numpy copyto)",
+             "quantize (quantkit, allocating)", "quantize (quantkit, out=)",
+             "torch.quantize_per_tensor", "numpy clip(rint(x*inv))",
+             "dequantize (quantkit, allocating)", "dequantize (quantkit, out=)",
+             "torch q.dequantize()", "quantize per channel (quantkit)",
+             "torch.quantize_per_channel", f"quantize blockwise {BLOCK} (quantkit)"]
+    per_byte = {"copy": 8}
+    rows = {}   # name -> (seconds, bytes moved, elements)
+    for name in order:
+        count = m if "per channel" in name or "per_channel" in name else n
+        rows[name] = (seconds[name], per_byte.get(name.split(",")[0], 5) * count, count)
 
     # What was timed computes the same thing: the out= codes equal the allocated ones, and torch's
     # codes (x / scale, range [-128, 127]) differ by at most one step, at rounding ties only.
@@ -125,27 +133,29 @@ def test_quantize_throughput(bench):
                    "dequantize (quantkit, out=)": "dequantize (out=)",
                    "quantize per channel (quantkit)": "quantize per channel"}
     result_rows, table = {}, []
-    for name, (seconds, nbytes, count) in rows.items():
-        gbs = nbytes / seconds / 1e9
-        entry = {"ms": seconds * 1e3, "gb_per_s": gbs, "gelem_per_s": count / seconds / 1e9,
+    for name, (secs, nbytes, count) in rows.items():
+        gbs = nbytes / secs / 1e9
+        entry = {"ms": secs * 1e3, "gb_per_s": gbs, "gelem_per_s": count / secs / 1e9,
                  "fraction_of_copy": gbs / copy_gbs,
                  "speedup_vs_torch": ratios.get(baseline_of.get(name))}
         result_rows[name] = entry
-        speedup = entry["speedup_vs_torch"]
+        gain = entry["speedup_vs_torch"]
         table.append([name, entry["ms"], entry["gelem_per_s"], gbs, entry["fraction_of_copy"],
-                      f"{speedup:.2f}x" if speedup else "-"])
+                      f"{gain:.2f}x" if gain else "-"])
     fraction = result_rows["quantize (quantkit, allocating)"]["fraction_of_copy"]
     fraction_out = result_rows["quantize (quantkit, out=)"]["fraction_of_copy"]
     result = {"elements": n, "per_channel_shape": [side, side], "block_size": BLOCK,
+              "repeats": repeats,
               "torch_threads": torch.get_num_threads(), "copy_gb_per_s": copy_gbs,
               "rows": result_rows, "speedup_vs_torch": ratios, "goals": GOALS,
               "quantize_fraction_of_copy": fraction, "quantize_out_fraction_of_copy": fraction_out}
     markdown = "\n".join([
         "## Quantize / dequantize throughput",
         "",
-        f"{n / 2**20:.0f}M float32 elements (per channel: {side}x{side}); GB/s counts 5 bytes per "
-        "element for quantize and dequantize, 8 for a copy; the fraction is of the 2-thread copy "
-        f"bandwidth measured in the same run ({copy_gbs:.1f} GB/s).",
+        f"{n / 2**20:.0f}M float32 elements (per channel: {side}x{side}); medians of {repeats} "
+        "calls interleaved round-robin after a warm-up. GB/s counts 5 bytes per element for "
+        "quantize and dequantize, 8 for a copy; the fraction is of the 2-thread copy bandwidth "
+        f"measured in the same run ({copy_gbs:.1f} GB/s).",
         "",
         bench.table(["op", "ms", "G elem/s", "GB/s", "of copy", "vs torch"], table),
         "",

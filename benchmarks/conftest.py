@@ -55,6 +55,28 @@ class Bench:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def time_many(self, fns: dict, *, repeats=None, warmup=1, sync=None) -> dict:
+        """Median wall time in seconds of each ``fns[name]()``, the calls interleaved round-robin.
+
+        Interleaving spreads the machine's noise (other processes, CPU frequency) evenly over
+        the functions being compared, so their ratios hold better than with one loop each.
+        """
+        repeats = repeats or self.repeats
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        times = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                if sync:
+                    sync()
+                start = time.perf_counter()
+                fn()
+                if sync:
+                    sync()
+                times[name].append(time.perf_counter() - start)
+        return {name: statistics.median(t) for name, t in times.items()}
+
     def record(self, name: str, result: dict, markdown: str) -> None:
         """Write ``<name>.json`` (raw figures) and ``<name>.md`` (the summary's section)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
