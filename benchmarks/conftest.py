@@ -164,7 +164,8 @@ def pytest_sessionfinish(session, exitstatus):
             f"{m['platform']}, torch {m.get('torch', '-')}" + (f", GPU {m['gpu']}" if 'gpu' in m else "")
             + ". Medians of repeats after warm-up; ratios are within one run.", ""]
     body = [p.read_text() for p in sections]
-    pictures = [f"![{p.stem}]({p.name})" for p in sorted(RESULTS.glob("*.png"))]
-    if pictures:
-        body += ["## Plots", "", *pictures, ""]
+    pictures = [f"`{p.name}`" for p in sorted(RESULTS.glob("*.png"))]
+    if pictures:   # PNGs are drawn by every run and not committed (see .gitignore)
+        body += ["## Plots", "", "Drawn beside this file by the run (with matplotlib): "
+                 + ", ".join(pictures) + ".", ""]
     (RESULTS / "summary.md").write_text("\n".join(head) + "\n" + "\n".join(body))
