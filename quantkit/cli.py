@@ -183,6 +183,11 @@ def main(argv=None) -> int:
         except OSError:
             pass
         return 1
+    except Exception as exc:
+        if os.environ.get("QUANTKIT_DEBUG"):
+            raise
+        _error_line(f"{type(exc).__name__}: {exc} (set QUANTKIT_DEBUG=1 for the traceback)")
+        return 1
 
 
 def _error_line(message: str) -> None:
@@ -558,13 +563,19 @@ def run_quantize(source: Checkpoint, out: Path, *, method="mse", granularity=Gra
     table = Table(["tensor", "shape", "alpha", "SQNR dB", "MSE/max", "before", "after"],
                   [name_w, shape_w, 17, 7, 7, 10, 10],
                   [False, False, False, True, True, True, True], stdout)
+    try:
+        writer = CheckpointWriter(out, plans, metadata=metadata)
+    except (ValueError, TypeError) as exc:   # e.g. a tensor NAME_scale beside a quantized NAME
+        raise CommandError(f"cannot write {out}: {exc}") from None
+    except OSError as exc:
+        raise CommandError(f"cannot write {out}: {exc.strerror or exc}") from None
     bar = Progress(source.nbytes, len(source.tensors), progress)
     table.header()
     totals = {"tensors": len(source.tensors), "quantized": 0, "kept": 0, "bytes_before": 0,
               "bytes_after": 0, "seconds": 0.0, "worst_sqnr_db": math.inf}
     start = time.perf_counter()
     try:
-        with CheckpointWriter(out, plans, metadata=metadata) as writer:
+        with writer:
             for info in source.tensors:
                 bar.show(info.name)
                 x = source.read(info)
@@ -592,6 +603,8 @@ def run_quantize(source: Checkpoint, out: Path, *, method="mse", granularity=Gra
                                        human_bytes(info.nbytes), human_bytes(after)]))
                 bar.advance(info.nbytes)
             bar.show("writing")
+    except OSError as exc:      # a full disk, a vanished folder: the temporary file is gone
+        raise CommandError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         bar.clear()
     totals["seconds"] = time.perf_counter() - start

@@ -212,6 +212,15 @@ def test_quantize_failure_leaves_no_output(tmp_path, capsys):
     assert out.read_bytes() == b"previous" and _leftovers(tmp_path) == []
 
 
+def test_quantize_name_clash_is_a_clear_error(tmp_path, capsys):
+    src = tmp_path / "clash.safetensors"
+    save_file({"w": torch.randn(4, 64), "w_scale": torch.randn(4, 64)}, str(src))
+    assert main(["quantize", str(src), "-o", str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "w_scale" in err and len(err.strip().splitlines()) == 1
+    assert _leftovers(tmp_path) == []
+
+
 def test_quantize_refuses_an_int8_checkpoint(checkpoint, tmp_path, capsys):
     q = tmp_path / "int8.safetensors"
     assert main(["quantize", str(checkpoint), "-o", str(q)]) == 0
