@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percentile", type=float, default=None, metavar="P",
                    help="the percentile for --method percentile")
     add_granularity(q, "channel")
-    q.add_argument("--skip", action="extend", nargs="+", default=[], metavar="PATTERN",
-                   help="keep tensors whose name matches this shell-style pattern in float")
+    q.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="keep tensors whose name matches this shell-style pattern (e.g. "
+                        "'*.embeddings.*') as they are; repeat for more patterns")
     q.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
 
     i = sub.add_parser("inspect", help="list the tensors of a checkpoint (float or int8)",
