@@ -248,7 +248,7 @@ class Checkpoint:
 
 
 def _open_checkpoint(path: Path):
-    """(files, tensors in file order, metadata of the first file, index file or None) for a file,
+    """(files, tensors as safetensors lists them, first metadata, index file or None) for a file,
     a folder or an index."""
     if not path.exists():
         raise CommandError(f"{path}: no such file or directory")
