@@ -223,6 +223,10 @@ def _mse_flat(flat: np.ndarray, x32=None, name="x") -> np.float32:
     if low_bits == 0:  # at most 7 mantissa bits: the histogram holds the exact distinct values
         values, counts = k.bin_values(counts)
         return np.float32(k.search_mse_values(values, counts, np.float32(amax)))
+    if np.count_nonzero(counts) <= k.LATTICE_MAX_DISTINCT + 1:  # maybe few distinct values
+        alpha = k.search_mse_discrete(flat, np.float32(amax))
+        if alpha >= 0:
+            return np.float32(alpha)
     return _mse_large(flat, np.float32(amax), counts, int(low_bits), flat.size - int(zeros))
 
 

@@ -87,13 +87,15 @@ def _dist(name, rng, shape):
         return np.round(rng.standard_normal(s) * 30)
     if name == "int8_codes":
         return np.clip(np.round(rng.standard_normal(s) * 30), -127, 127) * 0.01
+    if name == "three_values":
+        return rng.choice([-1.3, 0.2, 2.9], s)
     if name == "tiny":
         return rng.standard_normal(s) * 1e-30
     raise ValueError(name)
 
 
 DISTS = ("normal", "laplace", "student_t2", "uniform", "outliers", "relu", "lognormal", "sparse",
-         "bimodal", "integers", "int8_codes", "tiny")
+         "bimodal", "integers", "int8_codes", "three_values", "tiny")
 
 
 def data(name, n, seed=0):
@@ -185,7 +187,8 @@ def test_mse_reaches_brute_force_small(name):
         assert got <= best * 1.001 + 1e-300, (name, n, got / best)
 
 
-@pytest.mark.parametrize("name", ["normal", "student_t2", "sparse", "integers", "bimodal"])
+@pytest.mark.parametrize("name", ["normal", "student_t2", "sparse", "integers", "bimodal",
+                                  "three_values"])
 def test_mse_reaches_brute_force_large(name):
     x = data(name, 100_000, seed=7)  # the histogram path
     _, best = brute_force(x, grid=600)

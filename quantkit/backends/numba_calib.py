@@ -46,6 +46,7 @@ _RES_MASK = np.int32((1 << HIST_SHIFT) - 1)
 # Small-tensor search (``search_mse``), see docs/CALIBRATION.md.
 _COARSE_RATIO = 2.0 ** (-1.0 / 8.0)    # geometric coarse grid from amax down, pruned by a bound
 _LATTICE_MAX_DISTINCT = 512            # at most this many distinct |x|: exhaustive grid search
+LATTICE_MAX_DISTINCT = _LATTICE_MAX_DISTINCT
 _FINE_STEP = 1.001                     # ratio between neighbours of the fine scan
 _LATTICE_WORK = 1 << 20               # element-evaluations for its grid (at least 1024 points)
 
@@ -259,7 +260,8 @@ def sse_f64_rows(x, alphas, out_t, out_c):
 
 @njit(cache=True)
 def _distinct(ax, limit):
-    """(values, counts) of the distinct |x| if there are at most ``limit``, else empty arrays.
+    """(values, counts) of the distinct |x| (sign ignored) if there are at most ``limit``, else
+    empty arrays.
 
     Stops as soon as limit + 1 distinct values were seen, so continuous data costs little.
     """
@@ -272,7 +274,7 @@ def _distinct(ax, limit):
     bits = ax.view(np.int32)
     used = 0
     for i in range(bits.size):
-        b = bits[i]
+        b = bits[i] & _ABS_MASK
         h = (np.int64(b) * 2654435761) & mask
         while keys[h] != -1 and keys[h] != b:
             h = (h + 1) & mask
@@ -480,6 +482,19 @@ def search_mse_values(values, counts, amax):
     if distinct.size:
         return _search_lattice(distinct, dcounts, amax, unit_inv)
     return _search_continuous(values, counts, amax, unit_inv)
+
+
+@njit(cache=True)
+def search_mse_discrete(x, amax):
+    """search_mse_values on the distinct non-zero |x| of a flat array with counts, if there are at
+    most _LATTICE_MAX_DISTINCT of them (the exhaustive search); else -1."""
+    values, counts = _distinct(x, _LATTICE_MAX_DISTINCT + 1)
+    if values.size == 0:
+        return np.float32(-1.0)
+    keep = values != 0
+    if keep.sum() > _LATTICE_MAX_DISTINCT:
+        return np.float32(-1.0)
+    return search_mse_values(values[keep], counts[keep], amax)
 
 
 @njit(cache=True)
