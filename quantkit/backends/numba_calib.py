@@ -3,7 +3,7 @@
 Every kernel that evaluates the quantization error uses the arithmetic of
 :mod:`quantkit.reference` bit for bit::
 
-    scale = float32(alpha / 127)          inv = float32(127 / alpha)  (0 if alpha == 0, <= FLT_MAX)
+    scale = float32(alpha / 127)          inv = float32(127 / alpha)  (0 if alpha == 0)
     q     = min(rint(|x| * inv), 127)     e   = |x| - q * scale       (all float32)
 
 Working on ``|x|`` is exact: float32 negation commutes with the product, with ``rint`` (half to even
@@ -17,6 +17,7 @@ Two ways to add up ``e^2``:
   sum does not vectorise without fast-math, which the project forbids), and the result is the same
   bit for bit whatever the chunking or the number of threads. Truncation costs at most one unit,
   ``amax^2 * 2^-k``, per element: about 1e-9 of the typical rounding error per element.
+  Every candidate alpha is 0 or at least MIN_POSITIVE_ALPHA, so ``inv`` is finite.
 * **float64** (``sse_f64_*``): exact float32 errors, squared and added in float64 in a fixed order;
   used for the public ``quantization_mse``, the report curve and the brute-force yardstick.
 
@@ -48,7 +49,7 @@ _COARSE_RATIO = 2.0 ** (-1.0 / 8.0)    # geometric coarse grid from amax down, p
 _LATTICE_MAX_DISTINCT = 512            # at most this many distinct |x|: exhaustive grid search
 LATTICE_MAX_DISTINCT = _LATTICE_MAX_DISTINCT
 _FINE_STEP = 1.001                     # ratio between neighbours of the fine scan
-_LATTICE_WORK = 1 << 20               # element-evaluations for its grid (at least 1024 points)
+_LATTICE_WORK = 1 << 20                # element-evaluations for its grid (at least 2048 points)
 
 
 # ----------------------------------------------------------------------------------- arithmetic
