@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import numba
 from numba import njit, prange
 
 import quantkit
@@ -214,22 +215,45 @@ def test_calibration_quality_and_speed(bench):
         pc["minilm_worst_row_ratio"] = worst
     result["per_channel"] = pc
 
-    # times, measured side by side
+    # times, measured side by side (calls interleaved), with the default threads and with one
     big = np.random.default_rng(1).standard_t(4, bench.size(16 << 20, 1 << 16)).astype(np.float32)
     alpha_big = calibrate(big)
-    t_quant = bench.time(lambda: quantkit.quantize(big, alpha_big))
-    t_cal = bench.time(lambda: calibrate(big))
-    t_hist = bench.time(lambda: histogram_observer_alpha(big), repeats=min(bench.repeats, 3))
     ws = per_channel_weight(*bench.size((4096, 4096), (128, 512)))
     a_ws = calibrate(ws, axis=0)
-    t_quant_pc = bench.time(lambda: quantkit.quantize(ws, a_ws, axis=0))
-    t_cal_pc = bench.time(lambda: calibrate(ws, axis=0))
-    times = {"per_tensor_n": big.size, "quantize_s": t_quant, "calibrate_mse_s": t_cal,
-             "histogram_observer_s": t_hist, "per_tensor_ratio": t_cal / t_quant,
-             "histogram_observer_ratio": t_hist / t_quant, "per_channel_shape": list(ws.shape),
-             "quantize_per_channel_s": t_quant_pc, "calibrate_mse_per_channel_s": t_cal_pc,
-             "per_channel_ratio": t_cal_pc / t_quant_pc}
+    fns = {"quantize": lambda: quantkit.quantize(big, alpha_big),
+           "calibrate": lambda: calibrate(big),
+           "quantize_pc": lambda: quantkit.quantize(ws, a_ws, axis=0),
+           "calibrate_pc": lambda: calibrate(ws, axis=0)}
+    threads = numba.get_num_threads()
+    t_def = bench.time_many(fns)
+    t_hist = bench.time(lambda: histogram_observer_alpha(big), repeats=min(bench.repeats, 3))
+    numba.set_num_threads(1)
+    try:
+        t_one = bench.time_many(fns, repeats=min(bench.repeats, 3))
+    finally:
+        numba.set_num_threads(threads)
+    times = {"threads": threads, "per_tensor_n": big.size, "per_channel_shape": list(ws.shape),
+             "histogram_observer_s": t_hist,
+             "histogram_observer_ratio": t_hist / t_def["quantize"]}
+    for tag, t in (("", t_def), ("_1thread", t_one)):
+        times.update({f"quantize_s{tag}": t["quantize"], f"calibrate_mse_s{tag}": t["calibrate"],
+                      f"per_tensor_ratio{tag}": t["calibrate"] / t["quantize"],
+                      f"quantize_per_channel_s{tag}": t["quantize_pc"],
+                      f"calibrate_mse_per_channel_s{tag}": t["calibrate_pc"],
+                      f"per_channel_ratio{tag}": t["calibrate_pc"] / t["quantize_pc"]})
     result["times"] = times
+    timing_rows = []
+    for tag, t, label in (("", t_def, f"{threads} threads"), ("_1thread", t_one, "1 thread")):
+        timing_rows += [
+            [f"quantize, per tensor, {big.size} values ({label})", t["quantize"] * 1e3, 1.0],
+            [f"calibrate(x, 'mse') ({label})", t["calibrate"] * 1e3,
+             t["calibrate"] / t["quantize"]],
+            [f"quantize, per channel, {ws.shape[0]}x{ws.shape[1]} ({label})",
+             t["quantize_pc"] * 1e3, 1.0],
+            [f"calibrate(w, 'mse', axis=0) ({label})", t["calibrate_pc"] * 1e3,
+             t["calibrate_pc"] / t["quantize_pc"]]]
+    timing_rows.insert(2, ["torch.ao HistogramObserver (forward + qparams)", t_hist * 1e3,
+                           t_hist / t_def["quantize"]])
 
     md = ["## Calibration: MSE / brute-force optimum (1.0 is the optimum)", "",
           f"Per tensor, n = {n} unless noted; exact int8 MSE at each method's alpha divided by the "
@@ -239,12 +263,7 @@ def test_calibration_quality_and_speed(bench):
           f"row): worst row {pc['worst_row_ratio']:.5f}, rows over 1.001: {pc['rows_over_1.001']}"
           + (f"; all-MiniLM-L6-v2 weights per channel, worst row {pc['minilm_worst_row_ratio']:.5f}"
              if "minilm_worst_row_ratio" in pc else "") + ".", "",
-          markdown_table(["timing", "ms", "ratio to one quantize"], [
-              [f"quantize, per tensor, {big.size} values", t_quant * 1e3, 1.0],
-              ["calibrate(x, 'mse'), per tensor", t_cal * 1e3, t_cal / t_quant],
-              ["torch.ao HistogramObserver (forward + qparams)", t_hist * 1e3, t_hist / t_quant],
-              [f"quantize, per channel, {ws.shape[0]}x{ws.shape[1]}", t_quant_pc * 1e3, 1.0],
-              ["calibrate(w, 'mse', axis=0)", t_cal_pc * 1e3, t_cal_pc / t_quant_pc]])]
+          markdown_table(["timing", "ms", "ratio to one quantize"], timing_rows)]
     bench.record("calibration", result, "\n".join(md))
 
     if not bench.quick:
