@@ -51,23 +51,25 @@ def _variants(linear) -> dict:
 
 
 def _measure(bench, variants: dict, x: torch.Tensor, copies: int) -> dict:
-    """{label: (seconds, relative error)}; each label's layer is cloned ``copies`` times."""
-    results = {}
+    """{label: (seconds, relative error)}; each label's layer is cloned ``copies`` times and the
+    variants' calls are interleaved (``bench.time_many``), so machine noise hits them alike."""
+    calls = {}
+    for label, layer in variants.items():
+        layers = [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
+        turn = [0]
+
+        def call(layers=layers, turn=turn):
+            turn[0] = (turn[0] + 1) % len(layers)
+            return layers[turn[0]](x)
+
+        calls[label] = call
     with torch.inference_mode():
         reference = variants["float32 nn.Linear"](x)
+        seconds = bench.time_many(calls, warmup=copies)
+        results = {}
         for label, layer in variants.items():
-            layers = [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
-            turn = [0]
-
-            def call():
-                turn[0] = (turn[0] + 1) % len(layers)
-                return layers[turn[0]](x)
-
-            seconds = bench.time(call, warmup=len(layers))
-            y = layer(x)
-            error = float((y - reference).norm() / reference.norm())
-            results[label] = (seconds, error)
-            del layers
+            error = float((layer(x) - reference).norm() / reference.norm())
+            results[label] = (seconds[label], error)
     return results
 
 
