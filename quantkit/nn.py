@@ -53,12 +53,12 @@ from .qtensor import QTensor
 
 ACTIVATION_MODES = (None, "dynamic", "static")
 _F32_MAX = float(np.finfo(np.float32).max)
-#: Size in bytes of one float32 chunk of the weight converted on the fly: it stays in the L3 cache
-#: until the matmul reads it. Measured on Linear(4096, 4096) (min of 45 runs, ms, float32 / chunks
-#: of 1 / 4 / 8 / 16 MiB): batch 1: 2.7 / 2.1 / 1.4 / 1.26 / 1.43; batch 16: 13.8 / 12.4 / 11.9 /
-#: 12.2 / 14.2; batch 256: 42.3 / 46.2 / 41.0 / 42.7 / 43.2. Few chunks also mean few parallel
-#: regions, each of which waits out any preempted thread on a busy machine.
-_CHUNK_BYTES = 8 << 20
+#: Size in bytes of one float32 chunk of the weight converted on the fly: it stays in the cache until
+#: the matmul reads it. QuantLinear(4096, 4096) weight-only, medians in ms, float32 nn.Linear / 4 MiB
+#: chunks / 8 MiB chunks (4 rotating layer copies, 2 cores): batch 1: 2.8 / 1.7 / 3.0; batch 16:
+#: 5.8 / 3.9 / 5.0; batch 256: 42.0 / 43.8 / 53.2. With 1 MiB chunks the many small matmuls cost
+#: more at batch 256 (46.5 against 41.8 for 4 MiB in a bare-loop measurement).
+_CHUNK_BYTES = 4 << 20
 
 
 def _rows_per_chunk(in_features: int) -> int:
