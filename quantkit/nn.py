@@ -53,11 +53,11 @@ from .qtensor import QTensor
 
 ACTIVATION_MODES = (None, "dynamic", "static")
 _F32_MAX = float(np.finfo(np.float32).max)
-#: Size in bytes of one float32 chunk of the weight converted on the fly: it stays in the cache until
-#: the matmul reads it. QuantLinear(4096, 4096) weight-only, medians in ms, float32 nn.Linear / 4 MiB
-#: chunks / 8 MiB chunks (4 rotating layer copies, 2 cores): batch 1: 2.8 / 1.7 / 3.0; batch 16:
-#: 5.8 / 3.9 / 5.0; batch 256: 42.0 / 43.8 / 53.2. With 1 MiB chunks the many small matmuls cost
-#: more at batch 256 (46.5 against 41.8 for 4 MiB in a bare-loop measurement).
+#: Size in bytes of one float32 chunk of the weight converted on the fly: it stays in the cache
+#: until the matmul reads it. QuantLinear(4096, 4096) weight-only, medians in ms, float32
+#: nn.Linear / 4 MiB chunks / 8 MiB chunks (4 rotating layer copies, 2 cores): batch 1:
+#: 2.8 / 1.7 / 3.0; batch 16: 5.8 / 3.9 / 5.0; batch 256: 42.0 / 43.8 / 53.2. With 1 MiB chunks
+#: the many small matmuls cost more at batch 256 (46.5 against 41.8 for 4 MiB in a bare loop).
 _CHUNK_BYTES = 4 << 20
 
 
