@@ -4,7 +4,7 @@ The flat public API::
 
     from quantkit import quantize, dequantize, QTensor          # the int8 core
     from quantkit import calibrate, Observer, quantization_mse  # calibration
-    from quantkit import QuantLinear, quantize_model            # PyTorch layers
+    from quantkit import QuantLinear, quantize_model, load_quantized  # PyTorch layers
     from quantkit import save, load                             # int8 checkpoints (safetensors)
 
 Importing compiles nothing, imports neither numba nor torch, and starts no CUDA: the modules behind
@@ -26,6 +26,7 @@ _LAZY = {
     "quantization_mse": "calibration",
     "QuantLinear": "nn",
     "quantize_model": "nn",
+    "load_quantized": "nn",
     "save": "io",
     "load": "io",
 }
