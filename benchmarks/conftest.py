@@ -160,7 +160,8 @@ def pytest_sessionfinish(session, exitstatus):
         return
     m = machine()
     head = ["# quantkit benchmark summary", "",
-            f"Produced by `pytest benchmarks/` on {m['processor']}, {m['cpus']} CPUs, "
+            "Gathered from full-mode runs of `pytest benchmarks/` (each section from the last "
+            f"run of its benchmark) on {m['processor']}, {m['cpus']} CPUs, "
             f"{m['platform']}, torch {m.get('torch', '-')}" + (f", GPU {m['gpu']}" if 'gpu' in m else "")
             + ". Medians of repeats after warm-up; ratios are within one run.", ""]
     body = [p.read_text() for p in sections]
