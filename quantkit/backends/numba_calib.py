@@ -301,8 +301,12 @@ def nonzero_abs(x):
     """|x| of the non-zero elements of a flat array, in order."""
     m = 0
     for i in range(x.size):
-        m += x[i] != 0
+        m += np.int64(x[i] != 0)
     out = np.empty(m, np.float32)
+    if m == x.size:  # no zeros (the common case): a plain vectorised copy
+        for i in range(m):
+            out[i] = abs(x[i])
+        return out
     j = 0
     for i in range(x.size):
         if x[i] != 0:
@@ -449,12 +453,21 @@ def _search_continuous(values, counts, amax, unit_inv):
         if _better(errs[k], af, best_s, best_a):
             best_s = errs[k]
             best_a = af
-    # +-1 fine step at 1/5 of it around the three lowest points of the fine scan
+    # +-1 fine step at 1/5 of it around the three lowest points of the fine scan: the 8 points
+    # strictly between the centre's neighbours (the centre and its neighbours are already known)
     order = np.argsort(errs)
     for j in range(min(3, fine)):
         c = grid[order[j]]
-        best_a, best_s = _scan(values, counts, c / ratio, min(c * ratio, a64), 11, True,
-                               unit_inv, best_a, best_s)
+        for i in range(-4, 5):
+            if i == 0:
+                continue
+            af = np.float32(c * ratio ** (0.2 * i))
+            if not af <= a64:
+                continue
+            s = _sse(values, counts, af, unit_inv)
+            if _better(s, af, best_s, best_a):
+                best_s = s
+                best_a = af
     return best_a
 
 
