@@ -371,7 +371,12 @@ class Table:
         self.emit(self.line(["-" * w for w in self.widths]))
 
     def emit(self, text):
-        print(text, file=self.stream, flush=True)
+        try:
+            print(text, file=self.stream, flush=True)
+        except BrokenPipeError:
+            # The reader went away (`quantkit quantize ... | head`): the table is a by-product,
+            # so the job goes on with its output discarded.
+            self.stream = _discard(self.stream)
 
 
 class Progress:
@@ -416,6 +421,18 @@ class Progress:
     def advance(self, nbytes: int):
         self.done_bytes += nbytes
         self.done += 1
+
+
+def _discard(stream):
+    """A stream to write to instead of ``stream`` once its reader has gone away."""
+    try:
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)      # so that the interpreter's flush at exit does not fail either
+        os.close(devnull)
+        return stream
+    except (OSError, ValueError, AttributeError):
+        return open(os.devnull, "w")
 
 
 def _progress_wanted(args) -> bool:

@@ -180,6 +180,18 @@ def test_quantize_progress_bar_on_a_terminal(checkpoint, tmp_path, capsys, monke
     assert err.getvalue().strip("\x00") == ""
 
 
+def test_quantize_goes_on_when_the_reader_of_its_table_goes_away(checkpoint, tmp_path,
+                                                                 monkeypatch):
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    out = tmp_path / "int8.safetensors"
+    assert main(["quantize", str(checkpoint), "-o", str(out)]) == 0
+    _check_close(_tensors(), load(out))
+
+
 def test_quantize_refuses_to_overwrite_its_input(checkpoint, sharded, capsys):
     before = _digest(checkpoint)
     assert main(["quantize", str(checkpoint), "-o", str(checkpoint)]) == 2
