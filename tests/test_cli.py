@@ -370,7 +370,10 @@ def test_calibrate_plot_without_matplotlib(checkpoint, tmp_path, capsys, monkeyp
 
 
 def test_demo_without_the_extra_runs_the_synthetic_pipeline(capsys, monkeypatch):
+    import quantkit
+
     monkeypatch.setitem(sys.modules, "quantkit.demo", None)     # as if the extra were missing
+    monkeypatch.delattr(quantkit, "demo", raising=False)        # set if it was imported before
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert 'pip install "quantkit[demo]"' in out
