@@ -88,7 +88,8 @@ def _as_cpu_tensor(value, name: str):
     """An array or tensor as a detached, contiguous CPU torch tensor (copied if need be)."""
     torch = _torch()
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
+        # np.ascontiguousarray turns a 0-d array into shape (1,): restore the shape
+        return torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu").contiguous()
     raise TypeError(f"tensor {name!r}: expected a torch tensor, NumPy array or QTensor, got "

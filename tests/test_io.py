@@ -351,3 +351,19 @@ def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         quantkit.load(tmp_path / "nope.safetensors")
     assert not os.path.exists(tmp_path / "nope.safetensors")
+
+
+def test_numpy_qtensors_round_trip_including_per_tensor_scalar_scale(tmp_path):
+    from quantkit import quantize
+
+    x = np.random.default_rng(5).standard_normal((8, 64)).astype(np.float32)
+    entries = {"t": quantize(x, 2.0), "c": quantize(x, np.abs(x).max(axis=1), axis=0),
+               "b": quantize(x, np.full(8, 2.0, np.float32), block_size=64)}
+    path = tmp_path / "np.safetensors"
+    quantkit.save(entries, path)
+    loaded = quantkit.load(path)
+    for name, q in entries.items():
+        back = loaded[name]
+        assert np.array_equal(back.data.numpy(), q.data)
+        assert np.array_equal(back.scale.numpy(), q.scale)
+        assert (back.axis, back.block_size) == (q.axis, q.block_size)
