@@ -144,6 +144,28 @@ def test_exact_sse_kernels_match_numpy(name):
         np.testing.assert_allclose(c, np.sum(e[hit] ** 2), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("name", ["normal", "outliers", "integers", "tiny"])
+def test_search_kernels_match_numpy(name):
+    """sse_search: sum of int64(float32(e * p)^2), p a power of two putting amax * p below 2^h."""
+    ax = np.abs(data(name, 5001, seed=4))
+    amax = np.float32(ax.max())
+    p = nc.search_unit(amax, ax.size)
+    h = min(25, (62 - int(np.ceil(np.log2(ax.size)))) // 2)
+    assert np.frexp(p)[0] == 0.5 and 2.0 ** (h - 1) <= amax * p < 2.0 ** h
+    for a in (amax * np.array([1.0, 0.7, 0.31, 0.05, 1e-3])).astype(np.float32):
+        s, inv = reference.scale_from_alpha(a), reference.inv_scale_from_alpha(a)
+        with np.errstate(over="ignore"):
+            t = (ax - np.minimum(np.rint(ax * inv), 127) * s) * p
+        want = np.trunc(t * t).astype(np.int64).sum()
+        assert t.dtype == np.float32 and nc.sse_search(ax, a, p) == want
+        d = np.maximum(ax - np.float32(127) * s, 0) * p
+        assert nc.sse_search_bound(ax, a, p) == (want, np.trunc(d * d).astype(np.int64).sum())
+        # scaling x by a power of two scales p the other way: the same sum
+        k = np.float32(2.0 ** 7)
+        assert nc.search_unit(amax * k, ax.size) == p / k
+        assert nc.sse_search(ax * k, a * k, p / k) == want
+
+
 def test_quantization_mse_matches_reference_all_granularities():
     rng = np.random.default_rng(1)
     x = (rng.standard_t(3, (6, 300)) * rng.uniform(0.1, 3, (6, 1))).astype(np.float32)
