@@ -93,6 +93,20 @@ def n_blocks(size: int, block_size: int) -> int:
     return -(-size // block_size)
 
 
+def granularity(shape: tuple, axis, block_size):
+    """Checked (axis, block_size) for an array of ``shape``, and the shape alpha must have:
+    ``()`` per tensor, ``(shape[axis],)`` per channel, ``(n_blocks,)`` per block."""
+    if axis is not None and block_size is not None:
+        raise ValueError("pass either axis= (per channel) or block_size= (blockwise), not both")
+    if axis is not None:
+        axis = normalize_axis(axis, len(shape))
+        return axis, None, (shape[axis],)
+    if block_size is not None:
+        block_size = check_block_size(block_size)
+        return None, block_size, (n_blocks(int(np.prod(shape, dtype=np.int64)), block_size),)
+    return None, None, ()
+
+
 def alpha_array(alpha, expected_shape: tuple) -> np.ndarray:
     """alpha as a float32 NumPy array of ``expected_shape``: finite and >= 0, else ValueError.
 

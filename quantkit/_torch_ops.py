@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import _arrays, ops
 from .qtensor import QTensor
 
 Tensor = torch.Tensor
@@ -128,11 +128,9 @@ def absmax(x: Tensor, axis: Optional[int] = None, block_size: Optional[int] = No
 
 
 def _cuda_free_checks(x, axis, block_size):
-    from .backends.cuda import granularity  # pure argument checks; loads no library
-
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    granularity(tuple(x.shape), axis, block_size)
+    _arrays.granularity(tuple(x.shape), axis, block_size)
 
 
 @absmax.register_kernel("cuda")

@@ -24,19 +24,6 @@ def _backend(kind: str):
     return numba_cpu
 
 
-def _granularity(shape: tuple, axis, block_size):
-    """Normalized (axis, block_size) and the shape alpha must have for them."""
-    if axis is not None and block_size is not None:
-        raise ValueError("pass either axis= (per channel) or block_size= (blockwise), not both")
-    if axis is not None:
-        axis = _arrays.normalize_axis(axis, len(shape))
-        return axis, None, (shape[axis],)
-    if block_size is not None:
-        block_size = _arrays.check_block_size(block_size)
-        return None, block_size, (_arrays.n_blocks(int(np.prod(shape, dtype=np.int64)), block_size),)
-    return None, None, ()
-
-
 def _checked_out(out, kind: str, shape: tuple, dtype, name: str = "out"):
     """The caller's output buffer as a NumPy array, after checking it fits."""
     if out is None:
@@ -71,7 +58,7 @@ def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> QTensor:
     if kind == _arrays.TORCH_CUDA:
         return _backend(kind).quantize(x, alpha, axis=axis, block_size=block_size, out=out)
     x32 = _arrays.float32_numpy(x)
-    axis, block_size, alpha_shape = _granularity(x32.shape, axis, block_size)
+    axis, block_size, alpha_shape = _arrays.granularity(x32.shape, axis, block_size)
     alpha32 = _arrays.alpha_array(alpha, alpha_shape)
     scale = reference.scale_from_alpha(alpha32)
     out_array = _checked_out(out, kind, x32.shape, np.int8)

@@ -183,19 +183,6 @@ def _check_float(x, name: str = "x") -> None:
                         f"float64), got {x.dtype}")
 
 
-def granularity(shape: tuple, axis, block_size):
-    """Normalized (axis, block_size) and the shape alpha must have (the checks of quantkit.ops)."""
-    if axis is not None and block_size is not None:
-        raise ValueError("pass either axis= (per channel) or block_size= (blockwise), not both")
-    if axis is not None:
-        axis = _arrays.normalize_axis(axis, len(shape))
-        return axis, None, (shape[axis],)
-    if block_size is not None:
-        block_size = _arrays.check_block_size(block_size)
-        return None, block_size, (_arrays.n_blocks(_numel(shape), block_size),)
-    return None, None, ()
-
-
 def _numel(shape) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
@@ -250,7 +237,7 @@ def prepare_quantize(x, alpha, axis=None, block_size=None):
     ``x`` only needs ``shape`` and ``dtype`` here (any device); alpha may live anywhere.
     """
     _check_float(x)
-    axis, block_size, alpha_shape = granularity(tuple(x.shape), axis, block_size)
+    axis, block_size, alpha_shape = _arrays.granularity(tuple(x.shape), axis, block_size)
     alpha32 = _arrays.alpha_array(alpha, alpha_shape)
     return (axis, block_size, reference.inv_scale_from_alpha(alpha32),
             reference.scale_from_alpha(alpha32))
@@ -374,7 +361,7 @@ def absmax(x, *, axis=None, block_size=None):
     """
     _require_cuda(x, "x")
     _check_float(x)
-    axis, block_size, out_shape = granularity(tuple(x.shape), axis, block_size)
+    axis, block_size, out_shape = _arrays.granularity(tuple(x.shape), axis, block_size)
     device = x.device
     x32 = _as_float32(x)
     lib = library()
