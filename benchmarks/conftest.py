@@ -41,19 +41,7 @@ class Bench:
 
         ``sync`` (e.g. torch.cuda.synchronize) is called before each clock read.
         """
-        repeats = repeats or self.repeats
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if sync:
-                sync()
-            start = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return self.time_many({"fn": fn}, repeats=repeats, warmup=warmup, sync=sync)["fn"]
 
     def time_many(self, fns: dict, *, repeats=None, warmup=1, sync=None) -> dict:
         """Median wall time in seconds of each ``fns[name]()``, the calls interleaved round-robin.
