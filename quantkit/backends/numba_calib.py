@@ -316,16 +316,19 @@ def _distinct(ax, limit):
     Stops as soon as limit + 1 distinct values were seen, so continuous data costs little.
     """
     size = 1
+    shift = 32
     while size < 2 * limit:
         size *= 2
+        shift -= 1
     mask = size - 1
     keys = np.full(size, -1, np.int32)
-    cnt = np.zeros(size, np.int64)
     bits = ax.view(np.int32)
     used = 0
     for i in range(bits.size):
         b = bits[i] & _ABS_MASK
-        h = (np.int64(b) * 2654435761) & mask
+        # multiplicative hashing on the top bits of the low 32: every bit of b matters (values
+        # with zero low mantissa bits, as integers and bfloat16 data have, spread out too)
+        h = ((np.int64(b) * 2654435761) & 0xFFFFFFFF) >> shift
         while keys[h] != -1 and keys[h] != b:
             h = (h + 1) & mask
         if keys[h] == -1:
@@ -333,6 +336,13 @@ def _distinct(ax, limit):
             if used > limit:
                 return np.empty(0, np.float32), np.empty(0, np.int64)
             keys[h] = b
+    # at most ``limit`` distinct values: count them in a second pass
+    cnt = np.zeros(size, np.int64)
+    for i in range(bits.size):
+        b = bits[i] & _ABS_MASK
+        h = ((np.int64(b) * 2654435761) & 0xFFFFFFFF) >> shift
+        while keys[h] != b:
+            h = (h + 1) & mask
         cnt[h] += 1
     vals = np.empty(used, np.int32)
     counts = np.empty(used, np.int64)
