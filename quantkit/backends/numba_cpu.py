@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .. import _buffers
 from .._constants import QMAX
 
 _CHUNK = 1 << 16  # elements per parallel work item: 256 KiB of float32
@@ -202,9 +203,10 @@ def _undo(a: np.ndarray, perm) -> np.ndarray:
 
 
 def _output_like(dense: np.ndarray, dtype, out):
-    """A fresh C-contiguous array of dense's shape, or the caller's ``out`` (already validated)."""
+    """A new C-contiguous array of dense's shape (large ones reuse cached memory, see
+    quantkit._buffers), or the caller's ``out`` (already validated)."""
     if out is None:
-        return np.empty(dense.shape, dtype=dtype)
+        return _buffers.empty(dense.shape, dtype)
     return out
 
 
