@@ -10,7 +10,7 @@ layers of a model) touches warm pages.
 * Only outputs of at least ``MIN_BYTES`` go through the cache; smaller ones are plain ``np.empty``.
 * A block returns to the cache when the last array (or torch tensor, via ``torch.from_numpy``) using
   it is garbage collected; nothing is ever shared while in use.
-* The cache holds at most ``QUANTKIT_BUFFER_CACHE_MB`` MiB (environment variable, default 256;
+* The cache holds at most ``QUANTKIT_BUFFER_CACHE_MB`` MiB (environment variable, default 512;
   0 disables it), evicting the oldest blocks first. :func:`clear` empties it.
 """
 
@@ -26,7 +26,7 @@ MIN_BYTES = 1 << 20
 
 
 def _limit_from_env() -> int:
-    value = os.environ.get("QUANTKIT_BUFFER_CACHE_MB", "256")
+    value = os.environ.get("QUANTKIT_BUFFER_CACHE_MB", "512")
     try:
         mib = int(value)
     except ValueError:
