@@ -162,7 +162,7 @@ def _check_finite_rows(x32: np.ndarray, rows: np.ndarray, name="x") -> np.ndarra
 # ------------------------------------------------------------------------------- the methods
 
 
-def _mse_large(flat: np.ndarray, amax: np.float32, counts: np.ndarray, low_bits: int,
+def _mse_large(k, flat, n: int, amax: np.float32, counts: np.ndarray, low_bits: int,
                nonzero: int):
     """MSE-optimal alpha of a large flat array from its count histogram, verified on the data.
 
@@ -176,12 +176,14 @@ def _mse_large(flat: np.ndarray, amax: np.float32, counts: np.ndarray, low_bits:
        (and amax when the model's alpha is within 3% of it); for smaller ones up to 41 points
        over up to +-2%, then 11 points at a fifth of that step around the best. The lowest exact
        error wins (on a tie the larger alpha).
+
+    ``k`` is the kernel set (``numba_calib``, or the CUDA backend's ``calibration_kernels`` for a
+    flat CUDA tensor) and ``n`` the element count of ``flat``.
     """
-    k = _kernels()
     cnt, mean, var = k.count_moments(counts, low_bits == 0)
     model_alpha = float(k.model_search(cnt, mean, var, amax))
     a_max = float(amax)
-    unit_inv = k.unit_inverse(amax, flat.size)
+    unit_inv = k.unit_inverse(amax, n)
 
     def best_of(center, steps, extra=()):
         cands = {np.float32(min(center * (1.0 + d), a_max)) for d in steps}
@@ -192,7 +194,7 @@ def _mse_large(flat: np.ndarray, amax: np.float32, counts: np.ndarray, low_bits:
         return float(cands[order[0]])
 
     wiggle = 0.9 / np.sqrt(nonzero)
-    half = int(min(20, max(2, (1 << 25) // flat.size)))  # points on each side
+    half = int(min(20, max(2, (1 << 25) // n)))  # points on each side
     near_top = (a_max,) if model_alpha > 0.97 * a_max else ()
     if half <= 2:
         return np.float32(best_of(model_alpha, (-0.002, 0.0, 0.002), near_top))
@@ -227,7 +229,126 @@ def _mse_flat(flat: np.ndarray, x32=None, name="x") -> np.float32:
         alpha = k.search_mse_discrete(flat, np.float32(amax))
         if alpha >= 0:
             return np.float32(alpha)
-    return _mse_large(flat, np.float32(amax), counts, int(low_bits), flat.size - int(zeros))
+    return _mse_large(k, flat, flat.size, np.float32(amax), counts, int(low_bits),
+                      flat.size - int(zeros))
+
+
+# ------------------------------------------------------------------------------ on the GPU
+
+#: What :func:`calibrate_cuda` computes on the device; everything else raises NotImplementedError.
+CUDA_SUPPORTED = ('method="max" per tensor, per channel and per block; method="mse" per tensor '
+                  f"when x has more than {_SMALL} non-zero values")
+
+
+def _not_on_gpu(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"calibrate on a CUDA tensor: {what} is not implemented on the GPU, and the data is not "
+        f"copied to the host behind the caller's back. On the GPU: {CUDA_SUPPORTED}. Pass x.cpu() "
+        "explicitly to calibrate on the CPU.")
+
+
+def calibrate_cuda(x, method: str, axis, block_size, opts: dict):
+    """:func:`calibrate` of a CUDA tensor on its device (``opts`` already checked).
+
+    "max" comes from ``backends.cuda.absmax`` (a Python float per tensor; a float32 CUDA tensor per
+    channel or block). "mse" per tensor runs :func:`_mse_flat`'s large-array branches with the CUDA
+    kernels (|x|max, the log histogram, the exact error sums), so alpha equals the CPU's on the same
+    data; only per-bin sums, the candidates' error sums and scalars come back to the host. Where
+    the CPU search needs the data itself on the host (a tensor with at most 65536 non-zero values;
+    a few non-empty bins whose distinct values the histogram cannot tell) and for every other
+    method or granularity: NotImplementedError (a RuntimeError) saying what does run on the GPU.
+    """
+    from .backends import cuda
+
+    cuda._check_float(x)
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); nothing to calibrate")
+    axis, block_size, _ = _arrays.granularity(tuple(x.shape), axis, block_size)
+    if method == "max":
+        amax = cuda.absmax(x, axis=axis, block_size=block_size)
+        legal = amax.masked_fill(amax < float(_MIN_ALPHA), 0.0)  # as _legal(amax, amax)
+        return float(legal.item()) if axis is None and block_size is None else legal
+    if method == "mse" and axis is None and block_size is None:
+        return float(_mse_flat_cuda(x, cuda))
+    where = ("per channel" if axis is not None else "per block" if block_size is not None
+             else "per tensor")
+    raise _not_on_gpu(f'method="{method}" {where}')
+
+
+def _mse_flat_cuda(x, cuda) -> np.float32:
+    """:func:`_mse_flat` of a CUDA tensor: the same branches, each pass over the data on the GPU."""
+    k = cuda.calibration_kernels
+    x32 = cuda._as_float32(x)
+    dense, _ = cuda._dense(x32, keep_layout=True)  # the order of the elements does not matter
+    n = int(dense.numel())
+    amax, bad = k.absmax_flat(dense)
+    if bad:
+        raise cuda.nonfinite_error(x, int(bad))
+    amax = np.float32(amax)
+    if amax < _MIN_ALPHA:
+        return np.float32(0)
+    if n <= _SMALL:
+        raise _not_on_gpu(f'method="mse" on a tensor of {n} <= {_SMALL} values (the exact '
+                          "search runs on the data on the host)")
+    counts, sum_res, sum_res2 = (np.zeros(k.HIST_BINS, np.int64) for _ in range(3))
+    k.histogram_log(dense, 1, counts, sum_res, sum_res2)
+    low_bits = int(sum_res.sum() != 0)  # the OR of the 16 low mantissa bits is 0 iff their sum is
+    if sum_res[0] == 0:  # bin 0 holds exact zeros only
+        zeros = int(counts[0])
+    else:  # and subnormals below 2^-133: count the zeros on the device
+        zeros = n - _count_nonzero_on_device(dense)
+    nonzero = n - zeros
+    if nonzero <= _SMALL:
+        raise _not_on_gpu(f'method="mse" on a tensor with {nonzero} <= {_SMALL} non-zero values '
+                          "(the exact search runs on the data on the host)")
+    if low_bits == 0:  # at most 7 mantissa bits: the bins are the exact distinct values
+        values, vcounts = k.bin_values(counts)
+        return np.float32(k.search_mse_values(values, vcounts, amax))
+    if np.count_nonzero(counts) <= k.LATTICE_MAX_DISTINCT + 1:  # maybe few distinct values
+        pairs = _distinct_from_bins(counts, sum_res, sum_res2, zeros, k)
+        if pairs is None:
+            raise _not_on_gpu('method="mse" on a tensor whose |x| fall in at most '
+                              f"{k.LATTICE_MAX_DISTINCT + 1} log-histogram bins, some holding "
+                              "several values (counting the distinct values needs the data on "
+                              "the host)")
+        if pairs:
+            return np.float32(k.search_mse_values(pairs[0], pairs[1], amax))
+    return _mse_large(k, dense, n, amax, counts, low_bits, nonzero)
+
+
+def _count_nonzero_on_device(t) -> int:
+    import torch
+
+    return int(torch.count_nonzero(t).item())  # a reduction on t's device; one scalar comes back
+
+
+def _distinct_from_bins(counts, sum_res, sum_res2, zeros, k):
+    """The distinct non-zero |x| with their counts, from the log histogram, for the exhaustive
+    search (search_mse_discrete's input; the order of the pairs does not change its result).
+
+    A bin whose residuals have zero variance (count * sum r^2 == (sum r)^2) holds one value; a bin
+    that does not holds at least two. Returns (values, counts) when every non-empty bin holds one
+    value; ``()`` when there are certainly more than LATTICE_MAX_DISTINCT distinct values (the CPU
+    search would go on to the histogram search too); None when the histogram cannot tell.
+    """
+    values, weights = [], []
+    at_least = 0
+    for j in np.flatnonzero(counts):
+        c = int(counts[j]) - (zeros if j == 0 else 0)
+        if c == 0:
+            continue
+        s, q = int(sum_res[j]), int(sum_res2[j])  # Python ints: s * s may pass 2^63
+        if c * q == s * s:
+            values.append((int(j) << k.HIST_SHIFT) | (s // c))
+            weights.append(c)
+            at_least += 1
+        else:
+            at_least += 2
+    if at_least > k.LATTICE_MAX_DISTINCT:
+        return ()
+    if at_least > len(values):
+        return None
+    return np.array(values, np.int32).view(np.float32), np.array(weights, np.int64)
 
 
 def _percentile_rows(rows: np.ndarray, p: float) -> np.ndarray:
@@ -308,9 +429,10 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
 
     Args:
         x: NumPy array or CPU torch tensor, float16/bfloat16/float32/float64 (used as float32),
-            finite, not empty. Never modified. CUDA tensors go to ``backends.cuda.calibrate`` when
-            that backend offers one, else raise RuntimeError (nothing is copied to the host
-            behind the caller's back).
+            finite, not empty. Never modified. CUDA tensors go to ``backends.cuda.calibrate``
+            (nothing is copied to the host behind the caller's back): "max" at every granularity
+            and "mse" per tensor of more than 65536 non-zero values run on the GPU; the rest
+            raises NotImplementedError (a RuntimeError), see :func:`calibrate_cuda`.
         method: ``"mse"`` (default; exact-MSE optimal), ``"max"``, ``"percentile"``, ``"entropy"``.
         axis: one alpha per slice along this axis (per channel).
         block_size: one alpha per block of the C-order flattening (power of two in [64, 4096]).
@@ -320,13 +442,16 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
 
     Returns:
         A Python float per tensor; per channel or per block a float32 array (NumPy, or a torch
-        tensor when x is one). Always ``0 <= alpha <= max |x|`` (over the slice); all-zero data
-        gives 0. Scaling x by a power of two scales alpha by the same power exactly.
+        tensor on x's device when x is one). Always ``0 <= alpha <= max |x|`` (over the slice);
+        all-zero data gives 0. Scaling x by a power of two scales alpha by the same power exactly.
 
     Raises:
         ValueError: NaN/Inf in x (how many, and the index of the first), empty x, unknown method,
             percentile outside (0, 100], axis out of range, a bad block_size.
         TypeError: x not an array of floats, an option the method does not take.
+        NotImplementedError: (a RuntimeError) a CUDA tensor with a method or granularity the GPU
+            path does not compute (see :func:`calibrate_cuda`); or RuntimeError when the CUDA
+            library is not built.
     """
     opts = _check_method(method, options)
     if _arrays.kind_of(x) == _arrays.TORCH_CUDA:

@@ -947,3 +947,201 @@ def test_emulated_wrappers_out_errors_and_statistics(emulated_backend):
     unit_inv = numba_calib.unit_inverse(np.float32(np.abs(x).max()), x.size)
     _same(cuda.sse_fixed_many(t, alphas, unit_inv),
           numba_calib.sse_fixed_many(x.reshape(-1), alphas, unit_inv), "sse")
+
+
+# ---------------------------------------------------- calibrate on CUDA tensors (emulated)
+# calibration.calibrate_cuda through the emulated kernels: the alphas must equal the CPU path's on
+# the same data, and nothing may go through the host-side data path (float32_numpy, the numba
+# kernels on the data): the tests make both fail once the CPU's expected alphas are computed.
+
+from quantkit import calibration  # noqa: E402
+
+
+def _fail_host_path(*args, **kwargs):
+    raise AssertionError("the CUDA calibration path touched the host-side data path")
+
+
+def _cpu_alpha(x, method="mse", **kwargs):
+    """calibrate on the CPU, outside the fixture's guard (it is called before the guard is set)."""
+    return calibration.calibrate(x, method, **kwargs)
+
+
+def _calibration_data(kind: str, n: int = 70_000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        return rng.standard_normal(n).astype(np.float32)
+    if kind == "student_t2":  # heavy tails
+        return rng.standard_t(2, n).astype(np.float32)
+    if kind == "outliers":
+        x = rng.standard_normal(n).astype(np.float32)
+        x[rng.random(n) < 1e-3] *= np.float32(60)
+        return x
+    if kind == "bfloat16":  # at most 7 mantissa bits: the exact search on the histogram's bins
+        x = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+        return x.bfloat16().float().numpy()
+    if kind == "scaled_integers":  # few distinct values, one per bin: the exhaustive search
+        return (rng.integers(-100, 101, n) * np.float32(1.37)).astype(np.float32)
+    if kind == "zeros_and_subnormals":  # bin 0 holds zeros and subnormals: zeros counted on device
+        x = rng.standard_normal(n + 20_000).astype(np.float32)
+        x[:15_000] = 0.0
+        x[15_000:15_100] = np.float32(1e-41)
+        x[15_100:15_200] = np.float32(-0.0)
+        return x
+    raise AssertionError(kind)
+
+
+MSE_CASES = ["normal", "student_t2", "outliers", "bfloat16", "scaled_integers",
+             "zeros_and_subnormals"]
+
+
+@pytest.mark.parametrize("kind", MSE_CASES)
+def test_emulated_calibrate_mse_per_tensor_equals_cpu(emulated_backend, monkeypatch, kind):
+    x = _calibration_data(kind)
+    expected = _cpu_alpha(x)
+    assert isinstance(expected, float) and expected > 0
+    monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
+    monkeypatch.setattr(calibration, "_kernels", _fail_host_path)
+    for t in (torch.from_numpy(x), torch.from_numpy(x.reshape(-1, 10)).t()):  # plain, transposed
+        got = cuda.calibrate(t, "mse")
+        assert isinstance(got, float)
+        assert got == expected, kind
+
+
+def test_emulated_calibrate_mse_half_input_equals_cpu(emulated_backend, monkeypatch):
+    t = torch.from_numpy(_calibration_data("student_t2", seed=3)).to(torch.float16)
+    expected = _cpu_alpha(t)
+    monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
+    assert cuda.calibrate(t) == expected
+
+
+@pytest.mark.parametrize("how", ["plain", "transpose", "sliced", "offset"])
+@pytest.mark.parametrize("shape", [(1,), (37,), (3, 5, 70), (40, 33)])
+def test_emulated_calibrate_max_equals_cpu(emulated_backend, monkeypatch, how, shape):
+    n = int(np.prod(shape))
+    x = _random(n, seed=n).reshape(shape)
+    x.reshape(-1)[: min(n, 3)] = np.float32(1e-38)  # below MIN_POSITIVE_ALPHA: a channel may be 0
+    t = _cpu_layout(x, how)
+    expected = {"tensor": _cpu_alpha(x, "max"),
+                "blocks": _cpu_alpha(torch.from_numpy(x), "max", block_size=64),
+                "axes": [_cpu_alpha(torch.from_numpy(x), "max", axis=a)
+                         for a in range(-len(shape), len(shape))]}
+    monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
+    monkeypatch.setattr(calibration, "_kernels", _fail_host_path)
+    got = cuda.calibrate(t, "max")
+    assert isinstance(got, float) and got == expected["tensor"]
+    blocks = cuda.calibrate(t, "max", block_size=64)
+    assert blocks.dtype == torch.float32 and blocks.device == t.device
+    _same(blocks, _cpu(expected["blocks"]), "max per block")
+    for a, want in zip(range(-len(shape), len(shape)), expected["axes"]):
+        got = cuda.calibrate(t, "max", axis=a)
+        assert got.dtype == torch.float32 and tuple(got.shape) == tuple(want.shape)
+        _same(got, _cpu(want), "max per channel")
+
+
+UNSUPPORTED = [
+    (dict(method="mse", axis=0), 'method="mse" per channel'),
+    (dict(method="mse", block_size=64), 'method="mse" per block'),
+    (dict(method="percentile"), 'method="percentile" per tensor'),
+    (dict(method="percentile", axis=1, percentile=99.0), 'method="percentile" per channel'),
+    (dict(method="entropy"), 'method="entropy" per tensor'),
+    (dict(method="entropy", block_size=128), 'method="entropy" per block'),
+]
+
+
+@pytest.mark.parametrize("kwargs,what", UNSUPPORTED, ids=str)
+def test_emulated_calibrate_unsupported_raises_clearly(emulated_backend, monkeypatch, kwargs,
+                                                       what):
+    monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
+    t = torch.from_numpy(_calibration_data("normal").reshape(700, 100))
+    with pytest.raises(NotImplementedError) as info:
+        cuda.calibrate(t, **kwargs)
+    assert isinstance(info.value, RuntimeError)  # callers catching RuntimeError still do
+    message = str(info.value)
+    assert what in message and "not implemented on the GPU" in message
+    assert calibration.CUDA_SUPPORTED in message and "x.cpu()" in message
+
+
+def test_emulated_calibrate_mse_needing_host_data_raises(emulated_backend, monkeypatch):
+    rng = np.random.default_rng(5)
+    small = rng.standard_normal(4096).astype(np.float32)
+    sparse = np.zeros(200_000, np.float32)
+    sparse[:60_000] = rng.standard_normal(60_000)
+    narrow = rng.uniform(1.0, 2.0, 70_000).astype(np.float32)  # 128 bins, many values in each
+    monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
+    monkeypatch.setattr(calibration, "_kernels", _fail_host_path)
+    for x, match in ((small, "4096 <= 65536 values"), (sparse, "60000 <= 65536 non-zero"),
+                     (narrow, "at most 513 log-histogram bins")):
+        with pytest.raises(NotImplementedError, match=match):
+            cuda.calibrate(torch.from_numpy(x), "mse")
+    # what needs no search still works: all zeros (and all below MIN_POSITIVE_ALPHA) give 0
+    assert cuda.calibrate(torch.zeros(100), "mse") == 0.0
+    assert cuda.calibrate(torch.full((100,), 1e-38), "mse") == 0.0
+
+
+def test_emulated_calibrate_argument_errors_match_cpu(emulated_backend):
+    bad = _calibration_data("normal").reshape(700, 100)
+    bad[3, 7] = np.nan
+    bad[5, 1] = np.inf
+    for method, kwargs in (("mse", {}), ("max", {}), ("max", dict(axis=1)),
+                           ("max", dict(block_size=64))):
+        with pytest.raises(ValueError) as expected:
+            calibration.calibrate(bad, method, **kwargs)
+        with pytest.raises(ValueError) as got:
+            cuda.calibrate(torch.from_numpy(bad), method, **kwargs)
+        assert str(got.value) == str(expected.value)
+    with pytest.raises(ValueError, match="empty"):
+        cuda.calibrate(torch.zeros(0, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        cuda.calibrate(torch.ones(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="unknown"):
+        cuda.calibrate(torch.ones(4), "minmax")
+    with pytest.raises(TypeError, match="does not apply"):
+        cuda.calibrate(torch.ones(4), "max", bins=10)
+    with pytest.raises(ValueError, match="not both"):
+        cuda.calibrate(torch.ones(64, 2), "max", axis=0, block_size=64)
+
+
+def test_calibrate_dispatches_cuda_tensors_to_the_backend(monkeypatch):
+    """quantkit.calibrate hands a CUDA tensor to backends.cuda.calibrate with checked options."""
+    seen = []
+    monkeypatch.setattr(cuda, "calibrate", lambda x, method, **kw: seen.append((method, kw)) or 1.5)
+    monkeypatch.setattr(calibration._arrays, "kind_of", lambda x: _arrays.TORCH_CUDA)
+    assert quantkit.calibrate(torch.ones(4), "percentile", axis=0) == 1.5
+    assert seen == [("percentile", dict(axis=0, block_size=None, percentile=99.99))]
+
+
+# ------------------------------------------------------------- calibrate on a real GPU
+
+
+@gpu
+@pytest.mark.parametrize("kind", MSE_CASES)
+def test_gpu_calibrate_mse_per_tensor_equals_cpu(kind):
+    x = _calibration_data(kind, n=2**20 + 7, seed=11)
+    expected = quantkit.calibrate(x)
+    for t in (torch.from_numpy(x).to(DEVICE), _layout(x.reshape(-1, 1), "transpose")):
+        got = quantkit.calibrate(t)
+        assert isinstance(got, float) and got == expected, kind
+
+
+@gpu
+def test_gpu_calibrate_max_equals_cpu():
+    x = _random(300 * 70, seed=2).reshape(300, 70)
+    t = torch.from_numpy(x).to(DEVICE)
+    assert quantkit.calibrate(t, "max") == quantkit.calibrate(x, "max")
+    for kwargs in (dict(axis=0), dict(axis=1), dict(axis=-1), dict(block_size=64)):
+        got = quantkit.calibrate(t, "max", **kwargs)
+        assert got.device == t.device and got.dtype == torch.float32
+        _same(got, quantkit.calibrate(x, "max", **kwargs), f"max {kwargs}")
+        got_t = quantkit.calibrate(t.t(), "max", **kwargs)
+        _same(got_t, quantkit.calibrate(np.ascontiguousarray(x.T), "max", **kwargs),
+              f"max {kwargs} transposed")
+
+
+@gpu
+@pytest.mark.parametrize("kwargs,what", UNSUPPORTED, ids=str)
+def test_gpu_calibrate_unsupported_raises_clearly(kwargs, what):
+    t = torch.randn(700, 100, device=DEVICE)
+    with pytest.raises(NotImplementedError, match=re.escape(what)):
+        quantkit.calibrate(t, **kwargs)
+    with pytest.raises(NotImplementedError, match="4096 <= 65536"):
+        quantkit.calibrate(torch.randn(4096, device=DEVICE))

@@ -552,3 +552,19 @@ class CalibrationKernels:
 
 #: The instance calibration code can use in place of ``numba_calib`` for a CUDA tensor.
 calibration_kernels = CalibrationKernels()
+
+
+def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
+    """:func:`quantkit.calibrate` of a CUDA tensor, computed on its device (``x`` is never copied to
+    the host; small per-bin and per-candidate sums and the result come back).
+
+    On the GPU: "max" per tensor (a Python float), per channel and per block (float32 CUDA tensors);
+    "mse" per tensor when x has more than 65536 non-zero values, with the same alpha as the CPU
+    on the same data. Everything else raises NotImplementedError (a RuntimeError) that says so;
+    see ``quantkit.calibration.calibrate_cuda`` and docs/CALIBRATION.md.
+    """
+    _require_cuda(x, "x")
+    from .. import calibration
+
+    opts = calibration._check_method(method, options)
+    return calibration.calibrate_cuda(x, method, axis, block_size, opts)
