@@ -67,6 +67,28 @@ __device__ __forceinline__ int64_t grid_threads() {
   return static_cast<int64_t>(gridDim.x) * blockDim.x;
 }
 
+// Calls visit(x[i]) for every i in [0, n) handled by this thread, grid-stride. With Vector (x
+// 16-byte aligned) the bulk is read as float4 and only the last n % 4 elements one by one.
+template <bool Vector, class Visit>
+__device__ __forceinline__ void for_each_grid_stride(const float *__restrict__ x, int64_t n,
+                                                     Visit &visit) {
+  const int64_t stride = grid_threads();
+  int64_t tail = 0;
+  if constexpr (Vector) {
+    const int64_t steps = n / 4;
+    tail = steps * 4;
+    const float4 *xv = reinterpret_cast<const float4 *>(x);
+    for (int64_t j = global_thread(); j < steps; j += stride) {
+      const float4 f = __ldg(xv + j);
+      visit(f.x);
+      visit(f.y);
+      visit(f.z);
+      visit(f.w);
+    }
+  }
+  for (int64_t i = tail + global_thread(); i < n; i += stride) visit(__ldg(x + i));
+}
+
 // ------------------------------------------------------------------------------------ host
 
 // Sets the runtime's current device to `device` for the lifetime of the guard and restores the

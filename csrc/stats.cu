@@ -135,21 +135,7 @@ __global__ void __launch_bounds__(kThreads)
     atomicAdd(s1 + b, d);
     atomicAdd(s2 + b, d * d);
   };
-  const int64_t stride = grid_threads();
-  int64_t tail = 0;
-  if constexpr (Vector) {
-    const int64_t steps = n / 4;
-    tail = steps * 4;
-    const float4 *xv = reinterpret_cast<const float4 *>(x);
-    for (int64_t j = global_thread(); j < steps; j += stride) {
-      const float4 f = __ldg(xv + j);
-      add(f.x);
-      add(f.y);
-      add(f.z);
-      add(f.w);
-    }
-  }
-  for (int64_t i = tail + global_thread(); i < n; i += stride) add(__ldg(x + i));
+  for_each_grid_stride<Vector>(x, n, add);
   add_count(nonfinite, bad);
   if constexpr (Shared) {
     __syncthreads();
@@ -183,21 +169,7 @@ __global__ void __launch_bounds__(kThreads)
     atomicAdd(sum_res + bin, r);
     atomicAdd(sum_res2 + bin, r * r);
   };
-  const int64_t stride = grid_threads();
-  int64_t tail = 0;
-  if constexpr (Vector) {
-    const int64_t steps = n / 4;
-    tail = steps * 4;
-    const float4 *xv = reinterpret_cast<const float4 *>(x);
-    for (int64_t j = global_thread(); j < steps; j += stride) {
-      const float4 f = __ldg(xv + j);
-      add(f.x);
-      add(f.y);
-      add(f.z);
-      add(f.w);
-    }
-  }
-  for (int64_t i = tail + global_thread(); i < n; i += stride) add(__ldg(x + i));
+  for_each_grid_stride<Vector>(x, n, add);
   add_count(nonfinite, bad);
 }
 
@@ -234,21 +206,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
   };
-  const int64_t stride = grid_threads();
-  int64_t tail = 0;
-  if constexpr (Vector) {
-    const int64_t steps = n / 4;
-    tail = steps * 4;
-    const float4 *xv = reinterpret_cast<const float4 *>(x);
-    for (int64_t j = global_thread(); j < steps; j += stride) {
-      const float4 f = __ldg(xv + j);
-      add(f.x);
-      add(f.y);
-      add(f.z);
-      add(f.w);
-    }
-  }
-  for (int64_t i = tail + global_thread(); i < n; i += stride) add(__ldg(x + i));
+  for_each_grid_stride<Vector>(x, n, add);
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     if (j < k) add_count(out + j, acc[j]);  // k is uniform: every lane takes the same branches
