@@ -791,33 +791,70 @@ def _cell_integral(p, q, level, s):
 
 
 @njit(cache=True)
-def model_sse(cnt, mean, var, alpha):
-    """Expected sum of e^2 for binned data: each bin is spread uniformly over [m - h, m + h] with
-    h = sqrt(3 var) (matching the bin's exact mean and variance; a point mass when var = 0) and the
-    error integrated exactly over the rounding cells that interval meets (cell 127 is unbounded)."""
+def model_tables(cnt, mean, var):
+    """Tables that let model_sse skip the bins a rounding step does not split.
+
+    ``h = sqrt(3 var)`` (bin j is uniform over [mean - h, mean + h]); ``hi_run[j]`` the largest
+    upper end among bins <= j and ``lo_min[j]`` the smallest lower end among bins >= j (both
+    non-decreasing, so a binary search finds the bins wholly in cell 0 and the bins wholly clipped);
+    prefix sums ``p0, p1, p2`` of ``cnt``, ``cnt * mean`` and ``cnt * (mean^2 + var)``.
+    """
+    m = cnt.size
+    h = np.sqrt(3.0 * var)
+    hi_run = np.empty(m)
+    lo_min = np.empty(m)
+    run = -np.inf
+    for j in range(m):
+        run = max(run, mean[j] + h[j])
+        hi_run[j] = run
+    run = np.inf
+    for j in range(m - 1, -1, -1):
+        run = min(run, mean[j] - h[j])
+        lo_min[j] = run
+    p0 = np.zeros(m + 1)
+    p1 = np.zeros(m + 1)
+    p2 = np.zeros(m + 1)
+    for j in range(m):
+        p0[j + 1] = p0[j] + cnt[j]
+        p1[j + 1] = p1[j] + cnt[j] * mean[j]
+        p2[j + 1] = p2[j] + cnt[j] * (mean[j] * mean[j] + var[j])
+    return h, hi_run, lo_min, p0, p1, p2
+
+
+@njit(cache=True)
+def _model_sse(cnt, mean, var, tables, alpha):
+    """model_sse with the tables of model_tables (see there)."""
+    h, hi_run, lo_min, p0, p1, p2 = tables
+    m = cnt.size
     scale, inv = scale_inv(alpha)
     s = np.float64(scale)
-    total = 0.0
     if s == 0.0:
-        for j in range(cnt.size):
-            total += cnt[j] * (mean[j] * mean[j] + var[j])
-        return total
+        return p2[m]
     top = 127.0
-    for j in range(cnt.size):
-        h = np.sqrt(3.0 * var[j])
-        m = mean[j]
-        if h <= 1e-9 * s:
-            level = min(np.floor(m / s + 0.5), top)
-            e = m - level * s
+    # bins wholly below s/2 keep code 0: error x, sum cnt * (mean^2 + var)
+    a = np.searchsorted(hi_run, 0.5 * s)
+    # bins wholly at or above 126.5 s are clipped to code 127: error x - 127 s
+    b = max(np.searchsorted(lo_min, 126.5 * s), a)
+    c = top * s
+    total = p2[a] + (p2[m] - p2[b]) - 2.0 * c * (p1[m] - p1[b]) + c * c * (p0[m] - p0[b])
+    for j in range(a, b):
+        hj = h[j]
+        mj = mean[j]
+        if hj <= 1e-9 * s:
+            level = min(np.floor(mj / s + 0.5), top)
+            e = mj - level * s
             total += cnt[j] * e * e
             continue
-        p = m - h
-        q = m + h
+        p = mj - hj
+        q = mj + hj
         k0 = min(np.floor(p / s + 0.5), top)
         k1 = min(np.floor(q / s + 0.5), top)
-        if k1 - k0 > 8:  # many cells: the classic s^2 / 12 per value, clip part exact below
-            lim = (top + 0.5) * s
-            if q <= lim:
+        if k0 == k1:  # one cell: the second moment about its level
+            e = mj - k0 * s
+            total += cnt[j] * (e * e + var[j])
+            continue
+        if k1 - k0 > 8:  # many cells: the classic s^2 / 12 per value
+            if q <= (top + 0.5) * s:
                 total += cnt[j] * s * s / 12.0
                 continue
         acc = 0.0
@@ -828,24 +865,36 @@ def model_sse(cnt, mean, var, alpha):
             if cell_hi > cell_lo:
                 acc += _cell_integral(cell_lo, cell_hi, k, s)
             k += 1.0
-        total += cnt[j] * acc / (2.0 * h)
+        total += cnt[j] * acc / (2.0 * hj)
     return total
+
+
+@njit(cache=True)
+def model_sse(cnt, mean, var, alpha):
+    """Expected sum of e^2 for binned data: each bin is spread uniformly over [m - h, m + h] with
+    h = sqrt(3 var) (matching the bin's exact mean and variance; a point mass when var = 0) and the
+    error integrated exactly over the rounding cells that interval meets (cell 127 is unbounded).
+
+    Bins wholly in cell 0 (error x) or wholly clipped (error x - 127 s) are added in closed form
+    from prefix sums; only the bins between are visited."""
+    return _model_sse(cnt, mean, var, model_tables(cnt, mean, var), alpha)
 
 
 @njit(cache=True)
 def model_search(cnt, mean, var, amax):
     """The alpha in (0, amax] minimising model_sse: coarse geometric scan from amax (pruned once the
     error has grown 16x past the best), then geometric refinements around the best."""
+    tables = model_tables(cnt, mean, var)
     a64 = np.float64(amax)
     best_a = np.float32(amax)
-    best_s = model_sse(cnt, mean, var, best_a)
+    best_s = _model_sse(cnt, mean, var, tables, best_a)
     a = a64
     for _ in range(8 * 40):
         a *= _COARSE_RATIO
         af = np.float32(a)
         if not af >= _MIN_ALPHA:
             break
-        s = model_sse(cnt, mean, var, af)
+        s = _model_sse(cnt, mean, var, tables, af)
         if s < best_s:
             best_s = s
             best_a = af
@@ -859,7 +908,7 @@ def model_search(cnt, mean, var, amax):
             af = np.float32(lo * (hi / lo) ** (k / 16.0))
             if not af >= _MIN_ALPHA:
                 continue
-            s = model_sse(cnt, mean, var, af)
+            s = _model_sse(cnt, mean, var, tables, af)
             if s < best_s:
                 best_s = s
                 best_a = af
