@@ -34,6 +34,10 @@ _DEFAULT_PERCENTILE = 99.99
 _ENTROPY_BINS = 2048
 #: Arrays up to this size are searched exactly in cache (search_mse); larger ones via a histogram.
 _SMALL = 1 << 16
+#: From this size on, "mse" per tensor models the bulk from a sample (_mse_sampled).
+_SAMPLED_MIN = 1 << 23
+_SAMPLE_RATE = 32
+_SAMPLED_MARGIN = 0.03  # the exact search stays within 3% below the model's alpha
 
 
 class QuantizationMSE(NamedTuple):
@@ -169,13 +173,7 @@ def _mse_large(k, flat, n: int, amax: np.float32, counts: np.ndarray, low_bits: 
     1. The model error of the histogram (each bin uniform over its range, or a point mass when
        every value has at most 7 mantissa bits; rounding cells integrated exactly) is minimised
        over (0, amax].
-    2. Exact errors of the data decide. The exact MSE wiggles around the smooth model by about
-       0.9 / sqrt(non-zero count) (rounding errors decorrelate as alpha moves), so the exact scan
-       around the model's alpha is as wide and as dense as that asks for and the size affords:
-       one fused pass at the model's alpha and +-0.2% of it for tensors of 16M values and more
-       (and amax when the model's alpha is within 3% of it); for smaller ones up to 41 points
-       over up to +-2%, then 11 points at a fifth of that step around the best. The lowest exact
-       error wins (on a tie the larger alpha).
+    2. Exact errors of the data decide (_decide_exact).
 
     ``k`` is the kernel set (``numba_calib``, or the CUDA backend's ``calibration_kernels`` for a
     flat CUDA tensor) and ``n`` the element count of ``flat``.
@@ -185,24 +183,140 @@ def _mse_large(k, flat, n: int, amax: np.float32, counts: np.ndarray, low_bits: 
     a_max = float(amax)
     unit_inv = k.unit_inverse(amax, n)
 
+    def evaluate(alphas):
+        return k.sse_fixed_many(flat, alphas, unit_inv)
+
+    return np.float32(_decide_exact(evaluate, model_alpha, nonzero, a_max))
+
+
+def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float) -> float:
+    """Exact errors of the data decide around the model's alpha (``evaluate(alphas)``: exact error
+    sums, one pass over the data per call).
+
+    The exact MSE wiggles around the smooth model by about 0.9 / sqrt(nonzero) (rounding errors
+    decorrelate as alpha moves), so the scan is as wide and as dense as that asks for and the
+    size affords: for 2^24 non-zero values and more, _exact_search from the model's alpha at
+    +-0.2% (plus max|x| when the model's alpha is within 3% of it); for fewer, up to 41 points
+    over up to +-2%, then 11 points at a fifth of that step around the best. The lowest exact
+    error wins (on a tie the larger alpha).
+    """
     def best_of(center, steps, extra=()):
-        cands = {np.float32(min(center * (1.0 + d), a_max)) for d in steps}
-        cands.update(np.float32(e) for e in extra)
-        cands = np.array(sorted(c for c in cands if c > 0), np.float32)
-        sse = k.sse_fixed_many(flat, cands, unit_inv)
-        order = np.lexsort((-cands, sse))  # lowest error, then the larger alpha
-        return float(cands[order[0]])
+        cands = _candidates(center, steps, top, extra)
+        return float(cands[np.lexsort((-cands, evaluate(cands)))[0]])
 
     wiggle = 0.9 / np.sqrt(nonzero)
-    half = int(min(20, max(2, (1 << 25) // n)))  # points on each side
-    near_top = (a_max,) if model_alpha > 0.97 * a_max else ()
+    half = int(min(20, max(2, (1 << 25) // nonzero)))  # points on each side
+    near_top = (top,) if model_alpha > 0.97 * top else ()
     if half <= 2:
-        return np.float32(best_of(model_alpha, (-0.002, 0.0, 0.002), near_top))
+        return _exact_search(evaluate, model_alpha, 0.002, top, near_top)
     width = min(0.02, max(0.003, 8 * wiggle))
     best = best_of(model_alpha, [width * j / half for j in range(-half, half + 1)], near_top)
     step = width / half
-    best = best_of(best, [step * j / 5 for j in range(-5, 6)])
-    return np.float32(best)
+    return best_of(best, [step * j / 5 for j in range(-5, 6)])
+
+
+def _candidates(center: float, steps, top: float, extra=()) -> np.ndarray:
+    """float32 alphas ``center * (1 + d)`` (at most ``top``) and ``extra``, sorted, positive."""
+    cands = {np.float32(min(center * (1.0 + d), top)) for d in steps}
+    cands.update(np.float32(e) for e in extra)
+    return np.array(sorted(c for c in cands if c > 0), np.float32)
+
+
+def _exact_search(evaluate, center: float, step: float, top: float, extra=()) -> float:
+    """Exact errors of the data decide around a model's alpha.
+
+    ``evaluate(alphas)`` returns the exact error sums at a float32 array of alphas (one pass over
+    the data). First ``center`` and ``center * (1 +- step)`` (at most ``top``) and ``extra``; then,
+    while a point within 1.5 steps of the best is more than 0.1% worse (a minimum sharper than the
+    step, e.g. values crowded just below max|x| such as tanh outputs, where the model's bins of
+    relative width 2^-7 cannot follow the curve), the step is cut by 3 and the best's neighbours
+    at that step are added.
+    The lowest exact error wins, on a tie the larger alpha.
+    """
+    known: dict = {}
+
+    def run(alphas):
+        new = sorted({float(np.float32(a)) for a in alphas if 0 < a <= top} - known.keys())
+        if new:
+            arr = np.array(new, np.float32)
+            known.update(zip(arr.tolist(), np.asarray(evaluate(arr), np.float64).tolist()))
+
+    def best():
+        return min(known, key=lambda a: (known[a], -a))
+
+    run([center, center * (1 - step), min(center * (1 + step), top), *extra])
+    for _ in range(12):
+        b = best()
+        near = [a for a in known if abs(a - b) <= 1.5 * step * b]
+        if max(known[a] for a in near) <= known[b] * (1 + 1e-3) or step < 2.0 ** -20:
+            break
+        step /= 3
+        run([b * (1 - step), min(b * (1 + step), top)])
+    return best()
+
+
+def _mse_sampled(k, flat: np.ndarray, x32, name):
+    """MSE-optimal alpha of a very large flat array (at least _SAMPLED_MIN values), or None when
+    the data needs the full-histogram path: NaN/Inf (it raises there), few distinct values,
+    bfloat16 values, mostly zeros, or an optimum among the top 1/4096 of the values.
+
+    The rounding error of the bulk of the values is about s^2 / 12 each whatever their exact
+    distribution; the clipping error needs the tail exactly. So:
+
+    1. A sample (one cache line of 16 values in _SAMPLE_RATE, spread by golden-ratio hashing) gets
+       the full log histogram, and its model alpha ``a_s``. The tail threshold ``T`` is the
+       histogram bin holding the sample's top 1/4096 (so the tail costs the pass little).
+    2. One pass over all the data (scan_tail): NaN/Inf and zero counts, the max of every chunk,
+       and the exact histogram of the |x| >= T.
+    3. The model (model_search) of the exact tail plus the sample's bulk below T, scaled to the
+       exact count there and taken as a smooth density (s^2 / 12 per value that a step splits):
+       ``a_c``. It stands only if ``a_c`` lies above T (every value that the candidates clip or
+       round near the top is in the exact tail).
+    4. Exact errors of the data decide (_decide_exact with sse_chunked_many).
+    """
+    n = flat.size
+    sample = k.sample_pieces(flat, _SAMPLE_RATE)
+    counts_s = np.zeros(k.HIST_BINS, np.int64)
+    amax_s, bad_s, zeros_s, low_s = k.scan_flat(sample, 1, counts_s)
+    nonzero_s = sample.size - int(zeros_s)
+    if (bad_s or low_s == 0 or amax_s < _MIN_ALPHA or nonzero_s * _SAMPLE_RATE <= 4 * _SMALL
+            or np.count_nonzero(counts_s) <= k.LATTICE_MAX_DISTINCT + 1):
+        return None
+    above = np.cumsum(counts_s[::-1])[::-1]  # above[b] = sample count in bins >= b
+    tail_bin = int(np.searchsorted(-above, -(sample.size // 4096), side="left"))
+    tail_bin = max(tail_bin, 1)
+    t_value = float(np.array([tail_bin << k.HIST_SHIFT], np.int32).view(np.float32)[0])
+    cnt, mean, var = k.count_moments(counts_s, False)
+    a_s = float(k.model_search(cnt, mean, var, amax_s, np.inf))  # a smooth model: a first guess
+
+    def stands(alpha):  # values above 126.5 * scale at alpha * (1 - step) are all in the tail
+        return alpha * (1 - _SAMPLED_MARGIN) * (126.5 / 127) >= t_value
+
+    if not stands(a_s * 0.97):
+        return None
+    tail = np.zeros(k.HIST_BINS - tail_bin, np.int64)
+    chunk_max = np.zeros((n + k.CHUNK - 1) // k.CHUNK, np.float32)
+    bad, zeros = k.scan_tail(flat, _tasks(), tail_bin, tail, chunk_max)
+    if bad:
+        raise _arrays.nonfinite_error(flat if x32 is None else x32, int(bad), name)
+    amax = np.float32(chunk_max.max())
+    below_full = n - int(zeros) - int(tail.sum())
+    bulk = counts_s.copy()
+    bulk[0] = 0
+    bulk[tail_bin:] = 0
+    below_sample = int(bulk.sum())
+    if amax < _MIN_ALPHA or n - int(zeros) <= 4 * _SMALL or below_sample == 0:
+        return None
+    c1, m1, v1 = k.count_moments(bulk, False)
+    exact_tail = np.zeros(k.HIST_BINS, np.int64)
+    exact_tail[tail_bin:] = tail
+    c2, m2, v2 = k.count_moments(exact_tail, False)
+    a_c = float(k.model_search(np.concatenate([c1 * (below_full / below_sample), c2]),
+                               np.concatenate([m1, m2]), np.concatenate([v1, v2]), amax, t_value))
+    if not stands(a_c):
+        return None
+    return np.float32(_decide_exact(lambda a: k.sse_chunked_many(flat, a, chunk_max), a_c,
+                                    n - int(zeros), float(amax)))
 
 
 def _mse_flat(flat: np.ndarray, x32=None, name="x") -> np.float32:
@@ -214,6 +328,10 @@ def _mse_flat(flat: np.ndarray, x32=None, name="x") -> np.float32:
         if amax < _MIN_ALPHA:
             return np.float32(0)
         return np.float32(k.search_mse(flat, amax))
+    if flat.size >= _SAMPLED_MIN:
+        alpha = _mse_sampled(k, flat, x32, name)
+        if alpha is not None:
+            return alpha
     counts = np.zeros(k.HIST_BINS, np.int64)
     amax, bad, zeros, low_bits = k.scan_flat(flat, _tasks(), counts)
     if bad:

@@ -218,6 +218,65 @@ def test_mse_reaches_brute_force_large(name):
     assert got <= best * 1.001, got / best
 
 
+def _big(name, seed):
+    """Data of 2^23 values (the sampled path of calibrate) for a few shapes of distribution."""
+    rng = np.random.default_rng(seed)
+    n = 1 << 23
+    if name == "tanh":  # bounded, crowded just below max|x|
+        x = np.tanh(rng.standard_normal(n) * 2)
+    elif name == "few_outliers":  # five values far out: the sample misses them
+        x = rng.standard_normal(n)
+        x[rng.integers(0, n, 5)] = 300.0
+    elif name == "row_scales":  # weight rows of very different scales, outlier columns
+        x = rng.laplace(size=(n // 4096, 4096)) * rng.lognormal(-3, 1.0, (n // 4096, 1))
+        x[:, rng.integers(0, 4096, 4)] *= 8
+    elif name == "sorted":
+        x = np.sort(rng.standard_normal(n))
+    else:
+        x = _dist(name, rng, n)
+    return np.ascontiguousarray(x, np.float32).reshape(-1)
+
+
+def _dense_optimum(x):
+    """Exact MSE at the best of 400 alphas over (0, max|x|], refined twice (41 points)."""
+    amax = np.float32(np.abs(x).max())
+    unit = nc.unit_inverse(amax, x.size)
+    grid = (np.arange(1, 401) * (float(amax) / 400)).astype(np.float32)
+    best = float(grid[np.argmin(nc.sse_fixed_many(x, grid, unit))])
+    step = float(amax) / 400
+    for _ in range(2):
+        cand = np.linspace(max(best - step, step / 50), min(best + step, float(amax)), 41)
+        cand = np.concatenate([cand.astype(np.float32), [np.float32(best)]])
+        best = float(cand[np.argmin(nc.sse_fixed_many(x, cand, unit))])
+        step /= 20
+    return quantization_mse(x, best).mse
+
+
+@pytest.mark.parametrize("name", ["normal", "student_t2", "sparse", "tanh", "few_outliers",
+                                  "row_scales", "sorted"])
+def test_mse_sampled_path_reaches_dense_optimum(name):
+    x = _big(name, seed=3)
+    got = quantization_mse(x, calibrate(x)).mse
+    assert got <= _dense_optimum(x) * 1.001
+
+
+def test_mse_sampled_path_is_exact_under_scaling_and_threads():
+    import numba
+
+    x = _big("student_t2", seed=5)
+    a = calibrate(x)
+    assert calibrate(x * np.float32(2.0 ** -40)) == np.float32(a) * np.float32(2.0 ** -40)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert calibrate(x) == a
+    finally:
+        numba.set_num_threads(threads)
+    before = x.copy()
+    calibrate(x)
+    np.testing.assert_array_equal(x, before)
+
+
 def test_bfloat16_values_use_exact_distinct_values():
     x = torch.randn(100_000).to(torch.bfloat16)
     a = calibrate(x)
@@ -428,7 +487,7 @@ def test_bad_input_errors():
         calibrate(torch.ones(3, device="meta"))
 
 
-@pytest.mark.parametrize("n", [10, 100_000])
+@pytest.mark.parametrize("n", [10, 100_000, 1 << 23])
 @pytest.mark.parametrize("method", METHODS)
 def test_nonfinite_says_how_many_and_where(method, n):
     x = np.ones((2, n // 2), np.float32)

@@ -40,6 +40,7 @@ from numba import njit, prange
 from .._constants import MIN_POSITIVE_ALPHA, QMAX
 
 _CHUNK = 1 << 16
+CHUNK = _CHUNK  # elements per chunk of the parallel kernels (scan_tail's chunk_max)
 _Q = np.float32(QMAX)
 _ZERO = np.float32(0.0)
 _MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)  # smaller positive alphas are not legal
@@ -724,6 +725,144 @@ def scan_flat(x, tasks, counts):
     return np.array([best.max()], np.int32).view(np.float32)[0], bad.sum(), zeros.sum(), orr
 
 
+_SAMPLE_PIECE = 256  # elements per sampled piece (sample_pieces): 1 KiB, prefetcher-friendly
+
+
+@njit(cache=True)
+def sample_pieces(x, rate):
+    """Every piece of _SAMPLE_PIECE consecutive elements whose index ``c`` has
+    ``frac(c * 0.6180339887...) < 1 / rate`` (golden-ratio hashing: about one piece in ``rate``,
+    spread evenly over the array without a period that strided data could alias), concatenated."""
+    n = x.size
+    pieces = n // _SAMPLE_PIECE
+    limit = np.uint64((1 << 32) // rate)
+    golden = np.uint64(0x9E3779B9)
+    mask = np.uint64(0xFFFFFFFF)
+    total = 0
+    for c in range(pieces):
+        total += (np.uint64(c) * golden) & mask < limit
+    out = np.empty(total * _SAMPLE_PIECE, x.dtype)
+    j = 0
+    for c in range(pieces):
+        if (np.uint64(c) * golden) & mask < limit:
+            lo = c * _SAMPLE_PIECE
+            for i in range(_SAMPLE_PIECE):
+                out[j + i] = x[lo + i]
+            j += _SAMPLE_PIECE
+    return out
+
+
+@njit(cache=True)
+def _float_of_bits(b):
+    """The float32 whose bit pattern is the int32 ``b``."""
+    return np.array([b], np.int32).view(np.float32)[0]
+
+
+@njit(cache=True)
+def _sse_search_signed(xs, alpha, p):
+    """sse_search of a signed chunk (|x| taken in the loop)."""
+    scale, inv = scale_inv(alpha)
+    p = np.float32(p)
+    acc = 0
+    for i in range(xs.size):
+        v = abs(xs[i])
+        t = (v - min(np.rint(v * inv), _Q) * scale) * p
+        acc += np.int64(t * t)
+    return acc
+
+
+@njit(cache=True)
+def _group_stats(bs, tail_bits):
+    """(max |x| bits, non-finite count, zero count, tail count) of an int32 view of floats."""
+    mx = np.int32(0)
+    count = np.int32(0)
+    zero = np.int32(0)
+    tail = np.int32(0)
+    for i in range(bs.size):
+        b = bs[i] & _ABS_MASK
+        count += np.int32(b >= _INF_BITS)
+        zero += np.int32(b == 0)
+        mx = max(mx, b)
+        tail += np.int32(b >= tail_bits)
+    return mx, count, zero, tail
+
+
+@njit(parallel=True, cache=True)
+def scan_tail(x, tasks, tail_bin, tail_counts, chunk_max):
+    """One pass over a flat array: the non-finite count, the zero count, max |x| of each chunk of
+    _CHUNK elements (into ``chunk_max``, float32; meaningful when there is no NaN/Inf), and the count
+    histogram of the |x| in bins >= ``tail_bin`` only (added to ``tail_counts[b - tail_bin]``).
+
+    Vectorised statistics per group of 512 elements; only a group that holds a tail value is
+    visited again, element by element, while in cache: a rare tail (a fraction of 1e-4 or less)
+    costs little. Returns (non-finite count, zero count).
+    """
+    bits = x.view(np.int32)
+    n = bits.size
+    n_chunks = (n + _CHUNK - 1) // _CHUNK
+    tail_bits = np.int32(tail_bin << HIST_SHIFT)
+    nb = tail_counts.size
+    table = np.zeros((tasks, nb), np.int64)
+    bad = np.zeros(tasks, np.int64)
+    zeros = np.zeros(tasks, np.int64)
+    cmax = chunk_max.view(np.int32)
+    per = (n_chunks + tasks - 1) // tasks
+    for t in prange(tasks):
+        count = 0
+        zero = 0
+        tb = table[t]
+        for c in range(t * per, min((t + 1) * per, n_chunks)):
+            lo = c * _CHUNK
+            hi = min(lo + _CHUNK, n)
+            mx = np.int32(0)
+            for g in range(lo, hi, 512):
+                grp = bits[g:min(g + 512, hi)]
+                gm, gc, gz, gt = _group_stats(grp, tail_bits)
+                mx = max(mx, gm)
+                count += gc
+                zero += gz
+                if gt and not gc:
+                    for i in range(grp.size):
+                        b = grp[i] & _ABS_MASK
+                        if b >= tail_bits:
+                            tb[(b >> HIST_SHIFT) - tail_bin] += 1
+            cmax[c] = mx
+        bad[t] = count
+        zeros[t] = zero
+    for t in range(tasks):
+        for b in range(nb):
+            tail_counts[b] += table[t, b]
+    return bad.sum(), zeros.sum()
+
+
+@njit(parallel=True, cache=True)
+def sse_chunked_many(x, alphas, chunk_max):
+    """Exact sum of e^2 (float64) of a flat finite signed array at each alpha, in one pass.
+
+    Chunk c (_CHUNK elements) is summed with sse_search in the unit of its own max |x|
+    (``search_unit(chunk_max[c], _CHUNK)``: nothing overflows), scaled back by ``p^-2`` (exact),
+    and the chunks are added in order: the same result for any number of threads, and exactly
+    scale-invariant (x * 2^j gives sums * 4^j). A chunk stays in cache across the alphas.
+    """
+    n = x.size
+    k = alphas.size
+    n_chunks = (n + _CHUNK - 1) // _CHUNK
+    part = np.zeros((n_chunks, k))
+    for c in prange(n_chunks):
+        lo = c * _CHUNK
+        hi = min(lo + _CHUNK, n)
+        xs = x[lo:hi]
+        p = search_unit(chunk_max[c], _CHUNK)
+        back = 1.0 / (np.float64(p) * np.float64(p))
+        for j in range(k):
+            part[c, j] = np.float64(_sse_search_signed(xs, alphas[j], p)) * back
+    sse = np.zeros(k)
+    for c in range(n_chunks):
+        for j in range(k):
+            sse[j] += part[c, j]
+    return sse
+
+
 @njit(cache=True)
 def count_moments(counts, point_masses):
     """Non-empty bins of a count histogram as (count, mean, variance): each bin uniform over its
@@ -822,8 +961,9 @@ def model_tables(cnt, mean, var):
 
 
 @njit(cache=True)
-def _model_sse(cnt, mean, var, tables, alpha):
-    """model_sse with the tables of model_tables (see there)."""
+def _model_sse(cnt, mean, var, tables, alpha, smooth_below):
+    """model_sse with the tables of model_tables (see there); bins with mean < ``smooth_below``
+    that a rounding step splits count s^2 / 12 per value (a smooth density, see model_search)."""
     h, hi_run, lo_min, p0, p1, p2 = tables
     m = cnt.size
     scale, inv = scale_inv(alpha)
@@ -837,7 +977,10 @@ def _model_sse(cnt, mean, var, tables, alpha):
     b = max(np.searchsorted(lo_min, 126.5 * s), a)
     c = top * s
     total = p2[a] + (p2[m] - p2[b]) - 2.0 * c * (p1[m] - p1[b]) + c * c * (p0[m] - p0[b])
-    for j in range(a, b):
+    # bins below smooth_below that a step splits: s^2 / 12 per value
+    d = min(max(np.searchsorted(mean, smooth_below), a), b)
+    total += (p0[d] - p0[a]) * s * s / 12.0
+    for j in range(d, b):
         hj = h[j]
         mj = mean[j]
         if hj <= 1e-9 * s:
@@ -877,24 +1020,30 @@ def model_sse(cnt, mean, var, alpha):
 
     Bins wholly in cell 0 (error x) or wholly clipped (error x - 127 s) are added in closed form
     from prefix sums; only the bins between are visited."""
-    return _model_sse(cnt, mean, var, model_tables(cnt, mean, var), alpha)
+    return _model_sse(cnt, mean, var, model_tables(cnt, mean, var), alpha, 0.0)
 
 
 @njit(cache=True)
-def model_search(cnt, mean, var, amax):
+def model_search(cnt, mean, var, amax, smooth_below=0.0):
     """The alpha in (0, amax] minimising model_sse: coarse geometric scan from amax (pruned once the
-    error has grown 16x past the best), then geometric refinements around the best."""
+    error has grown 16x past the best), then geometric refinements around the best.
+
+    With ``smooth_below > 0`` the bins below it are a sample of a smooth density: one that meets a
+    rounding step (neither wholly in cell 0 nor wholly clipped) counts s^2 / 12 per value, the
+    average over the phase of the step, instead of the exact integral over its narrow range, whose
+    dependence on the step's phase would mirror the sample's count noise (a wiggle of about
+    1 / sqrt(sample size) that would move the minimum)."""
     tables = model_tables(cnt, mean, var)
     a64 = np.float64(amax)
     best_a = np.float32(amax)
-    best_s = _model_sse(cnt, mean, var, tables, best_a)
+    best_s = _model_sse(cnt, mean, var, tables, best_a, smooth_below)
     a = a64
     for _ in range(8 * 40):
         a *= _COARSE_RATIO
         af = np.float32(a)
         if not af >= _MIN_ALPHA:
             break
-        s = _model_sse(cnt, mean, var, tables, af)
+        s = _model_sse(cnt, mean, var, tables, af, smooth_below)
         if s < best_s:
             best_s = s
             best_a = af
@@ -908,7 +1057,7 @@ def model_search(cnt, mean, var, amax):
             af = np.float32(lo * (hi / lo) ** (k / 16.0))
             if not af >= _MIN_ALPHA:
                 continue
-            s = _model_sse(cnt, mean, var, tables, af)
+            s = _model_sse(cnt, mean, var, tables, af, smooth_below)
             if s < best_s:
                 best_s = s
                 best_a = af
