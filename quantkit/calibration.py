@@ -371,7 +371,8 @@ def calibrate_cuda(x, method: str, axis, block_size, opts: dict):
     "max" comes from ``backends.cuda.absmax`` (a Python float per tensor; a float32 CUDA tensor per
     channel or block). "mse" per tensor runs :func:`_mse_flat`'s large-array branches with the CUDA
     kernels (|x|max, the log histogram, the exact error sums), so alpha equals the CPU's on the same
-    data; only per-bin sums, the candidates' error sums and scalars come back to the host. Where
+    data below 2^23 values (from there the CPU samples its bulk, _mse_sampled; the GPU's full
+    histogram costs little); only per-bin sums, the candidates' error sums and scalars come back to the host. Where
     the CPU search needs the data itself on the host (a tensor with at most 65536 non-zero values;
     a few non-empty bins whose distinct values the histogram cannot tell) and for every other
     method or granularity: NotImplementedError (a RuntimeError) saying what does run on the GPU.

@@ -560,7 +560,7 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
 
     On the GPU: "max" per tensor (a Python float), per channel and per block (float32 CUDA tensors);
     "mse" per tensor when x has more than 65536 non-zero values, with the same alpha as the CPU
-    on the same data. Everything else raises NotImplementedError (a RuntimeError) that says so;
+    on the same data below 2^23 values. Everything else raises NotImplementedError (a RuntimeError) that says so;
     see ``quantkit.calibration.calibrate_cuda`` and docs/CALIBRATION.md.
     """
     _require_cuda(x, "x")
