@@ -36,7 +36,7 @@ _ENTROPY_BINS = 2048
 _SMALL = 1 << 16
 #: From this size on, "mse" per tensor models the bulk from a sample (_mse_sampled).
 _SAMPLED_MIN = 1 << 23
-_SAMPLE_RATE = 32
+_SAMPLE_RATE = 256
 _SAMPLED_MARGIN = 0.03  # the exact search stays within 3% below the model's alpha
 
 
@@ -195,8 +195,8 @@ def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float) -> flo
 
     The exact MSE wiggles around the smooth model by about 0.9 / sqrt(nonzero) (rounding errors
     decorrelate as alpha moves), so the scan is as wide and as dense as that asks for and the
-    size affords: for 2^24 non-zero values and more, _exact_search from the model's alpha at
-    +-0.2% (plus max|x| when the model's alpha is within 3% of it); for fewer, up to 41 points
+    size affords: for 2^24 non-zero values and more, _exact_search from the model's alpha +-0.1%
+    (plus max|x| when the model's alpha is within 3% of it); for fewer, up to 41 points
     over up to +-2%, then 11 points at a fifth of that step around the best. The lowest exact
     error wins (on a tie the larger alpha).
     """
@@ -208,7 +208,7 @@ def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float) -> flo
     half = int(min(20, max(2, (1 << 25) // nonzero)))  # points on each side
     near_top = (top,) if model_alpha > 0.97 * top else ()
     if half <= 2:
-        return _exact_search(evaluate, model_alpha, 0.002, top, near_top)
+        return _exact_search(evaluate, model_alpha, 0.002, top, near_top)  # +-0.1%
     width = min(0.02, max(0.003, 8 * wiggle))
     best = best_of(model_alpha, [width * j / half for j in range(-half, half + 1)], near_top)
     step = width / half
@@ -223,15 +223,16 @@ def _candidates(center: float, steps, top: float, extra=()) -> np.ndarray:
 
 
 def _exact_search(evaluate, center: float, step: float, top: float, extra=()) -> float:
-    """Exact errors of the data decide around a model's alpha.
+    """Exact errors of the data decide around a model's alpha, for arrays so large (2^24 non-zero
+    values and more) that the exact MSE wiggles by less than 0.02% and the model is accurate.
 
     ``evaluate(alphas)`` returns the exact error sums at a float32 array of alphas (one pass over
-    the data). First ``center`` and ``center * (1 +- step)`` (at most ``top``) and ``extra``; then,
-    while a point within 1.5 steps of the best is more than 0.1% worse (a minimum sharper than the
-    step, e.g. values crowded just below max|x| such as tanh outputs, where the model's bins of
-    relative width 2^-7 cannot follow the curve), the step is cut by 3 and the best's neighbours
-    at that step are added.
-    The lowest exact error wins, on a tie the larger alpha.
+    the data per call). First the pair ``center * (1 +- step / 2)`` (at most ``top``) and
+    ``extra``; then, while a point within 1.5 steps of the best is more than 0.1% worse (a minimum
+    sharper than the step, e.g. values crowded just below max|x| such as tanh outputs, where the
+    model's bins of relative width 2^-7 cannot follow the curve), the step is cut by 3 and the
+    best's neighbours at that step are added. The lowest exact error wins, on a tie the larger
+    alpha.
     """
     known: dict = {}
 
@@ -244,7 +245,7 @@ def _exact_search(evaluate, center: float, step: float, top: float, extra=()) ->
     def best():
         return min(known, key=lambda a: (known[a], -a))
 
-    run([center, center * (1 - step), min(center * (1 + step), top), *extra])
+    run([center * (1 - step / 2), min(center * (1 + step / 2), top), *extra])
     for _ in range(12):
         b = best()
         near = [a for a in known if abs(a - b) <= 1.5 * step * b]
@@ -263,7 +264,7 @@ def _mse_sampled(k, flat: np.ndarray, x32, name):
     The rounding error of the bulk of the values is about s^2 / 12 each whatever their exact
     distribution; the clipping error needs the tail exactly. So:
 
-    1. A sample (one cache line of 16 values in _SAMPLE_RATE, spread by golden-ratio hashing) gets
+    1. A sample (one piece of 256 values in _SAMPLE_RATE, spread by golden-ratio hashing) gets
        the full log histogram, and its model alpha ``a_s``. The tail threshold ``T`` is the
        histogram bin holding the sample's top 1/4096 (so the tail costs the pass little).
     2. One pass over all the data (scan_tail): NaN/Inf and zero counts, the max of every chunk,
