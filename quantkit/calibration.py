@@ -228,11 +228,11 @@ def _exact_search(evaluate, center: float, step: float, top: float, extra=()) ->
 
     ``evaluate(alphas)`` returns the exact error sums at a float32 array of alphas (one pass over
     the data per call). First the pair ``center * (1 +- step / 2)`` (at most ``top``) and
-    ``extra``; then, while a point within 1.5 steps of the best is more than 0.1% worse (a minimum
-    sharper than the step, e.g. values crowded just below max|x| such as tanh outputs, where the
-    model's bins of relative width 2^-7 cannot follow the curve), the step is cut by 3 and the
-    best's neighbours at that step are added. The lowest exact error wins, on a tie the larger
-    alpha.
+    ``extra``; then, while the steepest rise from the best (relative error per relative alpha, over
+    the points of the search) times the step exceeds 0.1% (a minimum sharper than the step, e.g.
+    values crowded just below max|x| such as tanh outputs, where the model's bins of relative width
+    2^-7 cannot follow the curve), the step is cut by 3 and the best's neighbours at that step are
+    added. The lowest exact error wins, on a tie the larger alpha.
     """
     known: dict = {}
 
@@ -246,10 +246,14 @@ def _exact_search(evaluate, center: float, step: float, top: float, extra=()) ->
         return min(known, key=lambda a: (known[a], -a))
 
     run([center * (1 - step / 2), min(center * (1 + step / 2), top), *extra])
-    for _ in range(12):
+    extras = {float(np.float32(e)) for e in extra}
+    for _ in range(16):
         b = best()
-        near = [a for a in known if abs(a - b) <= 1.5 * step * b]
-        if max(known[a] for a in near) <= known[b] * (1 + 1e-3) or step < 2.0 ** -20:
+        # the steepest relative rise per relative distance seen from the best (the extra points
+        # aside) bounds how much lower the error can be within one step of it
+        slope = max(((known[a] / known[b] - 1) / abs(a / b - 1) for a in known
+                     if a != b and a not in extras and known[b] > 0), default=0.0)
+        if slope * step <= 1e-3 or step < 2.0 ** -20:
             break
         step /= 3
         run([b * (1 - step), min(b * (1 + step), top)])

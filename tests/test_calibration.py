@@ -260,6 +260,31 @@ def test_mse_sampled_path_reaches_dense_optimum(name):
     assert got <= _dense_optimum(x) * 1.001
 
 
+def test_exact_search_follows_a_sharp_minimum():
+    from quantkit.calibration import _exact_search
+
+    calls = []
+
+    def evaluate(alphas):  # a minimum at 0.9986, rising 3% per 0.1% of alpha: sharper than 0.2%
+        calls.append(alphas.size)
+        return 1.0 + 30.0 * np.abs(alphas.astype(np.float64) / 0.9986 - 1.0)
+
+    a = _exact_search(evaluate, 0.998, 0.002, 1.0)
+    assert evaluate(np.array([a], np.float32))[0] <= 1.001 and len(calls) > 2
+    calls.clear()
+
+    def flat(alphas):  # a smooth, shallow minimum: the first pair decides, one pass
+        return 1.0 + 1e-5 * (alphas.astype(np.float64) - 2.0) ** 2
+
+    assert abs(_exact_search(flat, 2.0, 0.002, 4.0) / 2.0 - 1) <= 0.001 and calls == []
+
+
+def test_mse_sampled_path_sharp_minimum_at_16m():
+    x = np.tanh(np.random.default_rng(8).standard_normal(1 << 24) * 2).astype(np.float32)
+    got = quantization_mse(x, calibrate(x)).mse
+    assert got <= _dense_optimum(x) * 1.001
+
+
 def test_mse_sampled_path_is_exact_under_scaling_and_threads():
     import numba
 
