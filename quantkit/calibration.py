@@ -195,7 +195,7 @@ def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float) -> flo
 
     The exact MSE wiggles around the smooth model by about 0.9 / sqrt(nonzero) (rounding errors
     decorrelate as alpha moves), so the scan is as wide and as dense as that asks for and the
-    size affords: for 2^24 non-zero values and more, _exact_search from the model's alpha +-0.1%
+    size affords: for 2^24 non-zero values and more, _exact_search from the model's alpha +-0.05%
     (plus max|x| when the model's alpha is within 3% of it); for fewer, up to 41 points
     over up to +-2%, then 11 points at a fifth of that step around the best. The lowest exact
     error wins (on a tie the larger alpha).
@@ -208,7 +208,7 @@ def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float) -> flo
     half = int(min(20, max(2, (1 << 25) // nonzero)))  # points on each side
     near_top = (top,) if model_alpha > 0.97 * top else ()
     if half <= 2:
-        return _exact_search(evaluate, model_alpha, 0.002, top, near_top)  # +-0.1%
+        return _exact_search(evaluate, model_alpha, 0.001, top, near_top)  # +-0.05%
     width = min(0.02, max(0.003, 8 * wiggle))
     best = best_of(model_alpha, [width * j / half for j in range(-half, half + 1)], near_top)
     step = width / half
