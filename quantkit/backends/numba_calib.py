@@ -554,11 +554,15 @@ def search_mse_values(values, counts, amax):
 
     1. At most 512 distinct values (small rows and blocks, discrete or already-quantized data):
        an exhaustive linear grid over (0, amax], refined around its three lowest points.
-    2. Otherwise a coarse geometric scan from amax down by 2^(-1/8), stopped as soon as the clip
-       bound (a lower bound of the error at every smaller alpha) reaches the best error found;
-       then exact scans ever finer around the best: +-9% at 1%, the near-optimal window at 0.1%
-       (every 1% point within max(4%, 2.7 / sqrt(n)) of the best; at most 200 points), then 0.2,
-       0.4 and 0.6 of its step on each side of the three lowest points of that scan.
+    2. Otherwise, each value once (rows, blocks, small tensors): numba_rowsearch.search_row, the
+       smooth model's minimum, an event sweep of the exact error over +-3% of it, the two lowest
+       sweep points decided by the exact float32 error.
+    3. Weighted values (bfloat16 data, or a large array's distinct values): a coarse geometric
+       scan from amax down by 2^(-1/8), stopped as soon as the clip bound (a lower bound of the
+       error at every smaller alpha) reaches the best error found; then exact scans ever finer
+       around the best: +-9% at 1%, the near-optimal window at 0.1% (every 1% point within
+       max(4%, 2.7 / sqrt(n)) of the best; at most 200 points), then 0.2, 0.4 and 0.6 of its step
+       on each side of the three lowest points of that scan.
     Every decision is made on exact errors of the data (fixed-point sums, see module docstring).
     """
     n = counts.sum() if counts.size else values.size
@@ -567,10 +571,11 @@ def search_mse_values(values, counts, amax):
         if values.size <= _LATTICE_MAX_DISTINCT:
             return _search_lattice(values, counts, amax, unit)
         return _search_continuous(values, counts, amax, unit)
-    distinct, dcounts = _distinct(values, _LATTICE_MAX_DISTINCT)
-    if distinct.size:
-        return _search_lattice(distinct, dcounts, amax, unit)
-    return _search_continuous(values, counts, amax, unit)
+    if not _rows.distinct_exceeds(values, _LATTICE_MAX_DISTINCT):
+        distinct, dcounts = _distinct(values, _LATTICE_MAX_DISTINCT)
+        if distinct.size:
+            return _search_lattice(distinct, dcounts, amax, unit)
+    return _rows.search_row(values, amax)
 
 
 @njit(cache=True)
@@ -1137,3 +1142,7 @@ def histogram_linear(x, amax, bins):
             k = int(abs(np.float64(xs[i])) * width_inv)
             ps[min(k, bins - 1)] += 1
     return part.sum(axis=0)
+
+
+# the continuous-value search of a row (it uses the exact kernels above)
+from . import numba_rowsearch as _rows  # noqa: E402
