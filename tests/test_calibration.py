@@ -309,6 +309,23 @@ def test_mse_sampled_path_is_exact_under_scaling_and_threads():
     np.testing.assert_array_equal(x, before)
 
 
+@pytest.mark.parametrize("case", ["1e37", "near_float_max", "1e-35", "subnormal_mix"])
+def test_mse_reaches_brute_force_at_extreme_magnitudes(case):
+    rng = np.random.default_rng(12)
+    x = {"1e37": rng.standard_normal(4096) * 1e37,
+         "near_float_max": rng.uniform(-1, 1, 4096) * 3.3e38,
+         "1e-35": rng.standard_normal(4096) * 1e-35,
+         "subnormal_mix": np.concatenate([rng.standard_normal(2000) * 1e-40,
+                                          rng.standard_normal(2096) * 1e-36])}[case]
+    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):
+        _, best = brute_force(x)
+        got = mse_numpy(x, [calibrate(x)])[0]
+    assert got <= best * 1.001
+    rows = np.stack([x, x[::-1]])
+    assert np.array_equal(calibrate(rows, axis=0), np.float32([calibrate(x), calibrate(x[::-1])]))
+
+
 def test_bfloat16_values_use_exact_distinct_values():
     x = torch.randn(100_000).to(torch.bfloat16)
     a = calibrate(x)

@@ -442,6 +442,23 @@ def distinct_exceeds(ax, limit):
 
 @njit(cache=True)
 def search_row(v, amax):
+    """_search_row on the values scaled by the power of two that puts amax in [1, 2): exact (every
+    value that stays normal scales exactly; one far enough below amax to turn subnormal has an
+    error of about itself at any legal alpha), so the fixed-point units and float32 thresholds of
+    the search stay far from overflow and underflow whatever the magnitude of the data, and the
+    result is exactly scale-invariant. The alpha is scaled back (at least MIN_POSITIVE_ALPHA, at
+    most amax)."""
+    e = np.int64(math.frexp(np.float64(amax))[1]) - 1  # 2^e <= amax < 2^(e+1)
+    up = np.ldexp(1.0, -e)
+    w = np.empty(v.size, np.float32)
+    for i in range(v.size):
+        w[i] = np.float32(np.float64(v[i]) * up)
+    a = np.float32(np.float64(_search_row(w, np.float32(np.float64(amax) * up))) * np.ldexp(1.0, e))
+    return min(max(a, _MIN_ALPHA), np.float32(amax))
+
+
+@njit(cache=True)
+def _search_row(v, amax):
     """The alpha in (0, amax] minimising the exact error of the |x| values ``v`` (> 0, finite, at
     least one; continuous data: more than 512 distinct values, else the lattice search is exact).
 
