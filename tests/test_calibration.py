@@ -326,6 +326,17 @@ def test_mse_reaches_brute_force_at_extreme_magnitudes(case):
     assert np.array_equal(calibrate(rows, axis=0), np.float32([calibrate(x), calibrate(x[::-1])]))
 
 
+@pytest.mark.parametrize("n", [3000, 20000])
+def test_mse_reaches_brute_force_on_clustered_values(n):
+    """Integers with a little noise: deep dips where the grid meets the lattice, away from the
+    smooth model's minimum (the row search must not trust the model there)."""
+    rng = np.random.default_rng(1)
+    x = (np.round(rng.standard_normal(n) * 20) + rng.standard_normal(n) * 0.01).astype(np.float32)
+    _, best = brute_force(x)
+    assert mse_numpy(x, [calibrate(x)])[0] <= best * 1.001
+    assert calibrate(x[None, :], axis=0)[0] == np.float32(calibrate(x))
+
+
 def test_bfloat16_values_use_exact_distinct_values():
     x = torch.randn(100_000).to(torch.bfloat16)
     a = calibrate(x)

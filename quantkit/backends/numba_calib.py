@@ -557,7 +557,9 @@ def search_mse_values(values, counts, amax):
     2. Otherwise, each value once (rows, blocks, small tensors): numba_rowsearch.search_row, the
        smooth model's minimum, an event sweep of the exact error over +-3% of it, the two lowest
        sweep points decided by the exact float32 error.
-    3. Weighted values (bfloat16 data, or a large array's distinct values): a coarse geometric
+    3. Weighted values (bfloat16 data, or a large array's distinct values), and values in tight
+       clusters (numba_rowsearch.clustered: search_row sends them here, as the smooth model cannot
+       place their dips): a coarse
        scan from amax down by 2^(-1/8), stopped as soon as the clip bound (a lower bound of the
        error at every smaller alpha) reaches the best error found; then exact scans ever finer
        around the best: +-9% at 1%, the near-optimal window at 0.1% (every 1% point within

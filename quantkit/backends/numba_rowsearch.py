@@ -65,7 +65,7 @@ import numpy as np
 from numba import njit
 
 from .._constants import MIN_POSITIVE_ALPHA
-from .numba_calib import _better as better, search_unit, sse_search
+from .numba_calib import _better as better, _search_continuous, search_unit, sse_search
 
 _Q = np.float32(127.0)
 _MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)
@@ -441,8 +441,38 @@ def distinct_exceeds(ax, limit):
 
 
 @njit(cache=True)
+def clustered(ax):
+    """True if the first min(n, 1024) values of ``ax`` (finite float32 >= 0) fall into fewer than
+    85% as many distinct buckets of relative width 2^-11 (exponent and top 11 mantissa bits) as
+    there are values: point masses, values piled in tight clusters (integers with a little noise),
+    or float16 data with many exact repeats.
+
+    Continuous rows fill 0.89 to 1.0 of their buckets (the benchmark weight, all-MiniLM-L6-v2),
+    integers with noise of 0.01 about 0.4. On clustered data the exact error has deep dips where
+    the rounding grid meets the clusters, which can lie beyond the sweep window around the smooth
+    model's minimum (10% lower error at 3.5% below max|x| on such a row), so those rows take the
+    exact scan of numba_calib._search_continuous instead.
+    """
+    m = min(ax.size, 1024)
+    bits = ax.view(np.int32)
+    table = np.zeros(1024, np.uint64)
+    for i in range(m):
+        key = (bits[i] >> 12) & 0xFFFF
+        table[key >> 6] |= np.uint64(1) << np.uint64(key & 63)
+    count = 0
+    for k in range(1024):
+        w = table[k]
+        w = w - ((w >> np.uint64(1)) & np.uint64(0x5555555555555555))
+        w = (w & np.uint64(0x3333333333333333)) + ((w >> np.uint64(2)) & np.uint64(0x3333333333333333))
+        w = (w + (w >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+        count += np.int64((w * np.uint64(0x0101010101010101)) >> np.uint64(56))
+    return count < 0.85 * m
+
+
+@njit(cache=True)
 def search_row(v, amax):
-    """_search_row on the values scaled by the power of two that puts amax in [1, 2): exact (every
+    """_search_row (or, for clustered values, numba_calib's exact scan _search_continuous) on the
+    values scaled by the power of two that puts amax in [1, 2): exact (every
     value that stays normal scales exactly; one far enough below amax to turn subnormal has an
     error of about itself at any legal alpha), so the fixed-point units and float32 thresholds of
     the search stay far from overflow and underflow whatever the magnitude of the data, and the
@@ -453,7 +483,12 @@ def search_row(v, amax):
     w = np.empty(v.size, np.float32)
     for i in range(v.size):
         w[i] = np.float32(np.float64(v[i]) * up)
-    a = np.float32(np.float64(_search_row(w, np.float32(np.float64(amax) * up))) * np.ldexp(1.0, e))
+    am = np.float32(np.float64(amax) * up)
+    if clustered(w):
+        a = _search_continuous(w, np.empty(0, np.int64), am, search_unit(am, w.size))
+    else:
+        a = _search_row(w, am)
+    a = np.float32(np.float64(a) * np.ldexp(1.0, e))
     return min(max(a, _MIN_ALPHA), np.float32(amax))
 
 
