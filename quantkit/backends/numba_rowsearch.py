@@ -413,31 +413,35 @@ def _lowest(vals, k):
 
 
 @njit(cache=True)
-def distinct_exceeds(ax, limit):
-    """True if ``ax`` (finite float32 >= 0) certainly has more than ``limit`` distinct values:
-    more than ``limit`` distinct keys (the low 16 bits of the float bits) among its first
-    min(n, limit + 128) values (continuous data: about limit + 125 distinct keys).  Different keys are different values, so True is a proof; False
-    means "unknown" (bfloat16 data, integers, few values): count exactly then (``_distinct``).
-    A 65536-bit table, filled branch-free.
-    """
-    n = ax.size
-    if n <= limit:
-        return False
-    bits = ax.view(np.int32)
+def _distinct_keys(bits, m, shift):
+    """Number of distinct 16-bit keys ``(bits[i] >> shift) & 0xFFFF`` among the first m entries
+    of an int32 view (a 65536-bit table filled branch-free, then a popcount per word)."""
     table = np.zeros(1024, np.uint64)
-    top = min(n, limit + 128)
-    for i in range(top):
-        key = bits[i] & 0xFFFF
+    for i in range(m):
+        key = (bits[i] >> shift) & 0xFFFF
         table[key >> 6] |= np.uint64(1) << np.uint64(key & 63)
     count = 0
     for k in range(1024):
         w = table[k]
-        # popcount
         w = w - ((w >> np.uint64(1)) & np.uint64(0x5555555555555555))
         w = (w & np.uint64(0x3333333333333333)) + ((w >> np.uint64(2)) & np.uint64(0x3333333333333333))
         w = (w + (w >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
         count += np.int64((w * np.uint64(0x0101010101010101)) >> np.uint64(56))
-    return count > limit
+    return count
+
+
+@njit(cache=True)
+def distinct_exceeds(ax, limit):
+    """True if ``ax`` (finite float32 >= 0) certainly has more than ``limit`` distinct values:
+    more than ``limit`` distinct keys (the low 16 bits of the float bits) among its first
+    min(n, limit + 128) values (continuous data: about limit + 125 distinct keys). Different keys
+    are different values, so True is a proof; False means "unknown" (bfloat16 data, integers, few
+    values): count exactly then (``_distinct``).
+    """
+    n = ax.size
+    if n <= limit:
+        return False
+    return _distinct_keys(ax.view(np.int32), min(n, limit + 128), 0) > limit
 
 
 @njit(cache=True)
@@ -454,18 +458,7 @@ def clustered(ax):
     exact scan of numba_calib._search_continuous instead.
     """
     m = min(ax.size, 1024)
-    bits = ax.view(np.int32)
-    table = np.zeros(1024, np.uint64)
-    for i in range(m):
-        key = (bits[i] >> 12) & 0xFFFF
-        table[key >> 6] |= np.uint64(1) << np.uint64(key & 63)
-    count = 0
-    for k in range(1024):
-        w = table[k]
-        w = w - ((w >> np.uint64(1)) & np.uint64(0x5555555555555555))
-        w = (w & np.uint64(0x3333333333333333)) + ((w >> np.uint64(2)) & np.uint64(0x3333333333333333))
-        w = (w + (w >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-        count += np.int64((w * np.uint64(0x0101010101010101)) >> np.uint64(56))
+    count = _distinct_keys(ax.view(np.int32), m, 12)
     return count < 0.85 * m
 
 
