@@ -337,6 +337,15 @@ def test_mse_reaches_brute_force_on_clustered_values(n):
     assert calibrate(x[None, :], axis=0)[0] == np.float32(calibrate(x))
 
 
+@pytest.mark.parametrize("n", [12, 600, 4096])
+def test_power_of_two_scaling_is_exact_at_tiny_magnitudes(n):
+    """Few values (the lattice search) and many (the sweep) near float32's smallest normals."""
+    x = (np.random.default_rng(n).standard_normal(n) * 1e-33).astype(np.float32)
+    a = calibrate(x)
+    for k in (-9, -3, 40, 100):
+        assert calibrate(x * np.float32(2.0 ** k)) == np.float32(a * 2.0 ** k)
+
+
 def test_bfloat16_values_use_exact_distinct_values():
     x = torch.randn(100_000).to(torch.bfloat16)
     a = calibrate(x)

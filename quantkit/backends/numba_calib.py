@@ -34,6 +34,8 @@ No kernel uses fast-math. Importing this module compiles nothing; kernels are ca
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -551,6 +553,26 @@ def search_mse_values(values, counts, amax):
     """The legal alpha in (0, amax] (>= MIN_POSITIVE_ALPHA) minimising the exact quantization
     error of the |x| values ``values`` (> 0), value i occurring counts[i] times (each once when
     counts is empty).
+
+    The search runs on the values scaled by the power of two that puts amax in [1, 2) (exact for
+    every value that stays normal; one that turns subnormal is so far below amax that its error is
+    about itself at any legal alpha), so no fixed-point unit or float32 threshold of the search
+    meets overflow or underflow whatever the magnitude of the data, and x * 2^k gives alpha * 2^k
+    bit for bit. The alpha is scaled back (at least MIN_POSITIVE_ALPHA, at most amax).
+    """
+    e = np.int64(math.frexp(np.float64(amax))[1]) - 1  # 2^e <= amax < 2^(e+1)
+    up = np.ldexp(1.0, -e)
+    w = np.empty(values.size, np.float32)
+    for i in range(values.size):
+        w[i] = np.float32(np.float64(values[i]) * up)
+    a = _search_mse_normalized(w, counts, np.float32(np.float64(amax) * up))
+    a = np.float32(np.float64(a) * np.ldexp(1.0, e))
+    return min(max(a, _MIN_ALPHA), np.float32(amax))
+
+
+@njit(cache=True)
+def _search_mse_normalized(values, counts, amax):
+    """search_mse_values on values scaled so that amax is in [1, 2):
 
     1. At most 512 distinct values (small rows and blocks, discrete or already-quantized data):
        an exhaustive linear grid over (0, amax], refined around its three lowest points.

@@ -464,25 +464,12 @@ def clustered(ax):
 
 @njit(cache=True)
 def search_row(v, amax):
-    """_search_row (or, for clustered values, numba_calib's exact scan _search_continuous) on the
-    values scaled by the power of two that puts amax in [1, 2): exact (every
-    value that stays normal scales exactly; one far enough below amax to turn subnormal has an
-    error of about itself at any legal alpha), so the fixed-point units and float32 thresholds of
-    the search stay far from overflow and underflow whatever the magnitude of the data, and the
-    result is exactly scale-invariant. The alpha is scaled back (at least MIN_POSITIVE_ALPHA, at
-    most amax)."""
-    e = np.int64(math.frexp(np.float64(amax))[1]) - 1  # 2^e <= amax < 2^(e+1)
-    up = np.ldexp(1.0, -e)
-    w = np.empty(v.size, np.float32)
-    for i in range(v.size):
-        w[i] = np.float32(np.float64(v[i]) * up)
-    am = np.float32(np.float64(amax) * up)
-    if clustered(w):
-        a = _search_continuous(w, np.empty(0, np.int64), am, search_unit(am, w.size))
-    else:
-        a = _search_row(w, am)
-    a = np.float32(np.float64(a) * np.ldexp(1.0, e))
-    return min(max(a, _MIN_ALPHA), np.float32(amax))
+    """_search_row, or for clustered values numba_calib's exact scan _search_continuous (see
+    ``clustered``). The caller (numba_calib.search_mse_values) has scaled the values by a power
+    of two that puts amax in [1, 2), which keeps every fixed-point unit here in range."""
+    if clustered(v):
+        return _search_continuous(v, np.empty(0, np.int64), amax, search_unit(amax, v.size))
+    return _search_row(v, amax)
 
 
 @njit(cache=True)
