@@ -197,12 +197,12 @@ def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float, extra=
 
     The exact MSE wiggles around the smooth model by about 0.9 / sqrt(nonzero) (rounding errors
     decorrelate as alpha moves), so the scan is as wide and as dense as that asks for and the
-    size affords: for 2^24 non-zero values and more, _exact_search from the model's alpha +-0.05%
-    (plus max|x| when the model's alpha is within 3% of it); for fewer, up to 41 points
+    size affords: for 2^24 non-zero values and more, _exact_search from the model's alpha
+    +-0.05% (plus max|x| when the model's alpha is within 3% of it); for fewer, up to 41 points
     over up to +-2%, then 11 points at a fifth of that step around the best. ``extra`` alphas
     (_lumpy_extra: where the grid meets piled-up values) join the first evaluation; for the
-    largest arrays the best of them is refined over +-0.1% at 0.02% and competes with the rest. The lowest exact error wins (on a tie the larger
-    alpha).
+    largest arrays the best of them is refined over +-0.1% at 0.02% and competes with the rest.
+    The lowest exact error wins (on a tie the larger alpha).
     """
     def best_of(center, steps, extra=()):
         cands = _candidates(center, steps, top, extra)
@@ -274,9 +274,10 @@ def _lumpy_extra(k, sample: np.ndarray, counts: np.ndarray, around: float, top) 
     """Extra exact candidates for data with point masses or tight clusters, or ().
 
     A log-histogram bin (``counts``), or two adjacent ones, holding at least 64 values and 8 times
-    more than each neighbour marks values piled on a point (padding values, a saturated level, integers with a
-    little noise). Their error vanishes where the rounding grid passes through the point, so the
-    exact MSE has narrow dips that a smooth model does not see and a narrow exact scan misses:
+    more than each neighbour marks values piled on a point (padding values, a saturated level,
+    integers with a little noise). Their error vanishes where the rounding grid passes through
+    the point, so the exact MSE has narrow dips that a smooth model does not see and a narrow
+    exact scan misses:
     at ``alpha = 127 * v / j`` for the pile's value ``v`` (its mean in ``sample``) and integers
     ``j``. Those alphas within 15% of ``around`` (for the two largest piles, at most 16) join the
     candidates that the exact errors of all the data decide between.
@@ -339,7 +340,7 @@ def _mse_sampled(k, flat: np.ndarray, x32, name):
     cnt, mean, var = k.count_moments(counts_s, False)
     a_s = float(k.model_search(cnt, mean, var, amax_s, np.inf))  # a smooth model: a first guess
 
-    def stands(alpha):  # values above 126.5 * scale at alpha * (1 - step) are all in the tail
+    def stands(alpha):  # every value the exact search can clip or round near the top is >= T
         return alpha * (1 - _SAMPLED_MARGIN) * (126.5 / 127) >= t_value
 
     if not stands(a_s * 0.97):
@@ -423,7 +424,8 @@ def calibrate_cuda(x, method: str, axis, block_size, opts: dict):
     channel or block). "mse" per tensor runs :func:`_mse_flat`'s large-array branches with the CUDA
     kernels (|x|max, the log histogram, the exact error sums), so alpha equals the CPU's on the same
     data below 2^23 values (from there the CPU samples its bulk, _mse_sampled; the GPU's full
-    histogram costs little); only per-bin sums, the candidates' error sums and scalars come back to the host. Where
+    histogram costs little); only per-bin sums, the candidates' error sums and scalars come back
+    to the host. Where
     the CPU search needs the data itself on the host (a tensor with at most 65536 non-zero values;
     a few non-empty bins whose distinct values the histogram cannot tell) and for every other
     method or granularity: NotImplementedError (a RuntimeError) saying what does run on the GPU.

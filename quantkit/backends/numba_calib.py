@@ -819,8 +819,9 @@ def _group_stats(bs, tail_bits):
 @njit(parallel=True, cache=True)
 def scan_tail(x, tasks, tail_bin, tail_counts, chunk_max):
     """One pass over a flat array: the non-finite count, the zero count, max |x| of each chunk of
-    _CHUNK elements (into ``chunk_max``, float32; meaningful when there is no NaN/Inf), and the count
-    histogram of the |x| in bins >= ``tail_bin`` only (added to ``tail_counts[b - tail_bin]``).
+    _CHUNK elements (into ``chunk_max``, float32; meaningful when there is no NaN/Inf), and the
+    count histogram of the |x| in bins >= ``tail_bin`` only (added to
+    ``tail_counts[b - tail_bin]``).
 
     Vectorised statistics per group of 512 elements; only a group that holds a tail value is
     visited again, element by element, while in cache: a rare tail (a fraction of 1e-4 or less)

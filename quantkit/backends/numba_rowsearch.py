@@ -14,7 +14,7 @@ them.
 1. **Trend** (``trend_global``).  The smooth model
    of the error at step s = alpha / 127, with c = 1/sqrt(12),
 
-       M(s) = sum_{v > (127 + c) s} (v - 127 s)^2  +  N_mid s^2 / 12  +  sum_{v <= (8 + c) s} (v - q s)^2
+      M(s) = sum_{v > (127+c) s} (v - 127 s)^2 + N_mid s^2 / 12 + sum_{v <= (8+c) s} (v - q s)^2
 
    (clipped values exactly, rounding noise s^2/12 in between, the values with codes 0..8 exactly:
    their density changes too much within a cell for s^2/12 -- heavy tails put most values there --
@@ -30,7 +30,8 @@ them.
    lowest coarse point is unexplained: two roots within one step, multimodal data) near the best is
    refined by Illinois regula falsi on g in t = ln(s / s_top) to ``tol``; a runner-up within 3% of
    the best model error is swept too.  Measured: the brute-force optimum lies within +-2.4% of the
-   minimum found on every row tested (on the benchmark weight, all-MiniLM-L6-v2 and the test distributions), the window needs +-3%.
+   minimum found on every row tested (the benchmark weight, all-MiniLM-L6-v2, the test
+   distributions), so the window is +-3%.
 
 2. **Event sweep** (``sweep``).  On [alpha_t / (1 + W), min(alpha_t (1 + W), amax)] take M points
    equally spaced in u = 1/s = 127/alpha: u_j = u0 + j du.  In real arithmetic q_i(u) =
@@ -424,7 +425,8 @@ def _distinct_keys(bits, m, shift):
     for k in range(1024):
         w = table[k]
         w = w - ((w >> np.uint64(1)) & np.uint64(0x5555555555555555))
-        w = (w & np.uint64(0x3333333333333333)) + ((w >> np.uint64(2)) & np.uint64(0x3333333333333333))
+        m2 = np.uint64(0x3333333333333333)
+        w = (w & m2) + ((w >> np.uint64(2)) & m2)
         w = (w + (w >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
         count += np.int64((w * np.uint64(0x0101010101010101)) >> np.uint64(56))
     return count
