@@ -187,11 +187,26 @@ def _mse_large(k, flat, n: int, amax: np.float32, counts: np.ndarray, low_bits: 
     def evaluate(alphas):
         return k.sse_fixed_many(flat, alphas, unit_inv)
 
-    extra = () if sample is None else _lumpy_extra(k, sample, counts, model_alpha, a_max)
-    return np.float32(_decide_exact(evaluate, model_alpha, nonzero, a_max, extra))
+    extra, dense = (), False
+    if sample is not None:
+        extra = _lumpy_extra(k, sample, counts, model_alpha, a_max)
+        dense = _clustered_sample(k, sample)
+    return np.float32(_decide_exact(evaluate, model_alpha, nonzero, a_max, extra, dense))
 
 
-def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float, extra=()) -> float:
+def _clustered_sample(k, sample: np.ndarray) -> bool:
+    """numba_rowsearch.clustered on the first non-zero |x| of each piece of the sample (at most
+    1024; one per piece, as neighbours in sorted or smooth data are close without being
+    clustered): values in tight clusters, whose exact error has dips that a model cannot place."""
+    ax = np.abs(sample[::k.SAMPLE_PIECE])
+    ax = ax[ax != 0][:1024]
+    if ax.size < 64:
+        return False
+    return bool(k._rows.clustered(np.ascontiguousarray(ax)))
+
+
+def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float, extra=(),
+                  dense=False) -> float:
     """Exact errors of the data decide around the model's alpha (``evaluate(alphas)``: exact error
     sums, one pass over the data per call).
 
@@ -202,7 +217,8 @@ def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float, extra=
     over up to +-2%, then 11 points at a fifth of that step around the best. ``extra`` alphas
     (_lumpy_extra: where the grid meets piled-up values) join the first evaluation; for the
     largest arrays the best of them is refined over +-0.1% at 0.02% and competes with the rest.
-    The lowest exact error wins (on a tie the larger alpha).
+    ``dense`` (clustered values) takes the wide scan at any size. The lowest exact error wins (on
+    a tie the larger alpha).
     """
     def best_of(center, steps, extra=()):
         cands = _candidates(center, steps, top, extra)
@@ -210,6 +226,8 @@ def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float, extra=
 
     wiggle = 0.9 / np.sqrt(nonzero)
     half = int(min(20, max(2, (1 << 25) // nonzero)))  # points on each side
+    if dense:  # clustered values (_clustered_sample): the wide scan, whatever the size
+        half = max(half, 20)
     near_top = ((top,) if model_alpha > 0.97 * top else ()) + tuple(extra)
     if half <= 2:
         best = _exact_search(evaluate, model_alpha, 0.001, top, near_top)  # +-0.05%
@@ -309,7 +327,8 @@ def _lumpy_extra(k, sample: np.ndarray, counts: np.ndarray, around: float, top) 
 def _mse_sampled(k, flat: np.ndarray, x32, name):
     """MSE-optimal alpha of a very large flat array (at least _SAMPLED_MIN values), or None when
     the data needs the full-histogram path: NaN/Inf (it raises there), few distinct values,
-    bfloat16 values, mostly zeros, or an optimum among the top 1/4096 of the values.
+    bfloat16 values, mostly zeros, values in tight clusters, or an optimum among the top 1/4096
+    of the values.
 
     The rounding error of the bulk of the values is about s^2 / 12 each whatever their exact
     distribution; the clipping error needs the tail exactly. So:
@@ -331,7 +350,8 @@ def _mse_sampled(k, flat: np.ndarray, x32, name):
     amax_s, bad_s, zeros_s, low_s = k.scan_flat(sample, 1, counts_s)
     nonzero_s = sample.size - int(zeros_s)
     if (bad_s or low_s == 0 or amax_s < _MIN_ALPHA or nonzero_s * _SAMPLE_RATE <= 4 * _SMALL
-            or np.count_nonzero(counts_s) <= k.LATTICE_MAX_DISTINCT + 1):
+            or np.count_nonzero(counts_s) <= k.LATTICE_MAX_DISTINCT + 1
+            or _clustered_sample(k, sample)):
         return None
     above = np.cumsum(counts_s[::-1])[::-1]  # above[b] = sample count in bins >= b
     tail_bin = int(np.searchsorted(-above, -(sample.size // 4096), side="left"))

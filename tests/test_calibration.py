@@ -279,15 +279,17 @@ def test_exact_search_follows_a_sharp_minimum():
     assert abs(_exact_search(flat, 2.0, 0.002, 4.0) / 2.0 - 1) <= 0.001 and calls == []
 
 
-@pytest.mark.parametrize("name", ["tanh", "spike"])
+@pytest.mark.parametrize("name", ["tanh", "spike", "integers_noise"])
 def test_mse_largest_tensors_sharp_minima(name):
     """2^24 values: the narrow exact search must still find minima that a model cannot see."""
     rng = np.random.default_rng(8)
     z = rng.standard_normal(1 << 24)
     if name == "tanh":  # crowded just below max|x|
         x = np.tanh(z * 2).astype(np.float32)
-    else:  # a fifth of the values exactly 0.5: dips where the grid meets 0.5
+    elif name == "spike":  # a fifth of the values exactly 0.5: dips where the grid meets 0.5
         x = np.where(rng.random(z.size) < 0.2, 0.5, z).astype(np.float32)
+    else:  # clusters on a lattice: dips where the grid meets it
+        x = (np.round(z * 20) + rng.standard_normal(z.size) * 0.01).astype(np.float32)
     got = quantization_mse(x, calibrate(x)).mse
     assert got <= _dense_optimum(x) * 1.001
 

@@ -755,6 +755,7 @@ def scan_flat(x, tasks, counts):
 
 
 _SAMPLE_PIECE = 256  # elements per sampled piece (sample_pieces): 1 KiB, prefetcher-friendly
+SAMPLE_PIECE = _SAMPLE_PIECE
 
 
 @njit(cache=True)
