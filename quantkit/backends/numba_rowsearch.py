@@ -82,19 +82,10 @@ _TOL = 0.01     # the trend minimum to 1% (relative step): the sweep's window ab
 
 @njit(cache=True)
 def _pow2_units(amax):
-    """(P1, P2): powers of two with amax * P1 in [2^39, 2^40), P2 = P1^2 / 2^34 (amax^2 P2 < 2^46).
-
-    Fixed-point units of the sums of v (P1) and v^2 (P2): 2^16 values cannot overflow int64.
-    """
-    e = np.int64(np.floor(np.log2(np.float64(amax))))
-    # np.log2 may be off by one ulp at exact powers: fix e so that 2^e <= amax < 2^(e+1)
-    while np.ldexp(1.0, e) > amax:
-        e -= 1
-    while np.ldexp(1.0, e + 1) <= amax:
-        e += 1
-    p1 = np.ldexp(1.0, 39 - e)
-    p2 = np.ldexp(1.0, 2 * (39 - e) - 34)
-    return p1, p2
+    """The power of two P1 with amax * P1 in [2^39, 2^40): the fixed-point unit of sums of v
+    (2^16 values of at most 127 * amax * P1 cannot overflow int64)."""
+    e = np.int64(math.frexp(np.float64(amax))[1]) - 1  # 2^e <= amax < 2^(e+1)
+    return np.ldexp(1.0, 39 - e)
 
 
 @njit(cache=True)
@@ -180,7 +171,7 @@ def trend_global(v, amax, p1, tol):
     Local minima: the top end if g(s_top) <= 0, and every coarse interval where g changes sign
     from - (below) to + (above).  The interval next to the lowest coarse M (and any other whose
     end values are within 10% of it) is refined by Illinois on g in t = ln(s / s_top) to ``tol``;
-    the refined minimum with the lowest M wins.  Returns (alpha float64, passes, second alpha or
+    the refined minimum with the lowest M wins.  Returns (alpha float64, second alpha or
     -1: a runner-up minimum within 3% of the best model error, which the caller may sweep too).
     """
     s_top = np.float64(amax) / 127.0
@@ -190,14 +181,12 @@ def trend_global(v, amax, p1, tol):
     ms = np.empty(400)
     nk = 0
     best_m = np.inf
-    passes = 0
     for k in range(400):
         t = k * step
         s = s_top * np.exp(t)
         if s * 127.0 < _MIN_ALPHA_F64:
             break
         g, m, clip = model_gm(v, s, p1)
-        passes += 1
         ts[nk] = t
         gs[nk] = g
         ms[nk] = m
@@ -228,7 +217,6 @@ def trend_global(v, amax, p1, tol):
             if np.abs(t - ts[kb]) < 1e-12 or s_top * np.exp(t) * 127.0 < _MIN_ALPHA_F64:
                 continue
             g, m, clip = model_gm(v, s_top * np.exp(t), p1)
-            passes += 1
             tt[nk + extra] = t
             gg[nk + extra] = g
             mm[nk + extra] = m
@@ -266,8 +254,7 @@ def trend_global(v, amax, p1, tol):
                 t = (t_lo * g_hi - t_hi * g_lo) / (g_hi - g_lo)
                 w = t_hi - t_lo
                 t = min(max(t, t_lo + 0.05 * w), t_hi - 0.05 * w)
-                g, _, _ = model_g(v, s_top * np.exp(t), p1)  # cheaper: g only
-                passes += 1
+                g, _, _ = model_g(v, s_top * np.exp(t), p1)  # g only: a cheaper pass
                 if g <= 0.0:
                     t_lo = t
                     g_lo = g
@@ -285,12 +272,11 @@ def trend_global(v, amax, p1, tol):
             nc_ += 1
     if nc_ == 0:  # no sign change seen (should not happen): the lowest coarse point
         j = np.argmin(ms[:nk])
-        return min(127.0 * (s_top * np.exp(ts[j])), np.float64(amax)), passes, -1.0
+        return min(127.0 * (s_top * np.exp(ts[j])), np.float64(amax)), -1.0
     if nc_ > 1:  # several local minima: compare the model error at each (rare)
         for i in range(nc_):
             if cand_t[i] < 0.0:
                 _, cand_m[i], _ = model_gm(v, s_top * np.exp(cand_t[i]), p1)
-                passes += 1
     j = np.argmin(cand_m[:nc_])
     a1 = min(127.0 * (s_top * np.exp(cand_t[j])), np.float64(amax))
     a2 = -1.0
@@ -299,21 +285,13 @@ def trend_global(v, amax, p1, tol):
         if i != j and cand_m[i] <= 1.03 * cand_m[j] and cand_m[i] < m2:
             m2 = cand_m[i]
             a2 = min(127.0 * (s_top * np.exp(cand_t[i])), np.float64(amax))
-    return a1, passes, a2
-
-
-@njit(cache=True)
-def _ceil_log2(n):
-    lg = 0
-    while (1 << lg) < n:
-        lg += 1
-    return lg
+    return a1, a2
 
 
 @njit(cache=True, error_model="numpy")  # no zero-division branch: lets pass 1 vectorise
 def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
     """The exact error (real arithmetic, see the module docstring, step 2) at m grid points over
-    [a_lo, a_hi], equally spaced in 127 / alpha; returns (sse float64 [m] minus sum v^2, events).
+    [a_lo, a_hi], equally spaced in 127 / alpha; returns the sse (float64 [m]) minus sum v^2.
 
     Each event (i, k) adds v_i to B and 2k - 1 to C; both go into ONE int64 per grid cell,
     ``(round(v_i * pb) << 24) + (2k - 1)``: a cell receives at most one event per value (a value's
@@ -331,15 +309,12 @@ def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
     du = (u1 - u0) / (m - 1)
     inv_du = 1.0 / du
     c = u0 * inv_du
-    lg = _ceil_log2(n)
     e_hi = np.int64(math.frexp(a_hi)[1])  # a_hi < 2^e_hi
     pb = np.ldexp(1.0, 37 - e_hi)  # values with events are < 1.004 a_hi: v * pb < 2^38
     u0f = np.float32(u0)
     u1f = np.float32(u1)
-    cf = np.float32(c)
     b0 = 0
     c0 = 0
-    tot = 0
     # pass 1 (vectorised): codes at both ends, B and C at u0, each value's event state: position
     # of its next event in cells (float32: 600 cells to ~4e-5 of a cell), its step, the packed
     # increment and the number of events left
@@ -351,7 +326,6 @@ def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
         b0 += np.int64(qa * (x64 * p1))
         c0 += np.int64(qa * qa)
         ne = np.int32(qb - qa)
-        tot += ne
         REM[i] = ne
         w = inv_du / x64
         Wt[i] = w
@@ -391,7 +365,7 @@ def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
         bc += db[j]
         s = S[j]
         sse[j] = s * (s * cc - 2.0 * (bb + bc / pb))
-    return sse, tot
+    return sse
 
 
 @njit(cache=True)
@@ -492,8 +466,8 @@ def _search_row(v, amax):
     Wt = np.empty(n)
     PK = np.empty(n, np.int64)
     REM = np.empty(n, np.int32)
-    p1, p2 = _pow2_units(amax)
-    a_t, passes, a_2 = trend_global(v, amax, p1, tol)
+    p1 = _pow2_units(amax)
+    a_t, a_2 = trend_global(v, amax, p1, tol)
     unit = search_unit(amax, n)
     best_a = np.float32(0.0)
     best_s = np.iinfo(np.int64).max
@@ -506,7 +480,7 @@ def _search_row(v, amax):
         a_lo = max(centre / (1.0 + width), _MIN_ALPHA_F64)
         if a_lo >= a_hi:
             a_lo = a_hi * 0.5
-        sse, ev = sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM)
+        sse = sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM)
         idx = _lowest(sse, k_exact)
         u0 = 127.0 / a_hi
         du = (127.0 / a_lo - u0) / (m - 1)
