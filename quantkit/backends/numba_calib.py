@@ -110,7 +110,7 @@ def absmax_flat(x):
             m = max(m, b if finite else np.int32(0))
         best[c] = m
         bad[c] = count
-    return np.array([best.max()], np.int32).view(np.float32)[0], bad.sum()
+    return _float_of_bits(best.max()), bad.sum()
 
 
 @njit(parallel=True, cache=True)
@@ -757,7 +757,7 @@ def scan_flat(x, tasks, counts):
     orr = np.int32(0)
     for t in range(tasks):
         orr |= low[t]
-    return np.array([best.max()], np.int32).view(np.float32)[0], bad.sum(), zeros.sum(), orr
+    return _float_of_bits(best.max()), bad.sum(), zeros.sum(), orr
 
 
 _SAMPLE_PIECE = 256  # elements per sampled piece (sample_pieces): 1 KiB, prefetcher-friendly
