@@ -324,7 +324,7 @@ def _lumpy_extra(k, sample: np.ndarray, counts: np.ndarray, around: float, top) 
     return tuple(a for a in out if 0 < a <= float(top))[:16]
 
 
-def _mse_sampled(k, flat: np.ndarray, x32, name):
+def _mse_sampled(k, flat: np.ndarray, sample: np.ndarray, x32, name):
     """MSE-optimal alpha of a very large flat array (at least _SAMPLED_MIN values), or None when
     the data needs the full-histogram path: NaN/Inf (it raises there), few distinct values,
     bfloat16 values, mostly zeros, values in tight clusters, or an optimum among the top 1/4096
@@ -333,8 +333,9 @@ def _mse_sampled(k, flat: np.ndarray, x32, name):
     The rounding error of the bulk of the values is about s^2 / 12 each whatever their exact
     distribution; the clipping error needs the tail exactly. So:
 
-    1. A sample (one piece of 256 values in _SAMPLE_RATE, spread by golden-ratio hashing) gets
-       the full log histogram, and its model alpha ``a_s``. The tail threshold ``T`` is the
+    1. ``sample`` (k.sample_pieces: one piece of 256 values in _SAMPLE_RATE, spread by
+       golden-ratio hashing; the caller keeps it for the fallback) gets the full log histogram,
+       and its model alpha ``a_s``. The tail threshold ``T`` is the
        histogram bin holding the sample's top 1/4096 (so the tail costs the pass little).
     2. One pass over all the data (scan_tail): NaN/Inf and zero counts, the max of every chunk,
        and the exact histogram of the |x| >= T.
@@ -345,7 +346,6 @@ def _mse_sampled(k, flat: np.ndarray, x32, name):
     4. Exact errors of the data decide (_decide_exact with sse_chunked_many).
     """
     n = flat.size
-    sample = k.sample_pieces(flat, _SAMPLE_RATE)
     counts_s = np.zeros(k.HIST_BINS, np.int64)
     amax_s, bad_s, zeros_s, low_s = k.scan_flat(sample, 1, counts_s)
     nonzero_s = sample.size - int(zeros_s)
@@ -400,8 +400,9 @@ def _mse_flat(flat: np.ndarray, x32=None, name="x") -> np.float32:
         if amax < _MIN_ALPHA:
             return np.float32(0)
         return np.float32(k.search_mse(flat, amax))
+    sample = k.sample_pieces(flat, _SAMPLE_RATE)
     if flat.size >= _SAMPLED_MIN:
-        alpha = _mse_sampled(k, flat, x32, name)
+        alpha = _mse_sampled(k, flat, sample, x32, name)
         if alpha is not None:
             return alpha
     counts = np.zeros(k.HIST_BINS, np.int64)
@@ -420,7 +421,7 @@ def _mse_flat(flat: np.ndarray, x32=None, name="x") -> np.float32:
         if alpha >= 0:
             return np.float32(alpha)
     return _mse_large(k, flat, flat.size, np.float32(amax), counts, int(low_bits),
-                      flat.size - int(zeros), sample=k.sample_pieces(flat, _SAMPLE_RATE))
+                      flat.size - int(zeros), sample)
 
 
 # ------------------------------------------------------------------------------ on the GPU
