@@ -37,7 +37,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .._constants import MIN_POSITIVE_ALPHA, QMAX
 
@@ -64,6 +66,30 @@ _LATTICE_WORK = 1 << 20                # element-evaluations for its grid (at le
 
 
 # ----------------------------------------------------------------------------------- arithmetic
+@intrinsic
+def _bits_f64(typingctx, x):
+    """The int64 bit pattern of a float64 (a register move)."""
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return sig, codegen
+
+
+_MAGIC = 6755399441055744.0  # 1.5 * 2^52: its ulp is 1
+_MAGIC_BITS = 0x4338000000000000
+
+
+@njit(cache=True, inline="always")
+def trunc_i64(d):
+    """``np.int64(d)`` (truncation toward zero) of a float64 with ``|d| < 2^51``, exactly, in a form
+    that vectorises without AVX-512: ``trunc(d) + 1.5 * 2^52`` is exact and holds the integer in
+    its low mantissa bits, so its bit pattern minus that of 1.5 * 2^52 is ``trunc(d)``. (AVX2 has no
+    float-to-int64 conversion; ``np.int64(d)`` compiles to one scalar conversion per element.)"""
+    return _bits_f64(np.trunc(d) + _MAGIC) - _MAGIC_BITS
+
+
 
 
 @njit(cache=True, inline="always")
@@ -145,7 +171,7 @@ def sse_fixed(ax, alpha, unit_inv):
     for i in range(ax.size):
         v = ax[i]
         e = np.float64(v - min(np.rint(v * inv), _Q) * scale)
-        acc += np.int64(e * e * unit_inv)
+        acc += trunc_i64(e * e * unit_inv)
     return acc
 
 
@@ -183,7 +209,7 @@ def sse_search(ax, alpha, p):
     for i in range(ax.size):
         v = ax[i]
         t = (v - min(np.rint(v * inv), _Q) * scale) * p
-        acc += np.int64(t * t)
+        acc += trunc_i64(np.float64(t * t))
     return acc
 
 
@@ -203,9 +229,9 @@ def sse_search_bound(ax, alpha, p):
     for i in range(ax.size):
         v = ax[i]
         t = (v - min(np.rint(v * inv), _Q) * scale) * p
-        acc += np.int64(t * t)
+        acc += trunc_i64(np.float64(t * t))
         d = max(v - top, _ZERO) * p
-        bound += np.int64(d * d)
+        bound += trunc_i64(np.float64(d * d))
     return acc, bound
 
 
@@ -218,7 +244,7 @@ def sse_search_weighted(values, counts, alpha, p):
     for i in range(values.size):
         v = values[i]
         t = (v - min(np.rint(v * inv), _Q) * scale) * p
-        acc += np.int64(t * t) * counts[i]
+        acc += trunc_i64(np.float64(t * t)) * counts[i]
     return acc
 
 
@@ -230,7 +256,7 @@ def _sse_fixed_signed(xs, alpha, unit_inv):
     for i in range(xs.size):
         v = abs(xs[i])
         e = np.float64(v - min(np.rint(v * inv), _Q) * scale)
-        acc += np.int64(e * e * unit_inv)
+        acc += trunc_i64(e * e * unit_inv)
     return acc
 
 
@@ -417,9 +443,9 @@ def _sse_bound(values, counts, alpha, unit):
     for i in range(values.size):
         v = values[i]
         t = (v - min(np.rint(v * inv), _Q) * scale) * unit
-        acc += np.int64(t * t) * counts[i]
+        acc += trunc_i64(np.float64(t * t)) * counts[i]
         d = max(v - top, _ZERO) * unit
-        bound += np.int64(d * d) * counts[i]
+        bound += trunc_i64(np.float64(d * d)) * counts[i]
     return acc, bound
 
 
@@ -803,7 +829,7 @@ def _sse_search_signed(xs, alpha, p):
     for i in range(xs.size):
         v = abs(xs[i])
         t = (v - min(np.rint(v * inv), _Q) * scale) * p
-        acc += np.int64(t * t)
+        acc += trunc_i64(np.float64(t * t))
     return acc
 
 

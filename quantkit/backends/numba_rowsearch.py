@@ -66,7 +66,7 @@ import numpy as np
 from numba import njit
 
 from .._constants import MIN_POSITIVE_ALPHA
-from .numba_calib import _better as better, _search_continuous, search_unit, sse_search
+from .numba_calib import _better as better, _search_continuous, search_unit, sse_search, trunc_i64
 
 _Q = np.float32(127.0)
 _MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)
@@ -112,12 +112,12 @@ def model_g(v, s, p1):
     for i in range(v.size):
         x = v[i]
         c = x > hi
-        s1 += np.int64(np.float64(x) * p1) if c else np.int64(0)
+        s1 += trunc_i64(np.float64(x) * p1) if c else np.int64(0)
         ncl += np.int64(c)
         nmid += np.int64((x > lo) & (x <= hi))
         y = x * u
         q = np.rint(y)
-        low += np.int64(q * (y - q) * f20) if x <= lo else np.int64(0)
+        low += trunc_i64(np.float64(q * (y - q) * f20)) if x <= lo else np.int64(0)
     g = -254.0 * (s1 / p1 / s - 127.0 * ncl) + nmid / 6.0 - 2.0 * low / 1048576.0
     return g, ncl, nmid
 
@@ -145,17 +145,17 @@ def model_gm(v, s, p1):
         x = v[i]
         c = x > hi
         x64 = np.float64(x)
-        s1 += np.int64(x64 * p1) if c else np.int64(0)
+        s1 += trunc_i64(x64 * p1) if c else np.int64(0)
         dd = (x64 - top) * sq
-        s2 += np.int64(dd * dd) if c else np.int64(0)
+        s2 += trunc_i64(dd * dd) if c else np.int64(0)
         ncl += np.int64(c)
         isl = x <= lo
         nmid += np.int64((x > lo) & (x <= hi))
         y = x * u
         q = np.rint(y)
-        low += np.int64(q * (y - q) * f20) if isl else np.int64(0)
+        low += trunc_i64(np.float64(q * (y - q) * f20)) if isl else np.int64(0)
         e = (x - q * sf) * sqf
-        lowsq += np.int64(e * e) if isl else np.int64(0)
+        lowsq += trunc_i64(np.float64(e * e)) if isl else np.int64(0)
     g = -254.0 * (s1 / p1 / s - 127.0 * ncl) + nmid / 6.0 - 2.0 * low / 1048576.0
     clip = s2 / (sq * sq)
     m = clip + nmid * s * s / 12.0 + lowsq / (sq * sq)
@@ -323,8 +323,8 @@ def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
         qa = min(np.rint(x * u0f), _Q)
         qb = min(np.rint(x * u1f), _Q)
         x64 = np.float64(x)
-        b0 += np.int64(qa * (x64 * p1))
-        c0 += np.int64(qa * qa)
+        b0 += trunc_i64(qa * (x64 * p1))
+        c0 += trunc_i64(np.float64(qa * qa))
         ne = np.int32(qb - qa)
         REM[i] = ne
         w = inv_du / x64
@@ -332,7 +332,7 @@ def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
         # values without events: a spare cell beyond the grid (spread over 64: no chain of
         # read-modify-writes on one cell), so the first round needs no branch
         T[i] = (qa + 0.5) * w - c if ne > 0 else np.float64(m + 1 + (i & 63))
-        PK[i] = (np.int64(np.rint(x64 * pb)) << 24) + np.int64(2 * qa + 1)
+        PK[i] = (trunc_i64(np.rint(x64 * pb)) << 24) + np.int64(2 * qa + 1)
     cnt = n
     # rounds: every value with events left adds its next event; the list is compacted in place
     db = np.zeros(m + 65, np.int64)
