@@ -27,6 +27,9 @@ class BuildPyWithCuda(build_py):
 
     def run(self):
         super().run()
+        # Editable installs import the package from the source tree, so the libraries go there.
+        package_dir = HERE / "quantkit" if self.editable_mode else Path(self.build_lib) / "quantkit"
+        self._build_cpu(package_dir)
         if os.environ.get("QUANTKIT_NO_CUDA") == "1":
             print("quantkit: QUANTKIT_NO_CUDA=1, not building the CUDA library (CPU only)")
             return
@@ -39,9 +42,28 @@ class BuildPyWithCuda(build_py):
             print("quantkit: nvcc not found, not building the CUDA library (CPU only; CUDA tensors "
                   "will raise until it is built)")
             return
-        # Editable installs import the package from the source tree, so the library goes there.
-        package_dir = HERE / "quantkit" if self.editable_mode else Path(self.build_lib) / "quantkit"
         csrc.build(package_dir / csrc.LIBRARY_NAME, nvcc=nvcc)
+
+
+    def _build_cpu(self, package_dir):
+        """The CPU int8 Linear kernels (csrc/cpu/) with the C compiler, when one is found.
+
+        Without it (or with QUANTKIT_NO_NATIVE=1) quantkit runs its torch-based products; a
+        compile error fails the install.
+        """
+        if os.environ.get("QUANTKIT_NO_NATIVE") == "1":
+            print("quantkit: QUANTKIT_NO_NATIVE=1, not building the CPU library")
+            return
+        if not (HERE / "csrc" / "cpu").is_dir():
+            print("quantkit: csrc/cpu/ is not in this source tree, not building the CPU library")
+            return
+        csrc = _csrc_build()
+        cc = csrc.find_cc()
+        if cc is None:
+            print("quantkit: no C compiler found, not building the CPU library (the int8 Linear "
+                  "falls back to torch-based products)")
+            return
+        csrc.build_cpu(package_dir / csrc.CPU_LIBRARY_NAME, cc=cc)
 
 
 setup(

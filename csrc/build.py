@@ -1,4 +1,9 @@
-"""Build quantkit's CUDA library (csrc/*.cu) with nvcc: the one place that knows the flags.
+"""Build quantkit's compiled libraries: the one place that knows the flags.
+
+* the CUDA library (csrc/*.cu) with nvcc;
+* the CPU library (csrc/cpu/*.c: the int8 Linear kernels) with the C compiler (``cc``, ``gcc``
+  or ``$CC``), with OpenMP; its AVX2 code is selected at run time, so one build runs on any
+  x86-64 CPU (``python3 csrc/build.py --cpu``).
 
 Used by ``setup.py`` (ahead of time, at install), by ``.ci/run`` (``--strict``, warnings as errors
 including register spills) and by ``tools/gpu_check.sh``. Standard library only.
@@ -28,6 +33,52 @@ LIBRARY_NAME = "_libquantkit_cuda.so"
 DEFAULT_OUT = CSRC.parent / "quantkit" / LIBRARY_NAME
 EMULATION_NAME = "_libquantkit_emulated.so"
 ARCHS = ("75", "80", "90")
+CPU_SOURCES = ("cpu/linear_int8.c",)
+CPU_LIBRARY_NAME = "_libquantkit_cpu.so"
+CPU_DEFAULT_OUT = CSRC.parent / "quantkit" / CPU_LIBRARY_NAME
+
+
+def find_cc() -> str | None:
+    """The C compiler: $CC, else cc or gcc from PATH, else None."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"]) or os.environ["CC"]
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def cpu_command(cc: str, out: Path) -> list:
+    """The C compiler command that builds the CPU library at ``out``.
+
+    No fast-math and no contraction (-ffp-contract=off): every float operation of the weight-only
+    kernel is the one csrc/cpu/linear_int8.c writes, on every path.
+    """
+    return [cc, "-O2", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden",
+            "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra", "-Werror",
+            *(str(CSRC / s) for s in CPU_SOURCES), "-o", str(out), "-lm"]
+
+
+def build_cpu(out=CPU_DEFAULT_OUT, *, cc=None, quiet=False) -> Path:
+    """Compile csrc/cpu/ into ``out``; raises RuntimeError (with the compiler's output) on failure.
+
+    Written to a temporary name and renamed, so a process that has the old library loaded keeps
+    a valid file.
+    """
+    cc = cc or find_cc()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    cmd = cpu_command(cc, tmp)
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError("building quantkit's CPU library failed:\n  " + " ".join(cmd) + "\n"
+                           + result.stdout + result.stderr)
+    os.replace(tmp, out)
+    if not quiet:
+        print(f"quantkit: built {out} with {cc} in {time.perf_counter() - start:.1f} s")
+    return out
 
 
 def find_nvcc() -> str | None:
@@ -169,7 +220,17 @@ def main(argv=None) -> int:
     parser.add_argument("--print-command", action="store_true", help="print the nvcc command")
     parser.add_argument("--emulate", action="store_true",
                         help="build the CPU emulation of the kernels (g++, no GPU) instead")
+    parser.add_argument("--cpu", action="store_true",
+                        help="build the CPU library (csrc/cpu/, C compiler) instead")
     args = parser.parse_args(argv)
+    if args.cpu:
+        out = CPU_DEFAULT_OUT if args.out == str(DEFAULT_OUT) else args.out
+        try:
+            build_cpu(out)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
     if args.emulate:
         out = args.out
         if out == str(DEFAULT_OUT):

@@ -9,15 +9,18 @@ row x:
 
       y = (x @ float32(W).T) * s_w + b
 
-  (the scale is applied to the output, not to a dequantized copy of the weight; the weight is
-  converted to float32 in chunks of rows small enough to stay in cache, so no full-size float32
-  weight is ever materialized).
+  (the scale is applied to the output, not to a dequantized copy of the weight; no full-size
+  float32 weight is ever materialized).
+
+How each product is computed (quantkit's AVX2 or portable C kernels, ``torch._int_mm``, float32
+matmuls) is chosen by :mod:`quantkit.matmul` from the CPU's features; ``QUANTKIT_MATMUL`` forces
+one path. Every W8A8 path gives the same bits.
 
 - ``"dynamic"`` (W8A8): each input row gets its own alpha ``a_x = max|x|`` and is quantized exactly
   as DESIGN.md section 1 says (``q_x = clamp(rint(x * float32(127 / a_x)), -127, 127)``, the
   same codes as :func:`quantkit.reference.quantize_per_channel`), then::
 
-      acc = q_x @ W.T                                (int8 x int8 -> exact int32, torch._int_mm)
+      acc = q_x @ W.T                                (int8 x int8 -> exact int32)
       y   = float32(acc) * (s_x[:, None] * s_w[None, :]) + b       s_x = float32(a_x / 127)
 
 - ``"static"``: the same with one calibrated activation alpha for every row (float32 buffer
@@ -47,38 +50,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._constants import MIN_POSITIVE_ALPHA
+from . import matmul
+from ._constants import MIN_POSITIVE_ALPHA, QMAX
 from .ops import quantize
 from .qtensor import QTensor
 
 ACTIVATION_MODES = (None, "dynamic", "static")
 _F32_MAX = float(np.finfo(np.float32).max)
-#: Size in bytes of one float32 chunk of the weight converted on the fly: it stays in the cache
-#: until the matmul reads it. QuantLinear(4096, 4096) weight-only, medians in ms, float32
-#: nn.Linear / 4 MiB chunks / 8 MiB chunks (4 rotating layer copies, 2 cores): batch 1:
-#: 2.8 / 1.7 / 3.0; batch 16: 5.8 / 3.9 / 5.0; batch 256: 42.0 / 43.8 / 53.2. With 1 MiB chunks
-#: the many small matmuls cost more at batch 256 (46.5 against 41.8 for 4 MiB in a bare loop).
-_CHUNK_BYTES = 4 << 20
-
-
-def _rows_per_chunk(in_features: int) -> int:
-    return max(16, _CHUNK_BYTES // (4 * max(1, in_features)))
 
 
 # --------------------------------------------------------------------------------------------------
-# The int8 products, eager implementations
+# The int8 products, eager implementations (quantkit.matmul chooses how each product runs)
 # --------------------------------------------------------------------------------------------------
-
-def _matmul_int8_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ float32(weight).T`` without materializing the whole float32 weight."""
-    n, k = weight.shape
-    out = torch.empty((n, x.shape[0]), dtype=torch.float32, device=x.device)   # y transposed
-    rows = _rows_per_chunk(k)
-    for start in range(0, n, rows):
-        chunk = weight[start:start + rows].to(torch.float32)
-        torch.mm(chunk, x.t(), out=out[start:start + rows])
-    return out.t()
-
 
 def quantize_rows(x: torch.Tensor, alpha: Optional[torch.Tensor] = None):
     """int8 codes of a 2-D float32 tensor, one alpha per row (``max|row|`` when ``alpha`` is None).
@@ -120,20 +103,13 @@ def _quantize_rows_torch(x: torch.Tensor, alpha: torch.Tensor):
 
 def _linear_w8(x, weight, weight_scale, bias):
     """Weight-only: ``(x @ float32(W).T) * s_w + b`` (row-major output)."""
-    y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32, device=x.device)
-    torch.mul(_matmul_int8_weight(x, weight), weight_scale, out=y)
-    if bias is not None:
-        y.add_(bias)
-    return y
+    return matmul.weight_only_linear(x, weight, weight_scale, bias)
 
 
 def _linear_w8a8(x, weight, weight_scale, bias, input_alpha):
     """W8A8: quantize the rows of x, exact int32 ``q_x @ W.T``, then ``acc * (s_x * s_w) + b``."""
     codes, s_x = quantize_rows(x, input_alpha)
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        acc = torch.zeros((x.shape[0], weight.shape[0]), dtype=torch.int32, device=x.device)
-    else:
-        acc = torch._int_mm(codes, weight.t())      # exact; W.t() as a view is the fast layout
+    acc = matmul.int8_product(codes, weight)
     if x.device.type == "cpu":                      # one fused pass instead of three
         from .backends.numba_nn import rescale_int32_numba
 
@@ -144,16 +120,6 @@ def _linear_w8a8(x, weight, weight_scale, bias, input_alpha):
     if bias is not None:
         y.add_(bias)
     return y
-
-
-def _grad_input(grad, weight, weight_scale):
-    """``(grad * s_w) @ float32(W)``, the weight converted in cached-size chunks of rows."""
-    g = grad * weight_scale
-    out = torch.zeros((grad.shape[0], weight.shape[1]), dtype=torch.float32, device=grad.device)
-    rows = _rows_per_chunk(weight.shape[1])
-    for start in range(0, weight.shape[0], rows):
-        out.addmm_(g[:, start:start + rows], weight[start:start + rows].to(torch.float32))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,7 +144,7 @@ def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 def linear_int8_grad_input(grad: torch.Tensor, weight: torch.Tensor,
                            weight_scale: torch.Tensor) -> torch.Tensor:
     """``(grad * s_w) @ float32(W)``: the gradient of an int8 linear with respect to its input."""
-    return _grad_input(grad, weight, weight_scale)
+    return matmul.grad_input(grad, weight, weight_scale)
 
 
 @linear_w8.register_fake
@@ -310,6 +276,16 @@ class QuantLinear(nn.Module):
         if activations == "static":
             layer.quant_stats["act_alpha"] = float(np.float32(act_alpha))
         return layer.to(linear.weight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The int8 kernels need codes in [-QMAX, QMAX] (DESIGN.md section 1 never makes -128);
+        # checked before anything is copied, so a refused state leaves the layer as it was.
+        codes = state_dict.get(prefix + "weight")
+        if (isinstance(codes, torch.Tensor) and codes.dtype == torch.int8 and codes.numel()
+                and int(codes.min()) < -QMAX):
+            raise ValueError(f"tensor {prefix + 'weight'!r}: int8 weight codes must lie in "
+                             f"[-{QMAX}, {QMAX}]; the checkpoint has -128")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -125,9 +125,10 @@ def test_weight_only_formula():
 
 
 def test_weight_only_chunked_matmul_spans_chunks(monkeypatch):
-    import quantkit.nn as qnn
+    import quantkit.matmul as qmm
 
-    monkeypatch.setattr(qnn, "_CHUNK_BYTES", 64 * 4 * 16)   # 16 rows a chunk: 13 chunks
+    monkeypatch.setenv("QUANTKIT_MATMUL", "float")           # the dense (chunked) weight-only path
+    monkeypatch.setattr(qmm, "CHUNK_BYTES", 64 * 4 * 16)     # 16 rows a chunk: 13 chunks
     lin = _linear(64, 200)
     layer = QuantLinear.from_float(lin)
     x = torch.randn(7, 64)

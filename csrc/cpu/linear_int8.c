@@ -1,0 +1,316 @@
+/* quantkit CPU kernels for the int8 Linear: exact int8 x int8 -> int32 products and the fused
+ * int8-weight float32 product. Plain C ABI (loaded with ctypes by quantkit/backends/native.py).
+ *
+ * Every entry point takes a `path`: QK_PATH_GENERIC (portable C, any CPU) or QK_PATH_AVX2 (AVX2 +
+ * FMA intrinsics, chosen at run time; refused with QK_ERR_UNSUPPORTED on a CPU without them).
+ * Both paths of a product give identical bits:
+ *
+ *   qk_cpu_gemm_s8s8s32:  C[i][j] = sum_k A[i][k] * B[j][k]          (exact int32)
+ *       A (M, K) and B (N, K) int8 rows, codes in [-127, 127] (DESIGN.md section 1 never makes
+ *       -128). AVX2 has no exact signed x signed byte product; it uses
+ *       |a| * (b * sign(a)) with vpmaddubsw (unsigned x signed byte pairs summed into int16: at most
+ *       2 * 127 * 127 = 32258 in magnitude, so never saturated), vpmaddwd by ones into int32.
+ *
+ *   qk_cpu_linear_w8_f32: Y[i][j] = float32(dot_k(X[i][k], float32(W[j][k]))) * s[j] + bias[j]
+ *       dot_k in float32 with a fixed order: eight lane sums, lane l holding k = 8t + l for
+ *       t = 0, 1, ... with one fused multiply-add per term, the lanes reduced as
+ *       ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), then the K % 8 tail terms fused onto that
+ *       sum in order; the scale product and the bias add are each rounded once (no contraction).
+ *
+ * Work is split over the N outputs (rows of B / W) between `threads` OpenMP threads.
+ */
+#include <stdint.h>
+#include <stddef.h>
+#include <math.h>
+#include <immintrin.h>
+
+#define QK_CPU_ABI_VERSION 1
+#define QK_PATH_GENERIC 0
+#define QK_PATH_AVX2 1
+#define QK_OK 0
+#define QK_ERR_UNSUPPORTED 1
+#define QK_ERR_ARGUMENT 2
+
+#define QK_FEATURE_AVX2 1          /* avx2 and fma */
+#define QK_FEATURE_AVX512 2        /* avx512f, avx512bw, avx512vl */
+#define QK_FEATURE_AVX512_VNNI 4
+
+#define EXPORT __attribute__((visibility("default")))
+
+EXPORT int qk_cpu_abi_version(void) { return QK_CPU_ABI_VERSION; }
+
+EXPORT int qk_cpu_features(void) {
+    int f = 0;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) f |= QK_FEATURE_AVX2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl")) f |= QK_FEATURE_AVX512;
+    if (__builtin_cpu_supports("avx512vnni")) f |= QK_FEATURE_AVX512_VNNI;
+#endif
+    return f;
+}
+
+static int path_supported(int path) {
+    if (path == QK_PATH_GENERIC) return 1;
+    if (path == QK_PATH_AVX2) return (qk_cpu_features() & QK_FEATURE_AVX2) != 0;
+    return 0;
+}
+
+/* Rows of B (or W) per work item: a multiple of 4, the micro-kernel's width. */
+#define N_BLOCK 16
+/* K per cache block of the int8 product: two A rows and four B rows of it stay in L1. */
+#define K_BLOCK 2048
+
+/* ------------------------------------------------------------------------------ generic */
+
+static void gemm_generic_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const int8_t *A,
+                               int64_t lda, const int8_t *B, int64_t ldb, int32_t *C, int64_t ldc) {
+    for (int64_t i = 0; i < M; i++) {
+        const int8_t *a = A + i * lda;
+        for (int64_t j = j0; j < j1; j++) {
+            const int8_t *b = B + j * ldb;
+            int32_t s = 0;
+            for (int64_t k = 0; k < K; k++) s += (int32_t)a[k] * (int32_t)b[k];
+            C[i * ldc + j] = s;
+        }
+    }
+}
+
+/* dot_k in the order of the header comment, portable C (fmaf is one rounding, as vfmadd). */
+static float dot_w8_generic(const float *x, const int8_t *w, int64_t K) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k8 = K - K % 8;
+    for (int64_t k = 0; k < k8; k += 8)
+        for (int l = 0; l < 8; l++) lane[l] = fmaf(x[k + l], (float)w[k + l], lane[l]);
+    float lo = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+    float hi = (lane[4] + lane[5]) + (lane[6] + lane[7]);
+    float s = lo + hi;
+    for (int64_t k = k8; k < K; k++) s = fmaf(x[k], (float)w[k], s);
+    return s;
+}
+
+static void w8_generic_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const float *X,
+                             int64_t ldx, const int8_t *W, int64_t ldw, const float *scale,
+                             const float *bias, float *Y, int64_t ldy) {
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = j0; j < j1; j++) {
+            float d = dot_w8_generic(X + i * ldx, W + j * ldw, K);
+            float y = d * scale[j];
+            Y[i * ldy + j] = bias ? y + bias[j] : y;
+        }
+}
+
+/* ------------------------------------------------------------------------------- AVX2 */
+
+#if defined(__x86_64__)
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* acc += |a| * (b * sign(a)) summed in pairs, then in fours, into int32 lanes. */
+AVX2 static inline __m256i madd_s8(__m256i acc, __m256i abs_a, __m256i a, __m256i b,
+                                   __m256i ones) {
+    __m256i p = _mm256_maddubs_epi16(abs_a, _mm256_sign_epi8(b, a));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+}
+
+/* The four int32 lane sums of v0..v3 (any order of the lanes: integer sums are exact). */
+AVX2 static inline __m128i hsum4_epi32(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+    __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+static inline int32_t dot_s8_tail(const int8_t *a, const int8_t *b, int64_t k0, int64_t k1) {
+    int32_t s = 0;
+    for (int64_t k = k0; k < k1; k++) s += (int32_t)a[k] * (int32_t)b[k];
+    return s;
+}
+
+/* C[i][j0..j0+3] (+)= A[i] . B[j0..j0+3] over k in [k0, k1), for rows i and i + 1 (two_rows). */
+AVX2 static void gemm_avx2_tile(const int8_t *a0, const int8_t *a1, const int8_t *b0,
+                                int64_t ldb, int64_t k0, int64_t k1, int32_t *c0, int32_t *c1,
+                                int accumulate) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
+    __m256i s00 = _mm256_setzero_si256(), s01 = s00, s02 = s00, s03 = s00;
+    __m256i s10 = s00, s11 = s00, s12 = s00, s13 = s00;
+    int64_t kv = k0 + (k1 - k0) / 32 * 32;
+    for (int64_t k = k0; k < kv; k += 32) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(b0 + k));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(b1 + k));
+        __m256i w2 = _mm256_loadu_si256((const __m256i *)(b2 + k));
+        __m256i w3 = _mm256_loadu_si256((const __m256i *)(b3 + k));
+        __m256i x = _mm256_loadu_si256((const __m256i *)(a0 + k));
+        __m256i ax = _mm256_abs_epi8(x);
+        s00 = madd_s8(s00, ax, x, w0, ones);
+        s01 = madd_s8(s01, ax, x, w1, ones);
+        s02 = madd_s8(s02, ax, x, w2, ones);
+        s03 = madd_s8(s03, ax, x, w3, ones);
+        if (a1) {
+            x = _mm256_loadu_si256((const __m256i *)(a1 + k));
+            ax = _mm256_abs_epi8(x);
+            s10 = madd_s8(s10, ax, x, w0, ones);
+            s11 = madd_s8(s11, ax, x, w1, ones);
+            s12 = madd_s8(s12, ax, x, w2, ones);
+            s13 = madd_s8(s13, ax, x, w3, ones);
+        }
+    }
+    __m128i r0 = hsum4_epi32(s00, s01, s02, s03);
+    int32_t t0[4];
+    _mm_storeu_si128((__m128i *)t0, r0);
+    const int8_t *bs[4] = {b0, b1, b2, b3};
+    for (int q = 0; q < 4; q++) {
+        int32_t v = t0[q] + dot_s8_tail(a0, bs[q], kv, k1);
+        c0[q] = accumulate ? c0[q] + v : v;
+    }
+    if (a1) {
+        __m128i r1 = hsum4_epi32(s10, s11, s12, s13);
+        int32_t t1[4];
+        _mm_storeu_si128((__m128i *)t1, r1);
+        for (int q = 0; q < 4; q++) {
+            int32_t v = t1[q] + dot_s8_tail(a1, bs[q], kv, k1);
+            c1[q] = accumulate ? c1[q] + v : v;
+        }
+    }
+}
+
+AVX2 static void gemm_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const int8_t *A,
+                                 int64_t lda, const int8_t *B, int64_t ldb, int32_t *C,
+                                 int64_t ldc) {
+    int64_t j4 = j0 + (j1 - j0) / 4 * 4;
+    for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
+        int64_t k1 = k0 + K_BLOCK < K ? k0 + K_BLOCK : K;
+        for (int64_t j = j0; j < j4; j += 4) {
+            for (int64_t i = 0; i < M; i += 2) {
+                const int8_t *a1 = i + 1 < M ? A + (i + 1) * lda : NULL;
+                gemm_avx2_tile(A + i * lda, a1, B + j * ldb, ldb, k0, k1, C + i * ldc + j,
+                               a1 ? C + (i + 1) * ldc + j : NULL, k0 > 0);
+            }
+        }
+    }
+    if (j4 < j1) gemm_generic_block(M, j4, j1, K, A, lda, B, ldb, C, ldc);
+}
+
+/* The eight float lanes of v reduced as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). */
+AVX2 static inline float hsum8_ps(__m256 v) {
+    float l[8];
+    _mm256_storeu_ps(l, v);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+AVX2 static inline __m256 widen8(const int8_t *w) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)w);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+static inline float dot_w8_tail(const float *x, const int8_t *w, int64_t k0, int64_t K, float s) {
+    for (int64_t k = k0; k < K; k++) s = fmaf(x[k], (float)w[k], s);
+    return s;
+}
+
+/* Y[i][j0..j0+3] for rows i and i + 1 (x1 may be NULL): dot_w8 of each pair, then scale, bias. */
+AVX2 static void w8_avx2_tile(const float *x0, const float *x1, const int8_t *w0, int64_t ldw,
+                              int64_t K, const float *scale, const float *bias, float *y0,
+                              float *y1) {
+    const int8_t *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+    __m256 s00 = _mm256_setzero_ps(), s01 = s00, s02 = s00, s03 = s00;
+    __m256 s10 = s00, s11 = s00, s12 = s00, s13 = s00;
+    int64_t k8 = K - K % 8;
+    for (int64_t k = 0; k < k8; k += 8) {
+        __m256 f0 = widen8(w0 + k), f1 = widen8(w1 + k), f2 = widen8(w2 + k), f3 = widen8(w3 + k);
+        __m256 x = _mm256_loadu_ps(x0 + k);
+        s00 = _mm256_fmadd_ps(x, f0, s00);
+        s01 = _mm256_fmadd_ps(x, f1, s01);
+        s02 = _mm256_fmadd_ps(x, f2, s02);
+        s03 = _mm256_fmadd_ps(x, f3, s03);
+        if (x1) {
+            x = _mm256_loadu_ps(x1 + k);
+            s10 = _mm256_fmadd_ps(x, f0, s10);
+            s11 = _mm256_fmadd_ps(x, f1, s11);
+            s12 = _mm256_fmadd_ps(x, f2, s12);
+            s13 = _mm256_fmadd_ps(x, f3, s13);
+        }
+    }
+    const int8_t *ws[4] = {w0, w1, w2, w3};
+    __m256 r0[4] = {s00, s01, s02, s03}, r1[4] = {s10, s11, s12, s13};
+    for (int q = 0; q < 4; q++) {
+        float d = dot_w8_tail(x0, ws[q], k8, K, hsum8_ps(r0[q]));
+        float y = d * scale[q];
+        y0[q] = bias ? y + bias[q] : y;
+        if (x1) {
+            d = dot_w8_tail(x1, ws[q], k8, K, hsum8_ps(r1[q]));
+            y = d * scale[q];
+            y1[q] = bias ? y + bias[q] : y;
+        }
+    }
+}
+
+AVX2 static void w8_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const float *X,
+                               int64_t ldx, const int8_t *W, int64_t ldw, const float *scale,
+                               const float *bias, float *Y, int64_t ldy) {
+    int64_t j4 = j0 + (j1 - j0) / 4 * 4;
+    for (int64_t j = j0; j < j4; j += 4)
+        for (int64_t i = 0; i < M; i += 2) {
+            const float *x1 = i + 1 < M ? X + (i + 1) * ldx : NULL;
+            w8_avx2_tile(X + i * ldx, x1, W + j * ldw, ldw, K, scale + j,
+                         bias ? bias + j : NULL, Y + i * ldy + j, x1 ? Y + (i + 1) * ldy + j : NULL);
+        }
+    if (j4 < j1) w8_generic_block(M, j4, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
+}
+#endif
+
+/* ------------------------------------------------------------------------ entry points */
+
+static int check_shapes(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
+    if (M < 0 || N < 0 || K < 0) return 0;
+    if (lda < K || ldb < K || ldc < N) return 0;
+    return 1;
+}
+
+EXPORT int qk_cpu_gemm_s8s8s32(int path, int64_t M, int64_t N, int64_t K, const int8_t *A,
+                               int64_t lda, const int8_t *B, int64_t ldb, int32_t *C, int64_t ldc,
+                               int threads) {
+    if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
+    if (!check_shapes(M, N, K, lda, ldb, ldc)) return QK_ERR_ARGUMENT;
+    if (M == 0 || N == 0) return QK_OK;
+    int64_t blocks = (N + N_BLOCK - 1) / N_BLOCK;
+    if (threads < 1) threads = 1;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t j0 = b * N_BLOCK, j1 = j0 + N_BLOCK < N ? j0 + N_BLOCK : N;
+        if (K == 0) {
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t j = j0; j < j1; j++) C[i * ldc + j] = 0;
+            continue;
+        }
+#if defined(__x86_64__)
+        if (path == QK_PATH_AVX2) {
+            gemm_avx2_block(M, j0, j1, K, A, lda, B, ldb, C, ldc);
+            continue;
+        }
+#endif
+        gemm_generic_block(M, j0, j1, K, A, lda, B, ldb, C, ldc);
+    }
+    return QK_OK;
+}
+
+EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const float *X,
+                                int64_t ldx, const int8_t *W, int64_t ldw, const float *scale,
+                                const float *bias, float *Y, int64_t ldy, int threads) {
+    if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
+    if (!check_shapes(M, N, K, ldx, ldw, ldy)) return QK_ERR_ARGUMENT;
+    if (M == 0 || N == 0) return QK_OK;
+    int64_t blocks = (N + N_BLOCK - 1) / N_BLOCK;
+    if (threads < 1) threads = 1;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t j0 = b * N_BLOCK, j1 = j0 + N_BLOCK < N ? j0 + N_BLOCK : N;
+#if defined(__x86_64__)
+        if (path == QK_PATH_AVX2) {
+            w8_avx2_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
+            continue;
+        }
+#endif
+        w8_generic_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
+    }
+    return QK_OK;
+}

@@ -1,0 +1,190 @@
+"""CPU backend for the int8 Linear: the compiled csrc/cpu library (``_libquantkit_cpu.so``), via ctypes.
+
+Two products, each with a portable C path (``"generic"``) and an AVX2 + FMA path (``"avx2"``)
+that give identical bits (csrc/cpu/linear_int8.c states the arithmetic):
+
+* :func:`gemm_s8s8s32`: ``C = A @ B.T`` exactly in int32, A (M, K) and B (N, K) int8 codes in
+  [-127, 127];
+* :func:`linear_w8_f32`: ``Y = float32(X @ float32(W).T) * s + bias`` reading the int8 weight once
+  (no float32 copy of it), float32 lane sums in a fixed order.
+
+The library is built at install time by ``setup.py`` (``python3 csrc/build.py --cpu`` rebuilds
+it). :func:`unavailable_reason` says why it cannot be used (not built, stale), and the caller
+(:mod:`quantkit.matmul`) then chooses a torch-based product. Arrays are NumPy; the wrappers check
+dtypes, shapes and strides and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+ABI_VERSION = 1
+LIBRARY_PATH = Path(__file__).resolve().parent.parent / "_libquantkit_cpu.so"
+BUILD_HINT = ("Reinstall quantkit with a C compiler present (pip install -e .) or run "
+              "`python3 csrc/build.py --cpu` in its source tree.")
+PATHS = {"generic": 0, "avx2": 1}
+
+#: Feature bits of qk_cpu_features().
+FEATURE_AVX2 = 1
+FEATURE_AVX512 = 2
+FEATURE_AVX512_VNNI = 4
+
+_ERR_UNSUPPORTED = 1
+_ERR_ARGUMENT = 2
+
+_lock = threading.Lock()
+_library = None
+_failure = None
+
+
+def library_path() -> Path:
+    return Path(os.environ.get("QUANTKIT_CPU_LIBRARY") or LIBRARY_PATH)
+
+
+def _declare(lib) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.qk_cpu_abi_version.argtypes = []
+    lib.qk_cpu_abi_version.restype = i32
+    lib.qk_cpu_features.argtypes = []
+    lib.qk_cpu_features.restype = i32
+    lib.qk_cpu_gemm_s8s8s32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, i64, i32]
+    lib.qk_cpu_gemm_s8s8s32.restype = i32
+    lib.qk_cpu_linear_w8_f32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, p, p, i64, i32]
+    lib.qk_cpu_linear_w8_f32.restype = i32
+
+
+def _load():
+    global _library, _failure
+    with _lock:
+        if _library is not None or _failure is not None:
+            return
+        path = library_path()
+        if not path.is_file():
+            _failure = f"quantkit's CPU library is not built ({path} does not exist). " + BUILD_HINT
+            return
+        try:
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+        except (OSError, AttributeError) as exc:
+            _failure = f"quantkit's CPU library at {path} cannot be loaded ({exc}). " + BUILD_HINT
+            return
+        version = lib.qk_cpu_abi_version()
+        if version != ABI_VERSION:
+            _failure = (f"quantkit's CPU library at {path} has ABI version {version}, this "
+                        f"quantkit needs {ABI_VERSION}: it is stale. " + BUILD_HINT)
+            return
+        _library = lib
+
+
+def unavailable_reason():
+    """None when the library is loaded and usable, else a sentence saying why not."""
+    _load()
+    return _failure
+
+
+def library():
+    """The loaded library; RuntimeError (with build instructions) when it is unusable."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return _library
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded library and any failure (tests point QUANTKIT_CPU_LIBRARY elsewhere)."""
+    global _library, _failure
+    with _lock:
+        _library = None
+        _failure = None
+
+
+def features() -> int:
+    """The CPU's feature bits as the library detects them (cpuid): FEATURE_* or-ed together."""
+    return int(library().qk_cpu_features())
+
+
+def path_supported(path: str) -> bool:
+    """Whether this CPU can run ``path`` ("generic" always; "avx2" needs AVX2 and FMA)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
+    return path == "generic" or bool(features() & FEATURE_AVX2)
+
+
+def _rows_view(a: np.ndarray, dtype, name: str) -> np.ndarray:
+    """``a`` as 2-D rows with unit element stride (a copy only where the layout needs one)."""
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    gapped = a.strides[0] % a.itemsize or a.strides[0] < 0
+    overlapping = a.shape[0] > 1 and a.strides[0] < a.shape[1] * a.itemsize
+    if (a.shape[1] > 1 and a.strides[1] != a.itemsize) or gapped or overlapping:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def _ld(a: np.ndarray) -> int:
+    return max(a.strides[0] // a.itemsize, a.shape[1])
+
+
+def _check(code: int, path: str) -> None:
+    if code == _ERR_UNSUPPORTED:
+        raise RuntimeError(f"the {path!r} int8 kernels cannot run on this CPU (they need AVX2 "
+                           "and FMA)")
+    if code != 0:
+        raise ValueError(f"quantkit's CPU library rejected the arguments (error {code})")
+
+
+def gemm_s8s8s32(a: np.ndarray, b: np.ndarray, *, path: str = "avx2", threads: int = 1,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b.T`` exactly in int32: a (M, K) and b (N, K) int8 with codes in [-127, 127].
+
+    Returns a C-contiguous int32 (M, N) array (``out`` when given).
+    """
+    a = _rows_view(a, np.int8, "a")
+    b = _rows_view(b, np.int8, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a is {a.shape} and b is {b.shape}: their second dimensions differ")
+    m, n = a.shape[0], b.shape[0]
+    if out is None:
+        out = np.empty((m, n), np.int32)
+    elif out.dtype != np.int32 or out.shape != (m, n) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous int32 array of shape {(m, n)}")
+    code = library().qk_cpu_gemm_s8s8s32(
+        PATHS[path], m, n, a.shape[1], a.ctypes.data, _ld(a), b.ctypes.data, _ld(b),
+        out.ctypes.data, n, int(threads))
+    _check(code, path)
+    return out
+
+
+def linear_w8_f32(x: np.ndarray, w: np.ndarray, scale: np.ndarray, bias=None, *,
+                  path: str = "avx2", threads: int = 1) -> np.ndarray:
+    """``float32(x @ float32(w).T) * scale + bias`` with w (N, K) int8, x (M, K) float32.
+
+    ``scale`` and ``bias`` are float32 (N,); bias None adds nothing. Returns a C-contiguous float32
+    (M, N) array.
+    """
+    x = _rows_view(x, np.float32, "x")
+    w = _rows_view(w, np.int8, "w")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"x is {x.shape} and w is {w.shape}: their second dimensions differ")
+    m, n = x.shape[0], w.shape[0]
+    scale = np.ascontiguousarray(scale, np.float32)
+    if scale.shape != (n,):
+        raise ValueError(f"scale must have shape {(n,)}, got {scale.shape}")
+    if bias is not None:
+        bias = np.ascontiguousarray(bias, np.float32)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape {(n,)}, got {bias.shape}")
+    out = np.empty((m, n), np.float32)
+    code = library().qk_cpu_linear_w8_f32(
+        PATHS[path], m, n, x.shape[1], x.ctypes.data, _ld(x), w.ctypes.data, _ld(w),
+        scale.ctypes.data, None if bias is None else bias.ctypes.data, out.ctypes.data, n,
+        int(threads))
+    _check(code, path)
+    return out

@@ -1,0 +1,232 @@
+"""The products of the int8 Linear, and the one place that chooses how each one is computed.
+
+Two products (DESIGN.md section 6 has the arithmetic of each mode):
+
+* :func:`int8_product` (W8A8): ``acc = q_x @ W.T``, int8 codes in [-127, 127], exact in int32.
+  Every path gives the same bits.
+* :func:`weight_only_linear`: ``y = float32(x @ float32(W).T) * s_w + b``. The fused kernels read
+  the int8 weight once and keep float32 lane sums in a fixed order (csrc/cpu/linear_int8.c); the
+  dense path lets torch's float32 matmul sum chunks of the weight converted to float32. Paths
+  agree to float32 rounding, not bit for bit.
+
+Paths (``QUANTKIT_MATMUL`` forces one for every CPU tensor; unset or ``auto`` chooses):
+
+============  =================================================  =============================
+path          W8A8 int32 product                                 weight-only
+============  =================================================  =============================
+``avx2``      quantkit's AVX2 kernel (csrc/cpu)                  quantkit's fused AVX2 kernel
+``generic``   quantkit's portable C kernel (any CPU; slow)       quantkit's fused portable C
+``int_mm``    ``torch._int_mm`` (oneDNN)                         dense (torch.mm on chunks)
+``float``     float32 products of the codes in K chunks of at    dense
+              most 1040 (exact: each partial sum is an integer
+              below 2^24 in magnitude)
+============  =================================================  =============================
+
+``auto`` on the CPU: with AVX-512 VNNI, ``int_mm`` for W8A8 (oneDNN uses vpdpbusd there) and the
+fused AVX2 kernel for weight-only up to :data:`FUSED_W8_MAX_ROWS_AVX512` rows (memory-bound),
+dense above; with AVX2 and FMA but no VNNI (where ``torch._int_mm`` is 15-20x slower than float32),
+``avx2`` for both; without AVX2 or without the compiled library, ``float`` and dense. CUDA tensors
+always take ``int_mm`` and dense. The CPU's features are read once, from the library's cpuid
+check (or ``/proc/cpuinfo`` without it).
+
+A forced path this CPU cannot run raises RuntimeError naming the path and what it needs; an
+unknown ``QUANTKIT_MATMUL`` value is a ValueError listing the choices.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+
+from ._constants import QMAX
+
+PATHS = ("auto", "avx2", "generic", "int_mm", "float")
+ENV = "QUANTKIT_MATMUL"
+#: Largest K whose int8 products sum exactly in float32: 1040 * 127 * 127 = 16774160 < 2^24.
+EXACT_FLOAT_K = (1 << 24) // (QMAX * QMAX)
+#: auto on an AVX-512 CPU: the fused weight-only kernel up to this many rows, dense above.
+FUSED_W8_MAX_ROWS_AVX512 = 4
+#: Bytes of one float32 chunk of the weight on the dense paths: it stays in cache until the
+#: matmul reads it.
+CHUNK_BYTES = 4 << 20
+
+
+# ------------------------------------------------------------------------------ the CPU
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    """{"model", "avx2", "fma", "avx512", "avx512_vnni", "native"}: this CPU and the library.
+
+    ``native`` is None when quantkit's CPU library is usable, else the reason it is not.
+    """
+    from .backends import native_cpu
+
+    info = {"model": platform.processor() or platform.machine(), "avx2": False, "fma": False,
+            "avx512": False, "avx512_vnni": False}
+    flags = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    info["model"] = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    info["native"] = native_cpu.unavailable_reason()
+    if info["native"] is None:
+        bits = native_cpu.features()
+        info["avx2"] = info["fma"] = bool(bits & native_cpu.FEATURE_AVX2)
+        info["avx512"] = bool(bits & native_cpu.FEATURE_AVX512)
+        info["avx512_vnni"] = bool(bits & native_cpu.FEATURE_AVX512_VNNI)
+    else:
+        info["avx2"], info["fma"] = "avx2" in flags, "fma" in flags
+        info["avx512"] = {"avx512f", "avx512bw", "avx512vl"} <= flags
+        info["avx512_vnni"] = "avx512_vnni" in flags
+    return info
+
+
+def describe() -> dict:
+    """The CPU, its features and the path each product takes here (for reports and benchmarks)."""
+    info = dict(cpu_info())
+    info["forced"] = _forced()
+    info["w8a8"] = _int8_path_cpu()
+    info["weight_only_batch1"] = _weight_only_path_cpu(1)
+    info["weight_only_batch256"] = _weight_only_path_cpu(256)
+    return info
+
+
+def _forced() -> str:
+    value = os.environ.get(ENV, "auto").strip() or "auto"
+    if value not in PATHS:
+        raise ValueError(f"{ENV} must be one of {', '.join(PATHS)}; got {value!r}")
+    return value
+
+
+def _require(path: str) -> None:
+    """RuntimeError unless this CPU and this install can run the quantkit kernel ``path``."""
+    info = cpu_info()
+    if info["native"] is not None:
+        raise RuntimeError(f"{ENV}={path} needs quantkit's CPU library: {info['native']}")
+    if path == "avx2" and not (info["avx2"] and info["fma"]):
+        raise RuntimeError(f"{ENV}=avx2 cannot run on this CPU ({info['model']}): it lacks "
+                           "AVX2/FMA; use generic, int_mm or float")
+
+
+def _int8_path_cpu() -> str:
+    forced = _forced()
+    if forced != "auto":
+        if forced in ("avx2", "generic"):
+            _require(forced)
+        return forced
+    info = cpu_info()
+    if info["avx512_vnni"]:
+        return "int_mm"
+    if info["native"] is None and info["avx2"] and info["fma"]:
+        return "avx2"
+    return "float"
+
+
+def _weight_only_path_cpu(rows: int) -> str:
+    """"avx2" / "generic" (fused kernels) or "dense"."""
+    forced = _forced()
+    if forced in ("avx2", "generic"):
+        _require(forced)
+        return forced
+    if forced != "auto":
+        return "dense"
+    info = cpu_info()
+    if info["native"] is not None or not (info["avx2"] and info["fma"]):
+        return "dense"
+    if info["avx512"] and rows > FUSED_W8_MAX_ROWS_AVX512:
+        return "dense"
+    return "avx2"
+
+
+# --------------------------------------------------------------------------- the products
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _rows_per_chunk(in_features: int) -> int:
+    return max(16, CHUNK_BYTES // (4 * max(1, in_features)))
+
+
+def int8_product(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``codes @ weight.T`` exactly in int32: codes (M, K), weight (N, K), int8 in [-127, 127]."""
+    m, n = codes.shape[0], weight.shape[0]
+    if m == 0 or n == 0 or codes.shape[1] == 0:
+        return torch.zeros((m, n), dtype=torch.int32, device=codes.device)
+    if codes.device.type != "cpu":
+        return torch._int_mm(codes, weight.t())
+    path = _int8_path_cpu()
+    if path in ("avx2", "generic"):
+        from .backends import native_cpu
+
+        return torch.from_numpy(native_cpu.gemm_s8s8s32(codes.numpy(), weight.numpy(), path=path,
+                                                        threads=_threads()))
+    if path == "int_mm":
+        return torch._int_mm(codes, weight.t())       # W.t() as a view is oneDNN's fast layout
+    return _int8_product_float(codes, weight)
+
+
+def _int8_product_float(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """int8_product from float32 matmuls of at most EXACT_FLOAT_K terms, summed in int32."""
+    m, k = codes.shape
+    n = weight.shape[0]
+    acc = torch.zeros((m, n), dtype=torch.int32)
+    x = codes.to(torch.float32)
+    rows = _rows_per_chunk(min(k, EXACT_FLOAT_K))
+    for r0 in range(0, n, rows):
+        for k0 in range(0, k, EXACT_FLOAT_K):
+            w = weight[r0:r0 + rows, k0:k0 + EXACT_FLOAT_K].to(torch.float32)
+            acc[:, r0:r0 + rows] += torch.mm(x[:, k0:k0 + EXACT_FLOAT_K], w.t()).to(torch.int32)
+    return acc
+
+
+def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias) -> torch.Tensor:
+    """``float32(x @ float32(weight).T) * weight_scale + bias`` for 2-D float32 x (row-major)."""
+    if x.device.type == "cpu" and x.shape[0] and weight.shape[0]:
+        path = _weight_only_path_cpu(x.shape[0])
+        if path != "dense":
+            from .backends import native_cpu
+
+            return torch.from_numpy(native_cpu.linear_w8_f32(
+                x.detach().numpy(), weight.numpy(), weight_scale.numpy(),
+                None if bias is None else bias.detach().numpy(), path=path,
+                threads=_threads()))
+    y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32, device=x.device)
+    torch.mul(_dense_product(x, weight), weight_scale, out=y)
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
+def _dense_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ float32(weight).T`` converting the weight in cache-sized chunks of rows."""
+    n, k = weight.shape
+    out = torch.empty((n, x.shape[0]), dtype=torch.float32, device=x.device)   # y transposed
+    rows = _rows_per_chunk(k)
+    for start in range(0, n, rows):
+        chunk = weight[start:start + rows].to(torch.float32)
+        torch.mm(chunk, x.t(), out=out[start:start + rows])
+    return out.t()
+
+
+def grad_input(grad: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor):
+    """``(grad * s_w) @ float32(W)``, the weight converted in cache-sized chunks of rows."""
+    g = grad * weight_scale
+    out = torch.zeros((grad.shape[0], weight.shape[1]), dtype=torch.float32, device=grad.device)
+    rows = _rows_per_chunk(weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        out.addmm_(g[:, start:start + rows], weight[start:start + rows].to(torch.float32))
+    return out

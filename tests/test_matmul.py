@@ -1,0 +1,284 @@
+"""quantkit.matmul and backends/native_cpu: every path of the int8 Linear products.
+
+W8A8 (``int8_product``): every path equals an int64 matmul bit for bit, on random codes, the
+extremes +-127, zeros, odd shapes and K on both sides of the float path's exact bound. Weight-only:
+the AVX2 and portable C fused kernels give identical bits and agree with a float64 product to
+float32 rounding; the dense path too. A path this CPU cannot run is skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantkit import matmul
+from quantkit.backends import native_cpu
+from quantkit.nn import QuantLinear
+
+INT8_PATHS = ("avx2", "generic", "int_mm", "float")
+FUSED_PATHS = ("avx2", "generic")
+
+
+def _runnable(path: str):
+    """pytest.skip unless this machine can run ``path`` (the reason names what is missing)."""
+    if path in FUSED_PATHS:
+        reason = native_cpu.unavailable_reason()
+        if reason is not None:
+            pytest.skip(reason)
+        if not native_cpu.path_supported(path):
+            pytest.skip(f"this CPU ({matmul.cpu_info()['model']}) lacks AVX2/FMA for {path!r}")
+
+
+def _codes(rng, shape, extremes=False):
+    if extremes:
+        return rng.choice(np.array([-127, 127, 0], np.int8), size=shape)
+    return rng.integers(-127, 128, size=shape, dtype=np.int8)
+
+
+def _exact(a, b):
+    return a.astype(np.int64) @ b.astype(np.int64).T
+
+
+SHAPES = [(1, 1, 1), (1, 37, 5), (2, 31, 4), (3, 32, 16), (5, 33, 17), (7, 100, 9), (16, 384, 64),
+          (1, 4096, 33), (9, 1041, 20), (4, 2049, 8), (33, 3000, 70), (64, 576, 1536)]
+
+
+@pytest.mark.parametrize("path", INT8_PATHS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_product_is_exact(monkeypatch, path, shape):
+    _runnable(path)
+    monkeypatch.setenv(matmul.ENV, path)
+    rng = np.random.default_rng(sum(shape))
+    m, k, n = shape
+    for extremes in (False, True):
+        a, b = _codes(rng, (m, k), extremes), _codes(rng, (n, k), extremes)
+        acc = matmul.int8_product(torch.from_numpy(a), torch.from_numpy(b))
+        assert acc.dtype == torch.int32 and tuple(acc.shape) == (m, n)
+        assert np.array_equal(acc.numpy(), _exact(a, b))
+
+
+@pytest.mark.parametrize("path", INT8_PATHS)
+def test_int8_product_worst_case_sums(monkeypatch, path):
+    """All +127 against all -127: the largest |sum| (127^2 K), no int16 pair saturates."""
+    _runnable(path)
+    monkeypatch.setenv(matmul.ENV, path)
+    for k in (2, 64, 1040, 1041, 8192):
+        a = np.full((3, k), 127, np.int8)
+        b = np.stack([np.full(k, -127, np.int8), np.full(k, 127, np.int8), np.zeros(k, np.int8)])
+        acc = matmul.int8_product(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+        assert np.array_equal(acc, _exact(a, b)), k
+
+
+@pytest.mark.parametrize("path", INT8_PATHS)
+def test_int8_product_empty(monkeypatch, path):
+    _runnable(path)
+    monkeypatch.setenv(matmul.ENV, path)
+    for m, k, n in [(0, 8, 4), (3, 0, 4), (3, 8, 0)]:
+        acc = matmul.int8_product(torch.zeros((m, k), dtype=torch.int8),
+                                  torch.zeros((n, k), dtype=torch.int8))
+        assert tuple(acc.shape) == (m, n) and not acc.any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 9), k=st.integers(1, 300), n=st.integers(1, 40), seed=st.integers(0, 2**31))
+def test_native_paths_equal_int64_any_shape(m, k, n, seed):
+    if native_cpu.unavailable_reason() is not None:
+        pytest.skip(native_cpu.unavailable_reason())
+    rng = np.random.default_rng(seed)
+    a, b = _codes(rng, (m, k)), _codes(rng, (n, k))
+    for path in FUSED_PATHS:
+        if native_cpu.path_supported(path):
+            for threads in (1, 2):
+                got = native_cpu.gemm_s8s8s32(a, b, path=path, threads=threads)
+                assert np.array_equal(got, _exact(a, b))
+
+
+def test_native_gemm_takes_strided_rows():
+    """Row-strided views run in place; column-strided ones are copied; results are exact."""
+    if native_cpu.unavailable_reason() is not None:
+        pytest.skip(native_cpu.unavailable_reason())
+    rng = np.random.default_rng(3)
+    big_a, big_b = _codes(rng, (10, 90)), _codes(rng, (12, 90))
+    a, b = big_a[::2, 5:70], big_b[1::3, 5:70]
+    before = a.copy()
+    assert np.array_equal(native_cpu.gemm_s8s8s32(a, b, path="generic"), _exact(a, b))
+    assert np.array_equal(native_cpu.gemm_s8s8s32(big_a[:, ::2], big_b[:, ::2], path="generic"),
+                          _exact(big_a[:, ::2], big_b[:, ::2]))
+    assert np.array_equal(a, before)
+
+
+def test_native_gemm_rejects_bad_arguments():
+    if native_cpu.unavailable_reason() is not None:
+        pytest.skip(native_cpu.unavailable_reason())
+    a = np.zeros((2, 8), np.int8)
+    with pytest.raises(TypeError, match="a must be int8"):
+        native_cpu.gemm_s8s8s32(a.astype(np.int16), a)
+    with pytest.raises(ValueError, match="second dimensions differ"):
+        native_cpu.gemm_s8s8s32(a, np.zeros((2, 9), np.int8))
+    with pytest.raises(ValueError, match="path must be one of"):
+        native_cpu.path_supported("sse9")
+
+
+# ---------------------------------------------------------------------------------- weight-only
+
+
+def _weight_only_inputs(rng, m, k, n):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = _codes(rng, (n, k))
+    scale = (rng.random(n) * 1e-2).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    return x, w, scale, bias
+
+
+def _close_to_float64(y, x, w, scale, bias):
+    """|y - exact| within float32 rounding of the sum of |terms| (K-term float32 sums)."""
+    exact = (x.astype(np.float64) @ w.astype(np.float64).T) * scale + bias
+    bound = (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T) * scale
+    k = x.shape[1]
+    assert np.all(np.abs(y - exact) <= 2 * (k + 2) * 2.0 ** -24 * bound + 1e-6 * np.abs(exact)
+                  + 1e-30)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_weight_only_paths_agree_bit_for_bit(shape):
+    if native_cpu.unavailable_reason() is not None:
+        pytest.skip(native_cpu.unavailable_reason())
+    m, k, n = shape
+    rng = np.random.default_rng(k)
+    x, w, scale, bias = _weight_only_inputs(rng, m, k, n)
+    generic = native_cpu.linear_w8_f32(x, w, scale, bias, path="generic")
+    _close_to_float64(generic, x, w, scale, bias)
+    assert np.array_equal(native_cpu.linear_w8_f32(x, w, scale, bias, path="generic", threads=2),
+                          generic)
+    if native_cpu.path_supported("avx2"):
+        for threads in (1, 2):
+            got = native_cpu.linear_w8_f32(x, w, scale, bias, path="avx2", threads=threads)
+            assert np.array_equal(got, generic)
+        no_bias = native_cpu.linear_w8_f32(x, w, scale, None, path="avx2")
+        assert np.array_equal(no_bias, native_cpu.linear_w8_f32(x, w, scale, None,
+                                                                path="generic"))
+
+
+@pytest.mark.parametrize("path", ("avx2", "generic", "float"))
+def test_weight_only_linear_every_path(monkeypatch, path):
+    _runnable(path)
+    monkeypatch.setenv(matmul.ENV, path)
+    rng = np.random.default_rng(7)
+    for m, k, n in [(1, 4096, 20), (3, 37, 5), (64, 384, 100)]:
+        x, w, scale, bias = _weight_only_inputs(rng, m, k, n)
+        xt = torch.from_numpy(x)
+        before = xt.clone()
+        y = matmul.weight_only_linear(xt, torch.from_numpy(w), torch.from_numpy(scale),
+                                      torch.from_numpy(bias)).numpy()
+        _close_to_float64(y, x, w, scale, bias)
+        assert torch.equal(xt, before)
+
+
+def test_fused_weight_only_nonfinite_input_propagates():
+    """NaN/Inf in x reach the outputs that use them (the kernel does not hide them)."""
+    if native_cpu.unavailable_reason() is not None:
+        pytest.skip(native_cpu.unavailable_reason())
+    rng = np.random.default_rng(1)
+    x, w, scale, bias = _weight_only_inputs(rng, 2, 40, 8)
+    x[0, 3] = np.nan
+    x[1, 39] = np.inf
+    w[:, 39] = 1
+    for path in FUSED_PATHS:
+        if native_cpu.path_supported(path):
+            y = native_cpu.linear_w8_f32(x, w, scale, bias, path=path)
+            assert np.isnan(y[0]).all() and np.isposinf(y[1]).all()
+
+
+# ------------------------------------------------------------------------- choice and forcing
+
+
+def test_unknown_path_is_a_value_error_listing_the_choices(monkeypatch):
+    monkeypatch.setenv(matmul.ENV, "fast")
+    with pytest.raises(ValueError, match="auto, avx2, generic, int_mm, float"):
+        matmul.int8_product(torch.ones((2, 3), dtype=torch.int8),
+                            torch.ones((4, 3), dtype=torch.int8))
+
+
+def test_forced_avx2_without_the_feature_names_it(monkeypatch):
+    info = dict(matmul.cpu_info(), avx2=False, fma=False, native=None, model="an old CPU")
+    monkeypatch.setattr(matmul, "cpu_info", lambda: info)
+    monkeypatch.setenv(matmul.ENV, "avx2")
+    with pytest.raises(RuntimeError, match="avx2 cannot run on this CPU .*lacks AVX2/FMA"):
+        matmul.int8_product(torch.ones((2, 3), dtype=torch.int8),
+                            torch.ones((4, 3), dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="lacks AVX2/FMA"):
+        matmul.weight_only_linear(torch.ones(2, 3), torch.ones((4, 3), dtype=torch.int8),
+                                  torch.ones(4), None)
+
+
+def test_forced_native_without_the_library_says_how_to_build(monkeypatch):
+    info = dict(matmul.cpu_info(), native="quantkit's CPU library is not built (x)")
+    monkeypatch.setattr(matmul, "cpu_info", lambda: info)
+    monkeypatch.setenv(matmul.ENV, "generic")
+    with pytest.raises(RuntimeError, match="needs quantkit's CPU library"):
+        matmul.int8_product(torch.ones((2, 3), dtype=torch.int8),
+                            torch.ones((4, 3), dtype=torch.int8))
+
+
+@pytest.mark.parametrize("features, w8a8, weight_only_1, weight_only_256", [
+    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, native=None),
+     "avx2", "avx2", "avx2"),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None),
+     "int_mm", "avx2", "dense"),
+    (dict(avx2=False, fma=False, avx512=False, avx512_vnni=False, native=None),
+     "float", "dense", "dense"),
+    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, native="not built"),
+     "float", "dense", "dense"),
+])
+def test_auto_choice_by_cpu_features(monkeypatch, features, w8a8, weight_only_1,
+                                     weight_only_256):
+    info = dict(model="test CPU", **features)
+    monkeypatch.setattr(matmul, "cpu_info", lambda: info)
+    monkeypatch.delenv(matmul.ENV, raising=False)
+    chosen = matmul.describe()
+    assert (chosen["w8a8"], chosen["weight_only_batch1"], chosen["weight_only_batch256"]) == \
+        (w8a8, weight_only_1, weight_only_256)
+
+
+def test_cpu_info_reports_the_features():
+    info = matmul.cpu_info()
+    assert isinstance(info["model"], str) and info["model"]
+    for key in ("avx2", "fma", "avx512", "avx512_vnni"):
+        assert isinstance(info[key], bool)
+
+
+# -------------------------------------------------------------------------------- QuantLinear
+
+
+@pytest.mark.parametrize("mode", ("dynamic", "static"))
+def test_quantlinear_w8a8_same_bits_on_every_path(monkeypatch, mode):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1100, 70)
+    layer = QuantLinear.from_float(lin, activations=mode,
+                                   act_alpha=2.5 if mode == "static" else None)
+    x = torch.randn(13, 1100)
+    outputs = {}
+    for path in INT8_PATHS:
+        if path in FUSED_PATHS and (native_cpu.unavailable_reason() is not None
+                                    or not native_cpu.path_supported(path)):
+            continue
+        monkeypatch.setenv(matmul.ENV, path)
+        outputs[path] = layer(x)
+    first = next(iter(outputs.values()))
+    assert len(outputs) >= 2
+    for path, y in outputs.items():
+        assert torch.equal(y, first), path
+
+
+def test_load_refuses_weight_code_minus_128():
+    layer = QuantLinear(8, 4)
+    state = layer.state_dict()
+    state["weight"] = state["weight"].clone()
+    state["weight"][1, 2] = -128
+    state["bias"] = torch.ones(4)
+    with pytest.raises(ValueError, match=r"'weight'.*\[-127, 127\]"):
+        layer.load_state_dict(state)
+    assert not layer.bias.any()          # nothing was copied
