@@ -12,16 +12,23 @@
  *       2 * 127 * 127 = 32258 in magnitude, so never saturated), vpmaddwd by ones into int32.
  *
  *   qk_cpu_linear_w8_f32: Y[i][j] = float32(dot_k(X[i][k], float32(W[j][k]))) * s[j] + bias[j]
- *       dot_k in float32 with a fixed order: eight lane sums, lane l holding k = 8t + l for
- *       t = 0, 1, ... with one fused multiply-add per term, the lanes reduced as
- *       ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), then the K % 8 tail terms fused onto that
- *       sum in order; the scale product and the bias add are each rounded once (no contraction).
+ *       dot_k in float32, one fused multiply-add per term, in a fixed order that depends only on
+ *       M (the number of rows of X) and K:
+ *       - M < QK_W8_PACKED_MIN_ROWS ("lanes", reads each weight byte once per call): eight lane
+ *         sums, lane l holding k = 8t + l for t = 0, 1, ..., reduced as
+ *         ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), then the K % 8 tail terms fused onto
+ *         that sum in order;
+ *       - M >= QK_W8_PACKED_MIN_ROWS ("chain", sixteen weight rows at a time converted to float32
+ *         into a small panel, then broadcast-FMA over six rows of X): one chain
+ *         s = fma(x[k], w[k], s) for k = 0, 1, ..., K - 1 from s = 0.
+ *       The scale product and the bias add are each rounded once (no contraction).
  *
  * Work is split over the N outputs (rows of B / W) between `threads` OpenMP threads.
  */
 #include <stdint.h>
 #include <stddef.h>
 #include <math.h>
+#include <stdlib.h>
 #include <immintrin.h>
 
 #define QK_CPU_ABI_VERSION 1
@@ -30,6 +37,7 @@
 #define QK_OK 0
 #define QK_ERR_UNSUPPORTED 1
 #define QK_ERR_ARGUMENT 2
+#define QK_ERR_MEMORY 3
 
 #define QK_FEATURE_AVX2 1          /* avx2 and fma */
 #define QK_FEATURE_AVX512 2        /* avx512f, avx512bw, avx512vl */
@@ -57,8 +65,15 @@ static int path_supported(int path) {
     return 0;
 }
 
-/* Rows of B (or W) per work item: a multiple of 4, the micro-kernel's width. */
+/* Rows of B (or W) per work item: a multiple of 4, the micro-kernel's width, and the width of the
+ * weight-only panel. */
 #define N_BLOCK 16
+/* From this many rows of X on, the weight-only product takes the "chain" order (header comment). */
+#define QK_W8_PACKED_MIN_ROWS 32
+/* k per weight-only panel: 16 rows x 512 float32 = 32 KiB. */
+#define W8_KC 512
+/* Rows of X per weight-only micro-tile: 6 x 16 outputs in 12 ymm accumulators. */
+#define W8_MR 6
 /* K per cache block of the int8 product: two A rows and four B rows of it stay in L1. */
 #define K_BLOCK 2048
 
@@ -90,12 +105,19 @@ static float dot_w8_generic(const float *x, const int8_t *w, int64_t K) {
     return s;
 }
 
+static float dot_w8_chain_generic(const float *x, const int8_t *w, int64_t K) {
+    float s = 0.0f;
+    for (int64_t k = 0; k < K; k++) s = fmaf(x[k], (float)w[k], s);
+    return s;
+}
+
 static void w8_generic_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const float *X,
                              int64_t ldx, const int8_t *W, int64_t ldw, const float *scale,
                              const float *bias, float *Y, int64_t ldy) {
     for (int64_t i = 0; i < M; i++)
         for (int64_t j = j0; j < j1; j++) {
-            float d = dot_w8_generic(X + i * ldx, W + j * ldw, K);
+            float d = M >= QK_W8_PACKED_MIN_ROWS ? dot_w8_chain_generic(X + i * ldx, W + j * ldw, K)
+                                                 : dot_w8_generic(X + i * ldx, W + j * ldw, K);
             float y = d * scale[j];
             Y[i * ldy + j] = bias ? y + bias[j] : y;
         }
@@ -244,6 +266,64 @@ AVX2 static void w8_avx2_tile(const float *x0, const float *x1, const int8_t *w0
     }
 }
 
+/* The "chain" order for rows j0..j1 (j1 - j0 <= N_BLOCK) of W and every row of X. `panel` holds
+ * W8_KC x N_BLOCK float32 (32-byte aligned), `sums` M x N_BLOCK float32 (partial chains between
+ * k-panels). */
+AVX2 static void w8_avx2_chain_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const float *X,
+                                     int64_t ldx, const int8_t *W, int64_t ldw, const float *scale,
+                                     const float *bias, float *Y, int64_t ldy, float *panel,
+                                     float *sums) {
+    int64_t nc = j1 - j0;
+    for (int64_t i = 0; i < M * N_BLOCK; i++) sums[i] = 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += W8_KC) {
+        int64_t kc = k0 + W8_KC < K ? W8_KC : K - k0;
+        for (int64_t c = 0; c < N_BLOCK; c++) {
+            const int8_t *w = W + (j0 + c) * ldw + k0;
+            if (c < nc)
+                for (int64_t k = 0; k < kc; k++) panel[k * N_BLOCK + c] = (float)w[k];
+            else
+                for (int64_t k = 0; k < kc; k++) panel[k * N_BLOCK + c] = 0.0f;
+        }
+        for (int64_t i = 0; i < M; i += W8_MR) {
+            const float *x[W8_MR];
+#pragma GCC unroll 6
+            for (int r = 0; r < W8_MR; r++)     /* rows past M repeat row i; never stored */
+                x[r] = X + (i + r < M ? i + r : i) * ldx + k0;
+            float *t = sums + i * N_BLOCK;
+            int rows = M - i < W8_MR ? (int)(M - i) : W8_MR;
+            __m256 a[W8_MR][2];
+#pragma GCC unroll 6
+            for (int r = 0; r < W8_MR; r++) {
+                const float *src = t + (r < rows ? r : 0) * N_BLOCK;
+                a[r][0] = _mm256_loadu_ps(src);
+                a[r][1] = _mm256_loadu_ps(src + 8);
+            }
+            for (int64_t k = 0; k < kc; k++) {
+                __m256 w0 = _mm256_load_ps(panel + k * N_BLOCK);
+                __m256 w1 = _mm256_load_ps(panel + k * N_BLOCK + 8);
+#pragma GCC unroll 6
+                for (int r = 0; r < W8_MR; r++) {
+                    __m256 b = _mm256_broadcast_ss(x[r] + k);
+                    a[r][0] = _mm256_fmadd_ps(b, w0, a[r][0]);
+                    a[r][1] = _mm256_fmadd_ps(b, w1, a[r][1]);
+                }
+            }
+            float tile[W8_MR * N_BLOCK];     /* constant indices keep a[][] in registers */
+#pragma GCC unroll 6
+            for (int r = 0; r < W8_MR; r++) {
+                _mm256_storeu_ps(tile + r * N_BLOCK, a[r][0]);
+                _mm256_storeu_ps(tile + r * N_BLOCK + 8, a[r][1]);
+            }
+            for (int64_t e = 0; e < rows * N_BLOCK; e++) t[e] = tile[e];
+        }
+    }
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t c = 0; c < nc; c++) {
+            float y = sums[i * N_BLOCK + c] * scale[j0 + c];
+            Y[i * ldy + j0 + c] = bias ? y + bias[j0 + c] : y;
+        }
+}
+
 AVX2 static void w8_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const float *X,
                                int64_t ldx, const int8_t *W, int64_t ldw, const float *scale,
                                const float *bias, float *Y, int64_t ldy) {
@@ -301,10 +381,24 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
     if (M == 0 || N == 0) return QK_OK;
     int64_t blocks = (N + N_BLOCK - 1) / N_BLOCK;
     if (threads < 1) threads = 1;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+    int failed = 0;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1) \
+        reduction(| : failed)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t j0 = b * N_BLOCK, j1 = j0 + N_BLOCK < N ? j0 + N_BLOCK : N;
 #if defined(__x86_64__)
+        if (path == QK_PATH_AVX2 && M >= QK_W8_PACKED_MIN_ROWS) {
+            float *panel = aligned_alloc(32, sizeof(float) * W8_KC * N_BLOCK);
+            float *sums = malloc(sizeof(float) * (size_t)M * N_BLOCK);
+            if (panel && sums)
+                w8_avx2_chain_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy, panel,
+                                    sums);
+            else
+                failed = 1;
+            free(panel);
+            free(sums);
+            continue;
+        }
         if (path == QK_PATH_AVX2) {
             w8_avx2_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
             continue;
@@ -312,5 +406,5 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
 #endif
         w8_generic_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
     }
-    return QK_OK;
+    return failed ? QK_ERR_MEMORY : QK_OK;
 }

@@ -36,6 +36,7 @@ FEATURE_AVX512_VNNI = 4
 
 _ERR_UNSUPPORTED = 1
 _ERR_ARGUMENT = 2
+_ERR_MEMORY = 3
 
 _lock = threading.Lock()
 _library = None
@@ -136,6 +137,8 @@ def _check(code: int, path: str) -> None:
     if code == _ERR_UNSUPPORTED:
         raise RuntimeError(f"the {path!r} int8 kernels cannot run on this CPU (they need AVX2 "
                            "and FMA)")
+    if code == _ERR_MEMORY:
+        raise MemoryError("quantkit's CPU library could not allocate its work buffers")
     if code != 0:
         raise ValueError(f"quantkit's CPU library rejected the arguments (error {code})")
 
