@@ -63,6 +63,7 @@ _LATTICE_MAX_DISTINCT = 512            # at most this many distinct |x|: exhaust
 LATTICE_MAX_DISTINCT = _LATTICE_MAX_DISTINCT
 _FINE_STEP = 1.001                     # ratio between neighbours of the fine scan
 _LATTICE_WORK = 1 << 20                # element-evaluations for its grid (at least 2048 points)
+_ROW_MIN = 16                          # from this many values, unclustered ones take search_row
 
 
 # ----------------------------------------------------------------------------------- arithmetic
@@ -605,11 +606,14 @@ def _search_normalised_in_place(w, counts, amax):
 def _search_mse_normalized(values, counts, amax):
     """search_mse_values on values scaled so that amax is in [1, 2):
 
-    1. At most 512 distinct values (small rows and blocks, discrete or already-quantized data):
-       an exhaustive linear grid over (0, amax], refined around its three lowest points.
-    2. Otherwise, each value once (rows, blocks, small tensors): numba_rowsearch.search_row, the
-       smooth model's minimum, an event sweep of the exact error over +-3% of it, the two lowest
-       sweep points decided by the exact float32 error.
+    1. At most 512 distinct values (discrete or already-quantized data, rows and blocks of fewer
+       than 16 values or in tight clusters): an exhaustive linear grid over (0, amax], refined
+       around its three lowest points.
+    2. Otherwise, each value once (rows, blocks, small tensors; also 16..512 values that are not
+       clustered, numba_rowsearch.clustered, whose exhaustive grid would cost 2^20 evaluations):
+       numba_rowsearch._search_row, the smooth model's minimum, an event sweep of the exact error
+       over +-3% of it, the two lowest sweep points and the vertices of their pieces decided by
+       the exact float32 error.
     3. Weighted values (bfloat16 data, or a large array's distinct values), and values in tight
        clusters (numba_rowsearch.clustered: search_row sends them here, as the smooth model cannot
        place their dips): a coarse
@@ -626,6 +630,8 @@ def _search_mse_normalized(values, counts, amax):
         if values.size <= _LATTICE_MAX_DISTINCT:
             return _search_lattice(values, counts, amax, unit)
         return _search_continuous(values, counts, amax, unit)
+    if _ROW_MIN <= values.size <= _LATTICE_MAX_DISTINCT and not _rows.clustered(values):
+        return _rows._search_row(values, amax)  # a short row of continuous values
     if not _rows.distinct_exceeds(values, _LATTICE_MAX_DISTINCT):
         distinct, dcounts = _distinct(values, _LATTICE_MAX_DISTINCT)
         if distinct.size:

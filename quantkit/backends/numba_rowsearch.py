@@ -302,6 +302,9 @@ def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
     per value, which costs more than the events themselves on fresh rows).
     T, Wt: float64 scratch, PK: int64, REM: int32 scratch (n entries at least; separate arrays, so
     that the compiler sees they do not alias and vectorises pass 1).
+
+    Returns (sse, B, C): with B[j] = sum q v and C[j] = sum q^2 at grid point j, the error of the
+    codes of point j is lowest at s = B[j] / C[j] (the vertex of their parabola).
     """
     n = v.size
     u0 = 127.0 / a_hi
@@ -357,6 +360,8 @@ def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
     for j in range(m):
         S[j] = 1.0 / (u0 + j * du)
     sse = np.empty(m)
+    bq = np.empty(m)
+    cq = np.empty(m)
     bb = np.float64(b0) / p1
     bc = 0
     cc = c0
@@ -364,8 +369,11 @@ def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
         cc += dc[j]
         bc += db[j]
         s = S[j]
-        sse[j] = s * (s * cc - 2.0 * (bb + bc / pb))
-    return sse
+        b = bb + bc / pb
+        sse[j] = s * (s * cc - 2.0 * b)
+        bq[j] = b
+        cq[j] = cc
+    return sse, bq, cq
 
 
 @njit(cache=True)
@@ -480,18 +488,23 @@ def _search_row(v, amax):
         a_lo = max(centre / (1.0 + width), _MIN_ALPHA_F64)
         if a_lo >= a_hi:
             a_lo = a_hi * 0.5
-        sse = sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM)
+        sse, bq, cq = sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM)
         idx = _lowest(sse, k_exact)
         u0 = 127.0 / a_hi
         du = (127.0 / a_lo - u0) / (m - 1)
         for t in range(idx.size):
             j = idx[t]
             a = np.float32(a_hi) if j == 0 else np.float32(127.0 / (u0 + j * du))
-            if not a >= _MIN_ALPHA:
-                continue
-            s = sse_search(v, a, unit)
-            if better(s, a, best_s, best_a):
-                best_s = s
-                best_a = a
+            # the vertex of the parabola of point j's codes (their lowest error), when it lies
+            # within the window: on short rows a piece of constant codes spans several points
+            a_v = np.float32(min(max(127.0 * bq[j] / cq[j], a_lo), a_hi)) if cq[j] > 0 else a
+            for c in range(2):
+                a_c = a if c == 0 else a_v
+                if not a_c >= _MIN_ALPHA or (c == 1 and a_v == a):
+                    continue
+                s = sse_search(v, a_c, unit)
+                if better(s, a_c, best_s, best_a):
+                    best_s = s
+                    best_a = a_c
     return best_a
 
