@@ -178,6 +178,37 @@ def int8_product(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _int8_product_float(codes, weight)
 
 
+def w8a8_linear(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
+                weight_scale: torch.Tensor, bias) -> torch.Tensor:
+    """``float32(codes @ weight.T) * (s_x[:, None] * weight_scale[None, :]) + bias``.
+
+    The int32 product is exact on every path; each float32 operation of the rescale is rounded
+    once, in that order, so every path gives the same bits. quantkit's kernels rescale each tile
+    as it is computed; the other paths rescale the int32 result in one fused numba pass (CPU) or
+    in torch ops.
+    """
+    m, n = codes.shape[0], weight.shape[0]
+    if codes.device.type == "cpu" and m and n:
+        path = _int8_path_cpu()
+        if path in ("avx2", "generic"):
+            from .backends import native_cpu
+
+            return torch.from_numpy(native_cpu.linear_w8a8_f32(
+                codes.numpy(), weight.numpy(), s_x.numpy(), weight_scale.numpy(),
+                None if bias is None else bias.detach().numpy(), path=path, threads=_threads()))
+    acc = int8_product(codes, weight)
+    if codes.device.type == "cpu":
+        from .backends.numba_nn import rescale_int32_numba
+
+        return torch.from_numpy(rescale_int32_numba(
+            acc.numpy(), s_x.numpy(), weight_scale.numpy(),
+            None if bias is None else bias.detach().numpy()))
+    y = acc.to(torch.float32).mul_(s_x[:, None] * weight_scale[None, :])
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
 def _int8_product_float(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """int8_product from float32 matmuls of at most EXACT_FLOAT_K terms, summed in int32."""
     m, k = codes.shape

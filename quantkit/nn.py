@@ -109,17 +109,7 @@ def _linear_w8(x, weight, weight_scale, bias):
 def _linear_w8a8(x, weight, weight_scale, bias, input_alpha):
     """W8A8: quantize the rows of x, exact int32 ``q_x @ W.T``, then ``acc * (s_x * s_w) + b``."""
     codes, s_x = quantize_rows(x, input_alpha)
-    acc = matmul.int8_product(codes, weight)
-    if x.device.type == "cpu":                      # one fused pass instead of three
-        from .backends.numba_nn import rescale_int32_numba
-
-        return torch.from_numpy(rescale_int32_numba(
-            acc.numpy(), s_x.numpy(), weight_scale.numpy(),
-            None if bias is None else bias.detach().numpy()))
-    y = acc.to(torch.float32).mul_(s_x[:, None] * weight_scale[None, :])
-    if bias is not None:
-        y.add_(bias)
-    return y
+    return matmul.w8a8_linear(codes, s_x, weight, weight_scale, bias)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -282,3 +282,24 @@ def test_load_refuses_weight_code_minus_128():
     with pytest.raises(ValueError, match=r"'weight'.*\[-127, 127\]"):
         layer.load_state_dict(state)
     assert not layer.bias.any()          # nothing was copied
+
+
+@pytest.mark.parametrize("path", INT8_PATHS)
+@pytest.mark.parametrize("shape", [(1, 5, 3), (7, 100, 17), (40, 1041, 33), (3, 0, 4)])
+def test_w8a8_linear_rescale_is_the_reference(monkeypatch, path, shape):
+    """float32(acc) * (s_x * s_w) + bias, each operation rounded once, on every path."""
+    _runnable(path)
+    monkeypatch.setenv(matmul.ENV, path)
+    m, k, n = shape
+    rng = np.random.default_rng(k + 1)
+    a, b = _codes(rng, (m, k)), _codes(rng, (n, k))
+    s_x = (rng.random(m) * 1e-2).astype(np.float32)
+    s_w = (rng.random(n) * 1e-2).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    acc = _exact(a, b).astype(np.float32)
+    expected = acc * (s_x[:, None] * s_w[None, :]) + bias
+    for with_bias in (True, False):
+        y = matmul.w8a8_linear(torch.from_numpy(a), torch.from_numpy(s_x), torch.from_numpy(b),
+                               torch.from_numpy(s_w), torch.from_numpy(bias) if with_bias else None)
+        want = expected if with_bias else acc * (s_x[:, None] * s_w[None, :])
+        assert np.array_equal(y.numpy(), want)

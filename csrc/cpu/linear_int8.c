@@ -11,6 +11,10 @@
  *       |a| * (b * sign(a)) with vpmaddubsw (unsigned x signed byte pairs summed into int16: at most
  *       2 * 127 * 127 = 32258 in magnitude, so never saturated), vpmaddwd by ones into int32.
  *
+ *   qk_cpu_linear_w8a8_f32: Y[i][j] = float32(C[i][j]) * (sx[i] * sw[j]) + bias[j], C as above,
+ *       each float32 operation rounded once in that order (the W8A8 rescale of DESIGN.md
+ *       section 6), without writing C to memory.
+ *
  *   qk_cpu_linear_w8_f32: Y[i][j] = float32(dot_k(X[i][k], float32(W[j][k]))) * s[j] + bias[j]
  *       dot_k in float32, one fused multiply-add per term, in a fixed order that depends only on
  *       M (the number of rows of X) and K:
@@ -405,6 +409,45 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
         }
 #endif
         w8_generic_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
+    }
+    return failed ? QK_ERR_MEMORY : QK_OK;
+}
+
+EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, const int8_t *A,
+                                  int64_t lda, const int8_t *B, int64_t ldb, const float *sx,
+                                  const float *sw, const float *bias, float *Y, int64_t ldy,
+                                  int threads) {
+    if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
+    if (!check_shapes(M, N, K, lda, ldb, ldy)) return QK_ERR_ARGUMENT;
+    if (M == 0 || N == 0) return QK_OK;
+    int64_t blocks = (N + N_BLOCK - 1) / N_BLOCK;
+    if (threads < 1) threads = 1;
+    int failed = 0;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1) \
+        reduction(| : failed)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t j0 = b * N_BLOCK, j1 = j0 + N_BLOCK < N ? j0 + N_BLOCK : N, nc = j1 - j0;
+        int32_t *acc = malloc(sizeof(int32_t) * (size_t)M * N_BLOCK);
+        if (!acc) {
+            failed = 1;
+            continue;
+        }
+        const int8_t *Bj = B + j0 * ldb;
+        if (K == 0) {
+            for (int64_t e = 0; e < M * N_BLOCK; e++) acc[e] = 0;
+        }
+#if defined(__x86_64__)
+        else if (path == QK_PATH_AVX2)
+            gemm_avx2_block(M, 0, nc, K, A, lda, Bj, ldb, acc, N_BLOCK);
+#endif
+        else
+            gemm_generic_block(M, 0, nc, K, A, lda, Bj, ldb, acc, N_BLOCK);
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t c = 0; c < nc; c++) {
+                float y = (float)acc[i * N_BLOCK + c] * (sx[i] * sw[j0 + c]);
+                Y[i * ldy + j0 + c] = bias ? y + bias[j0 + c] : y;
+            }
+        free(acc);
     }
     return failed ? QK_ERR_MEMORY : QK_OK;
 }

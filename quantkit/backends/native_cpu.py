@@ -5,6 +5,8 @@ that give identical bits (csrc/cpu/linear_int8.c states the arithmetic):
 
 * :func:`gemm_s8s8s32`: ``C = A @ B.T`` exactly in int32, A (M, K) and B (N, K) int8 codes in
   [-127, 127];
+* :func:`linear_w8a8_f32`: that product rescaled, ``Y = float32(C) * (s_x[:, None] * s_w) + bias``,
+  without writing C to memory;
 * :func:`linear_w8_f32`: ``Y = float32(X @ float32(W).T) * s + bias`` reading the int8 weight once
   (no float32 copy of it), float32 lane sums in a fixed order.
 
@@ -57,6 +59,9 @@ def _declare(lib) -> None:
     lib.qk_cpu_gemm_s8s8s32.restype = i32
     lib.qk_cpu_linear_w8_f32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, p, p, i64, i32]
     lib.qk_cpu_linear_w8_f32.restype = i32
+    lib.qk_cpu_linear_w8a8_f32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, p, p, p, i64,
+                                           i32]
+    lib.qk_cpu_linear_w8a8_f32.restype = i32
 
 
 def _load():
@@ -165,6 +170,37 @@ def gemm_s8s8s32(a: np.ndarray, b: np.ndarray, *, path: str = "avx2", threads: i
     return out
 
 
+def _vector(v, n: int, name: str) -> np.ndarray:
+    v = np.ascontiguousarray(v, np.float32)
+    if v.shape != (n,):
+        raise ValueError(f"{name} must have shape {(n,)}, got {v.shape}")
+    return v
+
+
+def linear_w8a8_f32(a: np.ndarray, b: np.ndarray, s_a: np.ndarray, s_b: np.ndarray, bias=None,
+                    *, path: str = "avx2", threads: int = 1) -> np.ndarray:
+    """``float32(a @ b.T) * (s_a[:, None] * s_b[None, :]) + bias`` with the product exact in int32.
+
+    a (M, K) and b (N, K) int8 codes in [-127, 127]; s_a float32 (M,), s_b and bias float32 (N,),
+    bias None adds nothing. Each float32 operation is rounded once, in that order. Returns a
+    C-contiguous float32 (M, N) array.
+    """
+    a = _rows_view(a, np.int8, "a")
+    b = _rows_view(b, np.int8, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a is {a.shape} and b is {b.shape}: their second dimensions differ")
+    m, n = a.shape[0], b.shape[0]
+    s_a, s_b = _vector(s_a, m, "s_a"), _vector(s_b, n, "s_b")
+    bias = None if bias is None else _vector(bias, n, "bias")
+    out = np.empty((m, n), np.float32)
+    code = library().qk_cpu_linear_w8a8_f32(
+        PATHS[path], m, n, a.shape[1], a.ctypes.data, _ld(a), b.ctypes.data, _ld(b),
+        s_a.ctypes.data, s_b.ctypes.data, None if bias is None else bias.ctypes.data,
+        out.ctypes.data, n, int(threads))
+    _check(code, path)
+    return out
+
+
 def linear_w8_f32(x: np.ndarray, w: np.ndarray, scale: np.ndarray, bias=None, *,
                   path: str = "avx2", threads: int = 1) -> np.ndarray:
     """``float32(x @ float32(w).T) * scale + bias`` with w (N, K) int8, x (M, K) float32.
@@ -177,13 +213,8 @@ def linear_w8_f32(x: np.ndarray, w: np.ndarray, scale: np.ndarray, bias=None, *,
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"x is {x.shape} and w is {w.shape}: their second dimensions differ")
     m, n = x.shape[0], w.shape[0]
-    scale = np.ascontiguousarray(scale, np.float32)
-    if scale.shape != (n,):
-        raise ValueError(f"scale must have shape {(n,)}, got {scale.shape}")
-    if bias is not None:
-        bias = np.ascontiguousarray(bias, np.float32)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must have shape {(n,)}, got {bias.shape}")
+    scale = _vector(scale, n, "scale")
+    bias = None if bias is None else _vector(bias, n, "bias")
     out = np.empty((m, n), np.float32)
     code = library().qk_cpu_linear_w8_f32(
         PATHS[path], m, n, x.shape[1], x.ctypes.data, _ld(x), w.ctypes.data, _ld(w),
