@@ -4,13 +4,16 @@ One run measures, side by side, a single Linear(4096, 4096) (256 with ``--quick`
 and 256 with Normal inputs:
 
 * float32 ``nn.Linear``;
-* ``torch.ao.quantization.quantize_dynamic`` (int8 weights per tensor, activations per tensor);
-* ``QuantLinear`` weight-only (weights per channel, MSE-calibrated; activations float32);
-* ``QuantLinear`` W8A8 dynamic (plus per-token int8 activations, ``torch._int_mm``).
+* ``torch.ao.quantization.quantize_dynamic`` (fbgemm: int8 weights per tensor, 7-bit activations
+  per tensor on CPUs without VNNI);
+* ``QuantLinear`` weight-only and W8A8 dynamic on the path ``quantkit.matmul`` chooses for this
+  CPU (``auto``), and W8A8 forced onto ``torch._int_mm`` (batch 1 and 16 only: it is the path
+  whose speed depends most on the CPU).
 
 Timings rotate over several copies of each layer (4 of them: 256 MiB of float32 weights), so no
-variant's weight stays in the 32 MiB L3 between calls (PERF-NOTES: otherwise int8 looks 3-4x better
-than it is). Error is ``||y - y_float|| / ||y_float||``.
+variant's weight stays in the L3 between calls (otherwise int8 looks 3-4x better than it is). The
+physical floor at batch 1 is the weight's bytes over this run's copy bandwidth (read + write of
+256 MiB, ``torch`` copy on every thread). Error is ``||y - y_float|| / ||y_float||``.
 
 With the demo extra installed, the same variants also run on real all-MiniLM-L6-v2 activations:
 the inputs of two of its layers (``attention.self.query``, 384 -> 384, and the post-GELU
@@ -20,16 +23,21 @@ the inputs of two of its layers (``attention.self.query``, 384 -> 384, and the p
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import markdown_table
+from conftest import cpu_line, markdown_table
+from quantkit import matmul
 from quantkit.nn import QuantLinear
 
 COPIES = 4
+FLOAT, TORCH, WEIGHT_ONLY, W8A8, INT_MM = ("float32 nn.Linear", "torch dynamic int8",
+                                           "quantkit weight-only", "quantkit W8A8 dynamic",
+                                           "quantkit W8A8, forced int_mm")
 
 
 def _torch_dynamic(linear):
@@ -40,14 +48,35 @@ def _torch_dynamic(linear):
     return wrapped[0]
 
 
-def _variants(linear) -> dict:
+class _Forced(nn.Module):
+    """Runs ``layer`` with QUANTKIT_MATMUL set to ``path`` for the call only."""
+
+    def __init__(self, layer, path):
+        super().__init__()
+        self.layer, self.path = layer, path
+
+    def forward(self, x):
+        before = os.environ.get(matmul.ENV)
+        os.environ[matmul.ENV] = self.path
+        try:
+            return self.layer(x)
+        finally:
+            if before is None:
+                del os.environ[matmul.ENV]
+            else:
+                os.environ[matmul.ENV] = before
+
+
+def _variants(linear, with_int_mm: bool) -> dict:
     """{label: layer} for one float Linear (quantkit's weights calibrated once, "mse")."""
     weight_only = QuantLinear.from_float(linear)
     w8a8 = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
                        activations="dynamic")
     w8a8.load_state_dict(weight_only.state_dict())
-    return {"float32 nn.Linear": linear, "torch dynamic int8": _torch_dynamic(linear),
-            "quantkit weight-only": weight_only, "quantkit W8A8 dynamic": w8a8}
+    out = {FLOAT: linear, TORCH: _torch_dynamic(linear), WEIGHT_ONLY: weight_only, W8A8: w8a8}
+    if with_int_mm:
+        out[INT_MM] = _Forced(w8a8, "int_mm")
+    return out
 
 
 def _measure(bench, variants: dict, x: torch.Tensor, copies: int) -> dict:
@@ -64,7 +93,7 @@ def _measure(bench, variants: dict, x: torch.Tensor, copies: int) -> dict:
 
         calls[label] = call
     with torch.inference_mode():
-        reference = variants["float32 nn.Linear"](x)
+        reference = variants[FLOAT](x)
         seconds = bench.time_many(calls, warmup=copies)
         results = {}
         for label, layer in variants.items():
@@ -73,9 +102,21 @@ def _measure(bench, variants: dict, x: torch.Tensor, copies: int) -> dict:
     return results
 
 
-def _rows(source: str, batch, results: dict) -> list:
-    base = results["float32 nn.Linear"][0]
-    return [[source, batch, label, 1e3 * s, base / s, err] for label, (s, err) in results.items()]
+def _copy_bandwidth(bench) -> float:
+    """Bytes per second of a 256 MiB torch copy (read + write), this run, every thread."""
+    n = bench.size(64 << 20, 4 << 20)
+    src, dst = torch.ones(n), torch.empty(n)
+    seconds = bench.time(lambda: dst.copy_(src), warmup=2)
+    return 2 * 4 * n / seconds
+
+
+def _rows(source: str, batch, results: dict, floor_s=None) -> list:
+    base = results[FLOAT][0]
+    rows = []
+    for label, (s, err) in results.items():
+        floor = "" if floor_s is None or label not in floor_s else f"{1e3 * floor_s[label]:.3g}"
+        rows.append([source, batch, label, 1e3 * s, base / s, floor, err])
+    return rows
 
 
 def _minilm_inputs():
@@ -110,34 +151,44 @@ def test_linear(bench):
     size = bench.size(4096, 256)
     copies = bench.size(COPIES, 2)
     linear = nn.Linear(size, size)
-    variants = _variants(linear)
+    bandwidth = _copy_bandwidth(bench)
+    # batch 1 reads the weight once: float32 4 bytes per weight, int8 1 byte (+ scales)
+    floor_1 = {FLOAT: 4 * size * size / bandwidth, WEIGHT_ONLY: size * size / bandwidth,
+               W8A8: size * size / bandwidth, TORCH: size * size / bandwidth}
     rows = []
     for batch in (1, 16, 256):
         x = torch.randn(batch, size)
-        rows += _rows(f"Normal, {size}x{size}", batch, _measure(bench, variants, x, copies))
+        variants = _variants(linear, with_int_mm=batch <= 16)
+        rows += _rows(f"Normal, {size}x{size}", batch, _measure(bench, variants, x, copies),
+                      floor_1 if batch == 1 else None)
 
     real = _minilm_inputs()
     if real is not None:
         for name, (layer, x) in real.items():
             short = name.split("encoder.")[-1]
             rows += _rows(f"MiniLM {short} ({layer.in_features}->{layer.out_features})",
-                          x.shape[0], _measure(bench, _variants(layer), x, copies))
+                          x.shape[0], _measure(bench, _variants(layer, False), x, copies))
 
-    header = ["input", "batch", "layer", "ms", "speed vs float32", "rel. error"]
+    header = ["input", "batch", "layer", "ms", "speed vs float32", "floor ms (bytes / copy bw)",
+              "rel. error"]
     note = ("" if real is not None else "\n\n(MiniLM rows skipped: install the demo extra.)")
-    bench.record("linear", {"rows": [dict(zip(header, r)) for r in rows]},
+    paths = matmul.describe()
+    bench.record("linear", {"rows": [dict(zip(header, r)) for r in rows],
+                            "copy_bandwidth_GBps": bandwidth / 1e9, "paths": paths},
                  "## QuantLinear vs nn.Linear and torch dynamic int8\n\n"
-                 f"Linear layers rotated over {copies} copies; relative error "
-                 "||y - y_float32|| / ||y_float32||.\n\n" + markdown_table(header, rows) + note)
+                 f"{cpu_line()} Paths chosen here: W8A8 `{paths['w8a8']}`, weight-only "
+                 f"`{paths['weight_only_batch1']}`. Copy bandwidth this run: "
+                 f"{bandwidth / 1e9:.1f} GB/s. Linear layers rotated over {copies} copies; "
+                 "relative error ||y - y_float32|| / ||y_float32||.\n\n"
+                 + markdown_table(header, rows) + note)
 
     by = {(r[0], r[1], r[2]): r for r in rows}
     for batch in (1, 16, 256):
         key = (f"Normal, {size}x{size}", batch)
         # accuracy: per-channel MSE weights and per-token activations beat torch's per-tensor int8
-        assert by[(*key, "quantkit W8A8 dynamic")][5] < by[(*key, "torch dynamic int8")][5]
-        assert by[(*key, "quantkit weight-only")][5] < by[(*key, "quantkit W8A8 dynamic")][5]
+        assert by[(*key, W8A8)][6] < by[(*key, TORCH)][6]
+        assert by[(*key, WEIGHT_ONLY)][6] < by[(*key, W8A8)][6]
     # Speed is reported, not asserted: on a shared 2-core machine one stall can flip a ratio.
-    # (The whole-model speed goal is asserted by bench_minilm.py in full mode.)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,15 @@ def machine() -> dict:
     info = {"platform": platform.platform(), "processor": _cpu_model(),
             "cpus": os.cpu_count(), "python": platform.python_version()}
     try:
+        from quantkit import matmul
+
+        chosen = matmul.describe()
+        info["cpu_features"] = {k: chosen[k] for k in ("avx2", "fma", "avx512", "avx512_vnni")}
+        info["int8_linear_paths"] = {k: chosen[k] for k in ("w8a8", "weight_only_batch1",
+                                                            "weight_only_batch256", "forced")}
+    except ImportError:
+        pass
+    try:
         import torch
 
         info["torch"] = torch.__version__
@@ -90,6 +99,16 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def cpu_line() -> str:
+    """One line naming the CPU and its SIMD features, for the head of every result section."""
+    m = machine()
+    f = m.get("cpu_features", {})
+    flags = ", ".join(name for name in ("avx2", "fma", "avx512", "avx512_vnni") if f.get(name))
+    missing = ", ".join(name for name in ("avx512", "avx512_vnni") if not f.get(name))
+    return (f"CPU: {m['processor']}, {m['cpus']} CPUs; features: {flags or 'none detected'}"
+            + (f" (no {missing})" if missing else "") + f"; torch {m.get('torch', '-')}.")
 
 
 def _cpu_model() -> str:
@@ -151,7 +170,9 @@ def pytest_sessionfinish(session, exitstatus):
             "Gathered from full-mode runs of `pytest benchmarks/` (each section from the last "
             f"run of its benchmark) on {m['processor']}, {m['cpus']} CPUs, "
             f"{m['platform']}, torch {m.get('torch', '-')}" + (f", GPU {m['gpu']}" if 'gpu' in m else "")
-            + ". Medians of repeats after warm-up; ratios are within one run.", ""]
+            + ". Medians of repeats after warm-up; ratios are within one run.", "", cpu_line(),
+            "Each section says the CPU it was measured on; a section from another machine "
+            "keeps its own line.", ""]
     body = [p.read_text() for p in sections]
     pictures = [f"`{p.name}`" for p in sorted(RESULTS.glob("*.png"))]
     if pictures:   # PNGs are drawn by every run and not committed (see .gitignore)
