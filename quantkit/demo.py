@@ -252,26 +252,30 @@ def load_minilm():
     return model.float().eval()
 
 
-def build_variants(model, *, weights: str = "mse") -> dict:
+def build_variants(model, *, weights: str = "mse", progress=None) -> dict:
     """{label: model}: float32, torch dynamic int8, quantkit weight-only, quantkit W8A8 dynamic.
 
-    ``model`` is left unchanged (each variant quantizes a copy).
+    ``model`` is left unchanged (each variant quantizes a copy). ``progress`` (a callable taking
+    a str) is told of each variant as it is built.
     """
     import torch
 
     from .nn import quantize_model
 
+    say = progress or (lambda line: None)
+    start = time.perf_counter()
     with warnings.catch_warnings():    # torch.ao's deprecation notices: it is the baseline here
         warnings.simplefilter("ignore")
         torch_dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model),
                                                                {torch.nn.Linear}, dtype=torch.qint8)
-    return {
-        "float32": model,
-        "torch dynamic int8 (quantize_dynamic)": torch_dynamic,
-        f"quantkit int8 weight-only ({weights})": quantize_model(model, weights=weights),
-        f"quantkit W8A8 dynamic ({weights})": quantize_model(model, weights=weights,
-                                                             activations="dynamic"),
-    }
+    say(f"built torch dynamic int8 in {time.perf_counter() - start:.1f} s")
+    variants = {"float32": model, "torch dynamic int8 (quantize_dynamic)": torch_dynamic}
+    for label, activations in ((f"quantkit int8 weight-only ({weights})", None),
+                               (f"quantkit W8A8 dynamic ({weights})", "dynamic")):
+        start = time.perf_counter()
+        variants[label] = quantize_model(model, weights=weights, activations=activations)
+        say(f"built {label} in {time.perf_counter() - start:.1f} s")
+    return variants
 
 
 def linear_weight_bytes(model) -> int:
@@ -336,25 +340,34 @@ def forward_seconds(model, sentences, *, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def evaluate(variants: dict, sets: dict = None, *, batch: int = 64, repeats: int = 5) -> list:
+def evaluate(variants: dict, sets: dict = None, *, batches=(32, 64), repeats: int = 5,
+             progress=None) -> list:
     """One row per variant, each against the first variant (float32).
 
     Row keys: model; mean_cos, worst_cos (over the sentences of every set); top1_<set> for each
     set of ``sets`` ({name: sentences}, default :data:`SENTENCE_SETS`), nearest neighbours
-    searched within that set; weight_bytes, size_ratio; seconds (one forward pass over a tokenized
-    batch of ``batch`` sentences) and speedup (float32 seconds / variant seconds). Timings
-    alternate between the variants, so machine noise hits all of them alike."""
+    searched within that set; weight_bytes, size_ratio; for each batch size B of ``batches``,
+    seconds_B (one forward pass over a tokenized batch of B sentences) and speedup_B (float32
+    seconds / variant seconds); seconds and speedup repeat those of the largest batch. Timings
+    alternate between the variants, so machine noise hits all of them alike. ``progress`` (a
+    callable taking a str) is told of each step as it finishes."""
     import numpy as np
 
+    say = progress or (lambda line: None)
     sets = SENTENCE_SETS if sets is None else sets
     labels = list(variants)
     everything = [s for sentences in sets.values() for s in sentences]
-    batch_sentences = everything[:batch]
-    times = {label: [] for label in labels}
-    for _ in range(repeats):
-        for label in labels:
-            times[label].append(forward_seconds(variants[label], batch_sentences, repeats=1))
-    seconds = {label: statistics.median(t) for label, t in times.items()}
+    seconds = {}
+    for batch in batches:
+        batch_sentences = (everything * (1 + batch // max(1, len(everything))))[:batch]
+        times = {label: [] for label in labels}
+        for _ in range(repeats):
+            for label in labels:
+                times[label].append(forward_seconds(variants[label], batch_sentences, repeats=1))
+        seconds[batch] = {label: statistics.median(t) for label, t in times.items()}
+        say(f"timed batch {batch}: " + ", ".join(
+            f"{label.split(' (')[0]} {seconds[batch][labels[0]] / seconds[batch][label]:.2f}x"
+            for label in labels))
     base_bytes = linear_weight_bytes(variants[labels[0]])
     reference = {name: embed(variants[labels[0]], sentences) for name, sentences in sets.items()}
     rows = []
@@ -369,43 +382,68 @@ def evaluate(variants: dict, sets: dict = None, *, batch: int = 64, repeats: int
         row["mean_cos"], row["worst_cos"] = float(cos.mean()), float(cos.min())
         row["weight_bytes"] = linear_weight_bytes(variants[label])
         row["size_ratio"] = base_bytes / row["weight_bytes"]
-        row["seconds"] = seconds[label]
-        row["speedup"] = seconds[labels[0]] / seconds[label]
+        for batch in batches:
+            row[f"seconds_{batch}"] = seconds[batch][label]
+            row[f"speedup_{batch}"] = seconds[batch][labels[0]] / seconds[batch][label]
+        row["seconds"], row["speedup"] = row[f"seconds_{max(batches)}"], \
+            row[f"speedup_{max(batches)}"]
         rows.append(row)
+        say(f"evaluated {label}: mean cosine {row['mean_cos']:.5f}, worst {row['worst_cos']:.5f}")
     return rows
 
 
-def run_demo(*, weights: str = "mse", repeats: int = 5) -> list:
-    """Load all-MiniLM-L6-v2, build the variants, and evaluate them on :data:`SENTENCE_SETS`."""
+def run_demo(*, weights: str = "mse", repeats: int = 5, progress=None) -> list:
+    """Load all-MiniLM-L6-v2, build the variants, and evaluate them on :data:`SENTENCE_SETS`.
+
+    ``progress`` (a callable taking a str) is told of each step as it finishes.
+    """
     import torch
 
     torch.manual_seed(0)
+    say = progress or (lambda line: None)
+    start = time.perf_counter()
     model = load_minilm()
-    return evaluate(build_variants(model, weights=weights), repeats=repeats)
+    say(f"loaded all-MiniLM-L6-v2 in {time.perf_counter() - start:.1f} s")
+    variants = build_variants(model, weights=weights, progress=progress)
+    return evaluate(variants, repeats=repeats, progress=progress)
 
 
 def format_table(rows: list) -> str:
     """The rows of :func:`evaluate` as a plain-text table."""
     sets = [k[len("top1_"):] for k in rows[0] if k.startswith("top1_")] if rows else []
+    speeds = [k for k in rows[0] if k.startswith("speedup_")] if rows else []
     header = (f"{'model':<40} {'mean cos':>9} {'worst cos':>9}"
               + "".join(f" {'top-1 ' + name:>12}" for name in sets)
-              + f" {'Linear weights':>17} {'speed':>7}")
+              + f" {'Linear weights':>17}"
+              + "".join(f" {'speed b' + k[len('speedup_'):]:>9}" for k in speeds))
     lines = [header, "-" * len(header)]
     for r in rows:
         size = f"{r['weight_bytes'] / 2**20:.1f} MiB ({r['size_ratio']:.2f}x)"
         lines.append(f"{r['model']:<40} {r['mean_cos']:>9.5f} {r['worst_cos']:>9.5f}"
                      + "".join(f" {r['top1_' + name]:>12.1%}" for name in sets)
-                     + f" {size:>17} {r['speedup']:>6.2f}x")
+                     + f" {size:>17}" + "".join(f" {r[k]:>8.2f}x" for k in speeds))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     """Print the demo table (used by ``quantkit demo``)."""
-    rows = run_demo()
-    print(f"all-MiniLM-L6-v2, each variant against float32: cosine of the sentence embeddings;\n"
+    import sys
+
+    from . import matmul
+
+    def progress(line):
+        print(f"  {line}", flush=True)
+
+    chosen = matmul.describe()
+    print(f"quantkit demo on {chosen['model']} (int8 products: W8A8 {chosen['w8a8']}, "
+          f"weight-only {chosen['weight_only_batch1']})", flush=True)
+    rows = run_demo(progress=progress)
+    sys.stdout.flush()
+    print(f"\nall-MiniLM-L6-v2, each variant against float32: cosine of the sentence embeddings;\n"
           f"top-1 nearest-neighbour agreement on {len(PARAPHRASE_SENTENCES) // 2} paraphrase pairs "
           f"and on {len(TOPIC_SENTENCES)} same-topic sentences (many near ties);\n"
-          f"bytes of the Linear weights; speed of one batch of 64 sentences relative to float32.\n")
+          f"bytes of the Linear weights; speed of one batch of 32 and of 64 sentences relative to "
+          f"float32.\n")
     print(format_table(rows))
     return 0
 

@@ -303,3 +303,16 @@ def test_w8a8_linear_rescale_is_the_reference(monkeypatch, path, shape):
                                torch.from_numpy(s_w), torch.from_numpy(bias) if with_bias else None)
         want = expected if with_bias else acc * (s_x[:, None] * s_w[None, :])
         assert np.array_equal(y.numpy(), want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", INT8_PATHS)
+def test_int8_product_exact_at_model_sizes(monkeypatch, path):
+    """Sizes of real layers (and K = 16384, sums near 2^28): exact on every path."""
+    _runnable(path)
+    monkeypatch.setenv(matmul.ENV, path)
+    rng = np.random.default_rng(11)
+    for m, k, n in [(300, 4096, 1024), (33, 16384, 64), (1088, 384, 1536)]:
+        a, b = _codes(rng, (m, k)), _codes(rng, (n, k))
+        assert np.array_equal(matmul.int8_product(torch.from_numpy(a), torch.from_numpy(b)).numpy(),
+                              _exact(a, b))
