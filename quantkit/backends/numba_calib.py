@@ -612,7 +612,7 @@ def _search_mse_normalized(values, counts, amax):
     2. Otherwise, each value once (rows, blocks, small tensors; also 16..512 values that are not
        clustered, numba_rowsearch.clustered, whose exhaustive grid would cost 2^20 evaluations):
        numba_rowsearch._search_row, the smooth model's minimum, an event sweep of the exact error
-       over +-3% of it, the two lowest sweep points and the vertices of their pieces decided by
+       over +-4% of it, the two lowest sweep points and the vertices of their pieces decided by
        the exact float32 error.
     3. Weighted values (bfloat16 data, or a large array's distinct values), and values in tight
        clusters (numba_rowsearch.clustered: search_row sends them here, as the smooth model cannot
