@@ -80,6 +80,10 @@ static int path_supported(int path) {
 #define W8_MR 6
 /* K per cache block of the int8 product: two A rows and four B rows of it stay in L1. */
 #define K_BLOCK 2048
+/* Rows of A per cache block of the int8 product (even), read once per INT8_N_BLOCK rows of B. */
+#define M_BLOCK 64
+/* Rows of B per work item of the int8 products (a multiple of 4). */
+#define INT8_N_BLOCK 64
 
 /* ------------------------------------------------------------------------------ generic */
 
@@ -205,11 +209,14 @@ AVX2 static void gemm_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
     int64_t j4 = j0 + (j1 - j0) / 4 * 4;
     for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
         int64_t k1 = k0 + K_BLOCK < K ? k0 + K_BLOCK : K;
-        for (int64_t j = j0; j < j4; j += 4) {
-            for (int64_t i = 0; i < M; i += 2) {
-                const int8_t *a1 = i + 1 < M ? A + (i + 1) * lda : NULL;
-                gemm_avx2_tile(A + i * lda, a1, B + j * ldb, ldb, k0, k1, C + i * ldc + j,
-                               a1 ? C + (i + 1) * ldc + j : NULL, k0 > 0);
+        for (int64_t i0 = 0; i0 < M; i0 += M_BLOCK) {       /* these rows of A stay in cache */
+            int64_t i1 = i0 + M_BLOCK < M ? i0 + M_BLOCK : M;
+            for (int64_t j = j0; j < j4; j += 4) {
+                for (int64_t i = i0; i < i1; i += 2) {
+                    const int8_t *a1 = i + 1 < i1 ? A + (i + 1) * lda : NULL;
+                    gemm_avx2_tile(A + i * lda, a1, B + j * ldb, ldb, k0, k1, C + i * ldc + j,
+                                   a1 ? C + (i + 1) * ldc + j : NULL, k0 > 0);
+                }
             }
         }
     }
@@ -356,11 +363,11 @@ EXPORT int qk_cpu_gemm_s8s8s32(int path, int64_t M, int64_t N, int64_t K, const 
     if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
     if (!check_shapes(M, N, K, lda, ldb, ldc)) return QK_ERR_ARGUMENT;
     if (M == 0 || N == 0) return QK_OK;
-    int64_t blocks = (N + N_BLOCK - 1) / N_BLOCK;
+    int64_t blocks = (N + INT8_N_BLOCK - 1) / INT8_N_BLOCK;
     if (threads < 1) threads = 1;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t j0 = b * N_BLOCK, j1 = j0 + N_BLOCK < N ? j0 + N_BLOCK : N;
+        int64_t j0 = b * INT8_N_BLOCK, j1 = j0 + INT8_N_BLOCK < N ? j0 + INT8_N_BLOCK : N;
         if (K == 0) {
             for (int64_t i = 0; i < M; i++)
                 for (int64_t j = j0; j < j1; j++) C[i * ldc + j] = 0;
@@ -420,31 +427,32 @@ EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, con
     if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
     if (!check_shapes(M, N, K, lda, ldb, ldy)) return QK_ERR_ARGUMENT;
     if (M == 0 || N == 0) return QK_OK;
-    int64_t blocks = (N + N_BLOCK - 1) / N_BLOCK;
+    int64_t blocks = (N + INT8_N_BLOCK - 1) / INT8_N_BLOCK;
     if (threads < 1) threads = 1;
     int failed = 0;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1) \
         reduction(| : failed)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t j0 = b * N_BLOCK, j1 = j0 + N_BLOCK < N ? j0 + N_BLOCK : N, nc = j1 - j0;
-        int32_t *acc = malloc(sizeof(int32_t) * (size_t)M * N_BLOCK);
+        int64_t j0 = b * INT8_N_BLOCK;
+        int64_t j1 = j0 + INT8_N_BLOCK < N ? j0 + INT8_N_BLOCK : N, nc = j1 - j0;
+        int32_t *acc = malloc(sizeof(int32_t) * (size_t)M * INT8_N_BLOCK);
         if (!acc) {
             failed = 1;
             continue;
         }
         const int8_t *Bj = B + j0 * ldb;
         if (K == 0) {
-            for (int64_t e = 0; e < M * N_BLOCK; e++) acc[e] = 0;
+            for (int64_t e = 0; e < M * INT8_N_BLOCK; e++) acc[e] = 0;
         }
 #if defined(__x86_64__)
         else if (path == QK_PATH_AVX2)
-            gemm_avx2_block(M, 0, nc, K, A, lda, Bj, ldb, acc, N_BLOCK);
+            gemm_avx2_block(M, 0, nc, K, A, lda, Bj, ldb, acc, INT8_N_BLOCK);
 #endif
         else
-            gemm_generic_block(M, 0, nc, K, A, lda, Bj, ldb, acc, N_BLOCK);
+            gemm_generic_block(M, 0, nc, K, A, lda, Bj, ldb, acc, INT8_N_BLOCK);
         for (int64_t i = 0; i < M; i++)
             for (int64_t c = 0; c < nc; c++) {
-                float y = (float)acc[i * N_BLOCK + c] * (sx[i] * sw[j0 + c]);
+                float y = (float)acc[i * INT8_N_BLOCK + c] * (sx[i] * sw[j0 + c]);
                 Y[i * ldy + j0 + c] = bias ? y + bias[j0 + c] : y;
             }
         free(acc);
