@@ -8,8 +8,9 @@
  *   qk_cpu_gemm_s8s8s32:  C[i][j] = sum_k A[i][k] * B[j][k]          (exact int32)
  *       A (M, K) and B (N, K) int8 rows, codes in [-127, 127] (DESIGN.md section 1 never makes
  *       -128). AVX2 has no exact signed x signed byte product; it uses
- *       |a| * (b * sign(a)) with vpmaddubsw (unsigned x signed byte pairs summed into int16: at most
- *       2 * 127 * 127 = 32258 in magnitude, so never saturated), vpmaddwd by ones into int32.
+ *       |a| * (b * sign(a)) with vpmaddubsw (unsigned x signed byte pairs summed into int16:
+ *       at most 2 * 127 * 127 = 32258 in magnitude, so never saturated), then vpmaddwd by ones
+ *       into int32.
  *
  *   qk_cpu_linear_w8a8_f32: Y[i][j] = float32(C[i][j]) * (sx[i] * sw[j]) + bias[j], C as above,
  *       each float32 operation rounded once in that order (the W8A8 rescale of DESIGN.md
@@ -343,7 +344,8 @@ AVX2 static void w8_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, con
         for (int64_t i = 0; i < M; i += 2) {
             const float *x1 = i + 1 < M ? X + (i + 1) * ldx : NULL;
             w8_avx2_tile(X + i * ldx, x1, W + j * ldw, ldw, K, scale + j,
-                         bias ? bias + j : NULL, Y + i * ldy + j, x1 ? Y + (i + 1) * ldy + j : NULL);
+                         bias ? bias + j : NULL, Y + i * ldy + j,
+                         x1 ? Y + (i + 1) * ldy + j : NULL);
         }
     if (j4 < j1) w8_generic_block(M, j4, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
 }

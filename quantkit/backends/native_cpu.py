@@ -1,4 +1,4 @@
-"""CPU backend for the int8 Linear: the compiled csrc/cpu library (``_libquantkit_cpu.so``), via ctypes.
+"""CPU backend for the int8 Linear: the csrc/cpu library (``_libquantkit_cpu.so``), via ctypes.
 
 Two products, each with a portable C path (``"generic"``) and an AVX2 + FMA path (``"avx2"``)
 that give identical bits (csrc/cpu/linear_int8.c states the arithmetic):
