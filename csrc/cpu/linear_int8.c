@@ -79,6 +79,8 @@ static int path_supported(int path) {
 #define W8_KC 512
 /* Rows of X per weight-only micro-tile: 6 x 16 outputs in 12 ymm accumulators. */
 #define W8_MR 6
+/* Rows of X per weight-only call of the chain kernel (the panel is converted once per call). */
+#define W8_M_BLOCK 96
 /* K per cache block of the int8 product: two A rows and four B rows of it stay in L1. */
 #define K_BLOCK 2048
 /* Rows of A per cache block of the int8 product (even), read once per INT8_N_BLOCK rows of B. */
@@ -402,12 +404,15 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
 #if defined(__x86_64__)
         if (path == QK_PATH_AVX2 && M >= QK_W8_PACKED_MIN_ROWS) {
             float *panel = aligned_alloc(32, sizeof(float) * W8_KC * N_BLOCK);
-            float *sums = malloc(sizeof(float) * (size_t)M * N_BLOCK);
-            if (panel && sums)
-                w8_avx2_chain_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy, panel,
-                                    sums);
-            else
+            float *sums = malloc(sizeof(float) * W8_M_BLOCK * N_BLOCK);
+            if (panel && sums) {
+                for (int64_t i0 = 0; i0 < M; i0 += W8_M_BLOCK)   /* same chains, fewer bytes */
+                    w8_avx2_chain_block(M - i0 < W8_M_BLOCK ? M - i0 : W8_M_BLOCK, j0, j1, K,
+                                        X + i0 * ldx, ldx, W, ldw, scale, bias, Y + i0 * ldy,
+                                        ldy, panel, sums);
+            } else {
                 failed = 1;
+            }
             free(panel);
             free(sums);
             continue;
@@ -437,26 +442,30 @@ EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, con
     for (int64_t b = 0; b < blocks; b++) {
         int64_t j0 = b * INT8_N_BLOCK;
         int64_t j1 = j0 + INT8_N_BLOCK < N ? j0 + INT8_N_BLOCK : N, nc = j1 - j0;
-        int32_t *acc = malloc(sizeof(int32_t) * (size_t)M * INT8_N_BLOCK);
+        int32_t *acc = malloc(sizeof(int32_t) * M_BLOCK * INT8_N_BLOCK);
         if (!acc) {
             failed = 1;
             continue;
         }
         const int8_t *Bj = B + j0 * ldb;
-        if (K == 0) {
-            for (int64_t e = 0; e < M * INT8_N_BLOCK; e++) acc[e] = 0;
-        }
-#if defined(__x86_64__)
-        else if (path == QK_PATH_AVX2)
-            gemm_avx2_block(M, 0, nc, K, A, lda, Bj, ldb, acc, INT8_N_BLOCK);
-#endif
-        else
-            gemm_generic_block(M, 0, nc, K, A, lda, Bj, ldb, acc, INT8_N_BLOCK);
-        for (int64_t i = 0; i < M; i++)
-            for (int64_t c = 0; c < nc; c++) {
-                float y = (float)acc[i * INT8_N_BLOCK + c] * (sx[i] * sw[j0 + c]);
-                Y[i * ldy + j0 + c] = bias ? y + bias[j0 + c] : y;
+        for (int64_t i0 = 0; i0 < M; i0 += M_BLOCK) {      /* a block of rows, then its rescale */
+            int64_t mc = M - i0 < M_BLOCK ? M - i0 : M_BLOCK;
+            const int8_t *Ai = A + i0 * lda;
+            if (K == 0) {
+                for (int64_t e = 0; e < M_BLOCK * INT8_N_BLOCK; e++) acc[e] = 0;
             }
+#if defined(__x86_64__)
+            else if (path == QK_PATH_AVX2)
+                gemm_avx2_block(mc, 0, nc, K, Ai, lda, Bj, ldb, acc, INT8_N_BLOCK);
+#endif
+            else
+                gemm_generic_block(mc, 0, nc, K, Ai, lda, Bj, ldb, acc, INT8_N_BLOCK);
+            for (int64_t i = 0; i < mc; i++)
+                for (int64_t c = 0; c < nc; c++) {
+                    float y = (float)acc[i * INT8_N_BLOCK + c] * (sx[i0 + i] * sw[j0 + c]);
+                    Y[(i0 + i) * ldy + j0 + c] = bias ? y + bias[j0 + c] : y;
+                }
+        }
         free(acc);
     }
     return failed ? QK_ERR_MEMORY : QK_OK;
