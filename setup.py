@@ -44,7 +44,6 @@ class BuildPyWithCuda(build_py):
             return
         csrc.build(package_dir / csrc.LIBRARY_NAME, nvcc=nvcc)
 
-
     def _build_cpu(self, package_dir):
         """The CPU int8 Linear kernels (csrc/cpu/) with the C compiler, when one is found.
 

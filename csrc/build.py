@@ -209,6 +209,16 @@ def build_emulation(out, *, cxx: str = "g++", quiet=False) -> Path:
     return out
 
 
+def _exit_status(build_fn, out) -> int:
+    """0 when ``build_fn(out)`` builds, else 1 with its error on stderr."""
+    try:
+        build_fn(out)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="path of the shared library")
@@ -224,23 +234,11 @@ def main(argv=None) -> int:
                         help="build the CPU library (csrc/cpu/, C compiler) instead")
     args = parser.parse_args(argv)
     if args.cpu:
-        out = CPU_DEFAULT_OUT if args.out == str(DEFAULT_OUT) else args.out
-        try:
-            build_cpu(out)
-        except RuntimeError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-        return 0
+        return _exit_status(build_cpu, CPU_DEFAULT_OUT if args.out == str(DEFAULT_OUT)
+                            else args.out)
     if args.emulate:
-        out = args.out
-        if out == str(DEFAULT_OUT):
-            out = str(CSRC.parent / "build" / EMULATION_NAME)
-        try:
-            build_emulation(out)
-        except RuntimeError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-        return 0
+        return _exit_status(build_emulation, CSRC.parent / "build" / EMULATION_NAME
+                            if args.out == str(DEFAULT_OUT) else args.out)
     archs = tuple(args.arch) if args.arch else ARCHS
     nvcc = find_nvcc()
     if nvcc is None:
@@ -249,12 +247,8 @@ def main(argv=None) -> int:
     if args.print_command:
         print(" ".join(command(nvcc, Path(args.out), strict=args.strict, archs=archs,
                                werror=not args.no_werror)))
-    try:
-        build(args.out, strict=args.strict, archs=archs, nvcc=nvcc, werror=not args.no_werror)
-    except RuntimeError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    return 0
+    return _exit_status(lambda out: build(out, strict=args.strict, archs=archs, nvcc=nvcc,
+                                          werror=not args.no_werror), args.out)
 
 
 if __name__ == "__main__":
