@@ -28,8 +28,9 @@ one path. Every W8A8 path gives the same bits.
   ``float32(127 / alpha)``; inputs beyond +-alpha clip to +-127).
 
 On the CPU the activation codes come from the numba kernels (the row maxima through
-``calibrate(x, "max", axis=0)``) and the rescale is one fused numba pass
-(:mod:`quantkit.backends.numba_nn`); elsewhere the same arithmetic runs as torch ops.
+``calibrate(x, "max", axis=0)``); the product and its rescale are :mod:`quantkit.matmul`'s
+(fused in quantkit's CPU kernels, one numba pass after the torch-based products); elsewhere the
+same arithmetic runs as torch ops.
 
 Both products are torch custom ops (``quantkit::linear_w8``, ``quantkit::linear_w8a8``, and
 ``quantkit::linear_int8_grad_input`` for the backward) with fake implementations, so
