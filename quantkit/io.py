@@ -329,14 +329,15 @@ def _collect(obj):
     torch = _torch()
     modules = {}
     if isinstance(obj, torch.nn.Module):
-        from .nn import QuantLinear
-
         state = obj.state_dict()
         tensors = {}
         quantized_prefixes = []
         for prefix, module in obj.named_modules():
-            if isinstance(module, QuantLinear):
-                modules[prefix] = module.checkpoint_entry()
+            # A quantized module describes itself (QuantLinear does): checkpoint_entry() gives
+            # its "quantkit.modules" entry; its codes are ``weight``, per channel along axis 0.
+            describe = getattr(module, "checkpoint_entry", None)
+            if callable(describe):
+                modules[prefix] = describe()
                 quantized_prefixes.append(prefix + "." if prefix else "")
         for p in quantized_prefixes:
             w = p + "weight"
