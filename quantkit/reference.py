@@ -117,3 +117,171 @@ def absmax_per_block(x: np.ndarray, block_size: int) -> np.ndarray:
     """``max |x|`` over each block of the flattened tensor (the "max" alpha per block)."""
     x = np.asarray(x, dtype=np.float32)
     return np.abs(_blocks(x.reshape(-1), block_size)).max(axis=1).astype(np.float32)
+
+
+# ------------------------------------------------------------------- 8-bit optimizer states
+#
+# AdamW keeps two moments per parameter: m (signed) and v (non-negative). quantkit stores each
+# in 8-bit codes with one float32 absmax per block (docs/DESIGN.md section 7):
+#
+# * a block never crosses a row (a slice along dim 0): a row of L values is cut into
+#   n = max(1, L // block_size) blocks, all of block_size values except the last, which takes the
+#   remainder (so it holds block_size .. 2 * block_size - 1 values, or L when L < block_size).
+#   Sharding along dim 0 (FSDP2) therefore never splits a block.
+# * a code is an index into a small floating-point table ("minifloat"): ``mantissa_bits`` bits of
+#   mantissa, the rest exponent, with a linear (subnormal) run from 0; the largest entry is
+#   ``table_top``. The first moment uses 128 magnitudes (4 mantissa bits) and a sign (int8 codes -127..127, sign
+#   kept, so quantization never flips the sign of m and 0 stays exactly 0); the second moment
+#   stores r = sqrt(v) with 256 magnitudes (4 mantissa bits; uint8 codes).
+# * encoding a block: absmax = max |x| (float32), inv = float32(table_top / absmax) (0 when
+#   absmax == 0), y = float32(|x| * inv), code = the nearest table entry to y, ties to the larger
+#   magnitude. Decoding: float32(table[code] / table_top) * absmax, the first product read from a
+#   float32 table of normalized entries (``moment_table``).
+
+
+def moment_magnitudes(levels: int, mantissa_bits: int) -> np.ndarray:
+    """The ``levels`` magnitudes of a code map, increasing from 0 (float32, exact).
+
+    Index ``k < 2**mantissa_bits`` is the linear run ``k * 2**(e_min - mantissa_bits)``; above it
+    index ``k = (e - e_min + 1) * 2**mantissa_bits + f`` is ``2**e * (1 + f / 2**mantissa_bits)``.
+    ``e_min`` puts the top binade at exponent 0, so the largest magnitude lies in [1, 2).
+    """
+    per_binade = 1 << mantissa_bits
+    if levels % per_binade:
+        raise ValueError("levels must be a multiple of 2**mantissa_bits")
+    binades = levels // per_binade - 1
+    e_min = 1 - binades
+    k = np.arange(levels, dtype=np.float64)
+    linear = k * 2.0 ** (e_min - mantissa_bits)
+    e = np.floor(k / per_binade) - 1 + e_min
+    f = k - np.floor(k / per_binade) * per_binade
+    normal = 2.0 ** e * (1 + f / per_binade)
+    return np.where(k < per_binade, linear, normal).astype(np.float32)
+
+
+def moment_table(levels: int, mantissa_bits: int) -> np.ndarray:
+    """Decoding table: ``float32(magnitude / table_top)``, so the top code decodes to absmax."""
+    mags = moment_magnitudes(levels, mantissa_bits)
+    return (mags / mags[-1]).astype(np.float32)
+
+
+def encode_magnitudes(y: np.ndarray, levels: int, mantissa_bits: int) -> np.ndarray:
+    """Index of the magnitude nearest to each ``y >= 0`` (ties to the larger), as int64.
+
+    ``y`` above the top magnitude takes the top index. The midpoints of neighbouring magnitudes
+    are exact in float32, so the comparison is exact.
+    """
+    mags = moment_magnitudes(levels, mantissa_bits)
+    mid = ((mags[:-1].astype(np.float64) + mags[1:]) / 2).astype(np.float32)
+    return np.searchsorted(mid, np.asarray(y, np.float32), side="right").astype(np.int64)
+
+
+def row_blocks(length: int, block_size: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` of the blocks of one row of ``length`` values."""
+    n = max(1, length // block_size)
+    bounds = [b * block_size for b in range(n)] + [length]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _encode_block(x: np.ndarray, levels: int, mantissa_bits: int, signed: bool):
+    """(codes, absmax) of one block of float32 values."""
+    absmax = np.float32(np.max(np.abs(x))) if x.size else np.float32(0)
+    top = moment_magnitudes(levels, mantissa_bits)[-1]
+    inv = np.float32(top / absmax) if absmax > 0 else np.float32(0)
+    y = (np.abs(x) * inv).astype(np.float32)
+    k = encode_magnitudes(y, levels, mantissa_bits)
+    if signed:
+        return np.where(x < 0, -k, k).astype(np.int8), absmax
+    return k.astype(np.uint8), absmax
+
+
+def _decode_block(codes: np.ndarray, absmax, levels: int, mantissa_bits: int, signed: bool):
+    table = moment_table(levels, mantissa_bits)
+    k = np.abs(codes.astype(np.int64))
+    values = (table[k] * np.float32(absmax)).astype(np.float32)
+    return np.where(codes < 0, -values, values).astype(np.float32) if signed else values
+
+
+#: The code maps of the two moments: (levels, mantissa_bits). See docs/DESIGN.md section 7.
+M_CODE = (128, 4)
+R_CODE = (256, 4)
+
+
+def encode_moments(x2d: np.ndarray, block_size: int, signed: bool, code=None):
+    """Codes (shape of ``x2d``) and absmax per block (rows, blocks per row) of a 2-d array."""
+    levels, mantissa_bits = code or (M_CODE if signed else R_CODE)
+    x2d = np.asarray(x2d, np.float32)
+    rows, length = x2d.shape
+    blocks = row_blocks(length, block_size)
+    codes = np.zeros(x2d.shape, np.int8 if signed else np.uint8)
+    absmax = np.zeros((rows, len(blocks)), np.float32)
+    for r in range(rows):
+        for b, (lo, hi) in enumerate(blocks):
+            codes[r, lo:hi], absmax[r, b] = _encode_block(x2d[r, lo:hi], levels, mantissa_bits,
+                                                          signed)
+    return codes, absmax
+
+
+def decode_moments(codes: np.ndarray, absmax: np.ndarray, block_size: int, signed: bool,
+                   code=None) -> np.ndarray:
+    """float32 values of codes made by :func:`encode_moments`."""
+    levels, mantissa_bits = code or (M_CODE if signed else R_CODE)
+    rows, length = codes.shape
+    out = np.zeros(codes.shape, np.float32)
+    for r in range(rows):
+        for b, (lo, hi) in enumerate(row_blocks(length, block_size)):
+            out[r, lo:hi] = _decode_block(codes[r, lo:hi], absmax[r, b], levels, mantissa_bits,
+                                          signed)
+    return out
+
+
+def adamw_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                  step: int) -> dict:
+    """The float32 constants of AdamW step ``step`` (1-based), computed in float64 once.
+
+    ``decay = 1 - lr * weight_decay``, ``step_size = lr / (1 - beta1**step)``,
+    ``bc2_sqrt = sqrt(1 - beta2**step)``.
+    """
+    f = np.float32
+    return {
+        "beta1": f(beta1), "one_minus_beta1": f(1.0 - beta1),
+        "beta2": f(beta2), "one_minus_beta2": f(1.0 - beta2),
+        "eps": f(eps), "decay": f(1.0 - lr * weight_decay),
+        "step_size": f(lr / (1.0 - beta1 ** step)),
+        "bc2_sqrt": f(np.sqrt(1.0 - beta2 ** step)),
+    }
+
+
+def adamw_update(p, g, m, r, s: dict):
+    """One AdamW step on float32 arrays, every operation one float32 rounding, in this order::
+
+        m' = beta1 * m + (1 - beta1) * g
+        r' = sqrt(beta2 * r * r + (1 - beta2) * (g * g))        r = sqrt(v)
+        p' = p * decay - step_size * (m' / (r' / bc2_sqrt + eps))
+
+    Returns ``(p', m', r')``; the inputs are not modified.
+    """
+    f32 = np.float32
+    p, g, m, r = (np.asarray(a, f32) for a in (p, g, m, r))
+    m_new = (s["beta1"] * m).astype(f32) + (s["one_minus_beta1"] * g).astype(f32)
+    v_new = (s["beta2"] * (r * r).astype(f32)).astype(f32) + (
+        s["one_minus_beta2"] * (g * g).astype(f32)).astype(f32)
+    r_new = np.sqrt(v_new.astype(f32)).astype(f32)
+    denom = ((r_new / s["bc2_sqrt"]).astype(f32) + s["eps"]).astype(f32)
+    p_new = (p * s["decay"]).astype(f32) - (s["step_size"] * (m_new / denom).astype(f32)).astype(f32)
+    return p_new.astype(f32), m_new.astype(f32), r_new
+
+
+def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size: int, s: dict,
+                   m_code=None, r_code=None):
+    """One 8-bit AdamW step on a 2-d parameter (rows, L): decode, :func:`adamw_update`, encode.
+
+    The parameter update uses the moments before they are re-encoded. Returns new arrays
+    ``(p, m_codes, m_absmax, r_codes, r_absmax)``.
+    """
+    m = decode_moments(m_codes, m_absmax, block_size, True, m_code)
+    r = decode_moments(r_codes, r_absmax, block_size, False, r_code)
+    p_new, m_new, r_new = adamw_update(p, g, m, r, s)
+    m_codes, m_absmax = encode_moments(m_new, block_size, True, m_code)
+    r_codes, r_absmax = encode_moments(r_new, block_size, False, r_code)
+    return p_new, m_codes, m_absmax, r_codes, r_absmax

@@ -1,0 +1,255 @@
+"""AdamW with its two moments in 8-bit codes, one fused numba pass per parameter.
+
+State per parameter (``optimizer.state[p]``):
+
+* ``step``: float32 0-d tensor, the number of steps taken (as ``torch.optim.AdamW``);
+* 8-bit states (parameters of two or more dimensions with at least ``min_8bit_size`` elements):
+  ``m_codes`` int8 and ``r_codes`` uint8 of shape (rows, L) where rows = ``p.shape[0]`` and
+  L the product of the other dimensions, ``m_absmax`` / ``r_absmax`` float32 (rows, blocks per
+  row); r = sqrt(v);
+* float32 states otherwise: ``m`` and ``r`` of (rows, L) (1-d parameters: (n, 1)).
+
+A parameter distributed as a DTensor (FSDP2 ``fully_shard``) keeps its states for its local shard;
+blocks never cross a row, so a shard along dim 0 holds exactly the blocks of its rows and the
+sharded step computes bit for bit what one process computes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import reference
+from .._constants import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+
+_SCALAR_NAMES = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay",
+                 "step_size", "bc2_sqrt")
+_EIGHT_BIT_KEYS = {"m_codes": torch.int8, "m_absmax": torch.float32, "r_codes": torch.uint8,
+                   "r_absmax": torch.float32}
+_FLOAT_KEYS = {"m": torch.float32, "r": torch.float32}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (sharing its storage), or ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(rows, L) view of a tensor: rows along dim 0 (a 0-d or 1-d tensor is one column)."""
+    if t.dim() <= 1:
+        return t.reshape(-1, 1)
+    return t.reshape(t.shape[0], -1)
+
+
+def _check_number(name, value, low, high, low_open=False, high_open=False):
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or \
+            isinstance(value, bool) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) with 8-bit moment states.
+
+    Per step ``t`` and element, in float32 (``reference.adamw_update``)::
+
+        m = beta1 * m + (1 - beta1) * g
+        r = sqrt(beta2 * r * r + (1 - beta2) * g * g)                     r = sqrt(v)
+        p = p * (1 - lr * weight_decay) - lr / (1 - beta1**t) * m / (r / sqrt(1 - beta2**t) + eps)
+
+    m and r are decoded from their codes before and encoded after (per block of ``block_size``
+    values of one row, one float32 absmax each): about 2.03 bytes of state per parameter instead
+    of 8. Parameters with fewer than ``min_8bit_size`` elements, and 1-d ones, keep float32
+    moments. A gradient that is exactly 0 on every step leaves m exactly 0, so its parameter moves
+    only by weight decay.
+
+    Before anything is updated, every gradient is checked: a NaN/Inf (or above 2**60) raises a
+    ``ValueError`` naming the parameter, and no parameter or state changes. Gradients are never
+    modified.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+                 block_size=256, min_8bit_size=4096):
+        _check_number("lr", lr, 0.0, math.inf)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair of numbers, got {betas!r}")
+        _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        _check_number("eps", eps, 0.0, math.inf, low_open=True)
+        _check_number("weight_decay", weight_decay, 0.0, math.inf)
+        if isinstance(block_size, bool) or not isinstance(block_size, int):
+            raise TypeError(f"block_size must be an int, got {block_size!r}")
+        if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE) or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two in [{MIN_BLOCK_SIZE}, "
+                             f"{MAX_BLOCK_SIZE}], got {block_size}")
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) \
+                or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        block_size=block_size, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults)
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.dtype != torch.float32:
+                    raise TypeError(f"parameter {pi} of group {gi} is {p.dtype}; "
+                                    "AdamW8bit takes float32 parameters")
+                if p.device.type != "cpu":
+                    raise ValueError(f"parameter {pi} of group {gi} is on {p.device}; "
+                                     "AdamW8bit runs on CPU tensors")
+
+    # ----------------------------------------------------------------------------- the step
+
+    def uses_8bit_state(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether ``p`` keeps 8-bit moments (2+ dimensions, at least min_8bit_size elements)."""
+        return p.dim() >= 2 and p.numel() >= group["min_8bit_size"]
+
+    def _init_state(self, p, group):
+        rows = _as_rows(_local(p.detach()))
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if self.uses_8bit_state(p, group):
+            n_rows, length = rows.shape
+            per_row = max(1, length // group["block_size"])
+            state["m_codes"] = torch.zeros((n_rows, length), dtype=torch.int8)
+            state["m_absmax"] = torch.zeros((n_rows, per_row), dtype=torch.float32)
+            state["r_codes"] = torch.zeros((n_rows, length), dtype=torch.uint8)
+            state["r_absmax"] = torch.zeros((n_rows, per_row), dtype=torch.float32)
+        else:
+            state["m"] = torch.zeros(rows.shape, dtype=torch.float32)
+            state["r"] = torch.zeros(rows.shape, dtype=torch.float32)
+
+    def _check_gradients(self):
+        """Every (param, group) with a gradient, after checking all of them."""
+        from ..backends import numba_optim
+
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise ValueError(f"parameter {pi} of group {gi} has a sparse gradient; "
+                                     "AdamW8bit takes dense gradients")
+                if grad.dtype != torch.float32:
+                    raise TypeError(f"the gradient of parameter {pi} of group {gi} is "
+                                    f"{grad.dtype}; expected float32")
+                local_g = _local(grad)
+                if local_g.shape != _local(p).shape:
+                    raise ValueError(f"the gradient of parameter {pi} of group {gi} has shape "
+                                     f"{tuple(local_g.shape)}, the parameter "
+                                     f"{tuple(_local(p).shape)}")
+                g = np.ascontiguousarray(local_g.detach().numpy()).reshape(-1)
+                if numba_optim.count_bad_gradients(g):
+                    raise ValueError(f"the gradient of parameter {pi} of group {gi} has NaN, "
+                                     "Inf or values above 2**60; no parameter was updated")
+                work.append((p, group))
+        return work
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step for every parameter with a gradient; returns ``closure()``'s loss if given."""
+        from ..backends import numba_optim
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._check_gradients()
+        m_table = reference.moment_table(*reference.M_CODE)
+        r_table = reference.moment_table(*reference.R_CODE)
+        for p, group in work:
+            state = self.state[p]
+            if not state:
+                self._init_state(p, group)
+            state["step"] += 1
+            beta1, beta2 = group["betas"]
+            s = reference.adamw_scalars(group["lr"], beta1, beta2, group["eps"],
+                                        group["weight_decay"], int(state["step"].item()))
+            scalars = [s[name] for name in _SCALAR_NAMES]
+            local_p = _local(p).detach()
+            rows = _as_rows(local_p)
+            contiguous = rows.is_contiguous() and rows.data_ptr() == local_p.data_ptr()
+            p_rows = rows.numpy() if contiguous else np.ascontiguousarray(rows.numpy())
+            g_rows = np.ascontiguousarray(_as_rows(_local(p.grad).detach()).numpy())
+            if "m_codes" in state:
+                numba_optim.adamw8bit_step(
+                    p_rows, g_rows, state["m_codes"].numpy(), state["m_absmax"].numpy(),
+                    state["r_codes"].numpy(), state["r_absmax"].numpy(), group["block_size"],
+                    m_table, reference.M_CODE[1], r_table, reference.R_CODE[1], *scalars)
+            else:
+                numba_optim.adamw32_step(p_rows.reshape(-1), g_rows.reshape(-1),
+                                         state["m"].numpy().reshape(-1),
+                                         state["r"].numpy().reshape(-1), *scalars)
+            if not contiguous:
+                local_p.copy_(torch.from_numpy(p_rows).reshape(local_p.shape))
+        return loss
+
+    # ------------------------------------------------------------------------- state dicts
+
+    def load_state_dict(self, state_dict):
+        """As ``torch.optim.Optimizer.load_state_dict``, after checking the state's layout.
+
+        Raises ``ValueError`` when a state does not fit its parameter (other shapes, another
+        block size, 8-bit states where float32 ones are expected or the reverse).
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if groups is None or "state" not in state_dict:
+            raise ValueError("state_dict must have 'state' and 'param_groups'")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} parameter groups, the optimizer "
+                             f"{len(self.param_groups)}")
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"group {gi} of state_dict has {len(saved['params'])} "
+                                 f"parameters, the optimizer {len(group['params'])}")
+            block_size = saved.get("block_size", group["block_size"])
+            min_size = saved.get("min_8bit_size", group["min_8bit_size"])
+            probe = dict(group, block_size=block_size, min_8bit_size=min_size)
+            for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                if pid in state_dict["state"]:
+                    self._check_saved_state(state_dict["state"][pid], p, probe, gi, pi)
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # torch casts floating states to the parameter dtype
+            for key, dtype in {**_EIGHT_BIT_KEYS, **_FLOAT_KEYS}.items():
+                if key in state and state[key].dtype != dtype:
+                    state[key] = state[key].to(dtype)
+
+    def _check_saved_state(self, saved, p, group, gi, pi):
+        where = f"the state of parameter {pi} of group {gi}"
+        rows, length = _as_rows(_local(p.detach())).shape
+        if self.uses_8bit_state(p, group):
+            per_row = max(1, length // group["block_size"])
+            expected = {"m_codes": (rows, length), "r_codes": (rows, length),
+                        "m_absmax": (rows, per_row), "r_absmax": (rows, per_row)}
+        else:
+            expected = {"m": (rows, length), "r": (rows, length)}
+        if "step" not in saved:
+            raise ValueError(f"{where} has no 'step'")
+        for key, shape in expected.items():
+            value = saved.get(key)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{where} lacks {key!r} (it was saved for another layout)")
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{where}: {key!r} has shape {tuple(value.shape)}, expected "
+                                 f"{shape} for a parameter of shape {tuple(_local(p).shape)}")
+            want = {**_EIGHT_BIT_KEYS, **_FLOAT_KEYS}[key]
+            if value.dtype != want:
+                raise ValueError(f"{where}: {key!r} is {value.dtype}, expected {want}")
+        extra = set(saved) - set(expected) - {"step"}
+        if extra:
+            raise ValueError(f"{where} has unexpected entries {sorted(extra)}")
+
+
+class Adam8bit(AdamW8bit):
+    """:class:`AdamW8bit` without weight decay (``weight_decay=0``)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *, block_size=256,
+                 min_8bit_size=4096):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0,
+                         block_size=block_size, min_8bit_size=min_8bit_size)
