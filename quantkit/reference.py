@@ -130,9 +130,9 @@ def absmax_per_block(x: np.ndarray, block_size: int) -> np.ndarray:
 #   Sharding along dim 0 (FSDP2) therefore never splits a block.
 # * a code is an index into a small floating-point table ("minifloat"): ``mantissa_bits`` bits of
 #   mantissa, the rest exponent, with a linear (subnormal) run from 0; the largest entry is
-#   ``table_top``. The first moment uses 128 magnitudes (4 mantissa bits) and a sign (int8 codes -127..127, sign
-#   kept, so quantization never flips the sign of m and 0 stays exactly 0); the second moment
-#   stores r = sqrt(v) with 256 magnitudes (4 mantissa bits; uint8 codes).
+#   ``table_top``. The first moment uses 128 magnitudes (5 mantissa bits) and a sign (int8
+#   codes -127..127, sign kept, so quantization never flips the sign of m and 0 stays exactly 0);
+#   the second moment stores r = sqrt(v) with 256 magnitudes (5 mantissa bits; uint8 codes).
 # * encoding a block: absmax = max |x| (float32), inv = float32(table_top / absmax) (0 when
 #   absmax == 0), y = float32(|x| * inv), code = the nearest table entry to y, ties to the larger
 #   magnitude. Decoding: float32(table[code] / table_top) * absmax, the first product read from a
@@ -203,8 +203,8 @@ def _decode_block(codes: np.ndarray, absmax, levels: int, mantissa_bits: int, si
 
 
 #: The code maps of the two moments: (levels, mantissa_bits). See docs/DESIGN.md section 7.
-M_CODE = (128, 4)
-R_CODE = (256, 4)
+M_CODE = (128, 5)
+R_CODE = (256, 5)
 
 
 def encode_moments(x2d: np.ndarray, block_size: int, signed: bool, code=None):

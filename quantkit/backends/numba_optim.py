@@ -156,3 +156,18 @@ def adamw32_step(p, g, m, r, beta1, one_minus_beta1, beta2, one_minus_beta2, eps
             ms[i] = mi
             rs[i] = ri
     return 0
+
+
+@njit(cache=True)
+def magnitude_indices(y, levels, mantissa_bits):
+    """``reference.encode_magnitudes`` through the kernels' bit rule (for tests), y float32 >= 0."""
+    per = np.int64(1) << mantissa_bits
+    e_min = 1 - (levels // per - 1)
+    smallest_normal = np.float32(2.0 ** e_min)
+    mult = np.float32(2.0 ** (mantissa_bits - e_min))
+    bits = y.view(np.int32)
+    out = np.empty(y.size, np.int64)
+    for i in range(y.size):
+        out[i] = _magnitude_index(y[i], bits[i], per, mantissa_bits, e_min, smallest_normal, mult,
+                                  levels - 1)
+    return out

@@ -1,0 +1,412 @@
+"""quantkit.optim: the 8-bit AdamW kernel against the reference bit for bit, numerics against
+torch.optim.AdamW, exact resume, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantkit import reference as R
+from quantkit.backends import numba_optim as K
+from quantkit.optim import Adam8bit, AdamW8bit, load_optimizer_state, save_optimizer_state
+
+SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "step_size",
+           "bc2_sqrt")
+
+
+def kernel_step(p, g, state, block, s):
+    K.adamw8bit_step(p, g, *state, block, R.moment_table(*R.M_CODE), R.M_CODE[1],
+                     R.moment_table(*R.R_CODE), R.R_CODE[1], *[s[k] for k in SCALARS])
+
+
+def fresh_state(rows, length, block):
+    zeros = np.zeros((rows, length), np.float32)
+    return [*R.encode_moments(zeros, block, True), *R.encode_moments(zeros, block, False)]
+
+
+def compare_steps(p, grads, block, lr=1e-3, wd=1e-2, betas=(0.9, 0.999)):
+    """Run the kernel and the reference side by side; every array equal after every step."""
+    rows, length = p.shape
+    ref_p, ref_state = p.copy(), fresh_state(rows, length, block)
+    k_p, k_state = p.copy(), [a.copy() for a in ref_state]
+    for t, g in enumerate(grads, 1):
+        s = R.adamw_scalars(lr, betas[0], betas[1], 1e-8, wd, t)
+        ref_p, *ref_state = R.adamw8bit_step(ref_p, g, *ref_state, block, s)
+        kernel_step(k_p, g, k_state, block, s)
+        assert np.array_equal(ref_p, k_p), f"parameters differ at step {t}"
+        for a, b in zip(ref_state, k_state):
+            assert np.array_equal(a, b), f"states differ at step {t}"
+    return ref_p, ref_state
+
+
+# ------------------------------------------------------------------------ the code maps
+
+
+@pytest.mark.parametrize("levels, bits", [R.M_CODE, R.R_CODE, (128, 3), (256, 4), (128, 7),
+                                          (256, 8)])
+def test_bit_rule_matches_nearest_magnitude(levels, bits):
+    mags = R.moment_magnitudes(levels, bits)
+    mid = ((mags[:-1].astype(np.float64) + mags[1:]) / 2).astype(np.float32)
+    rng = np.random.default_rng(levels + bits)
+    y = np.concatenate([
+        mags, mid,  # every entry and every tie
+        np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(3)),
+        rng.uniform(0, mags[-1] * 1.01, 20000).astype(np.float32),
+        np.float32(mags[-1]) * np.exp2(-rng.uniform(0, 40, 20000)).astype(np.float32),
+        np.array([0, 1e-45, 1e-38, mags[-1], mags[-1] * 1.5], np.float32)]).astype(np.float32)
+    assert np.array_equal(K.magnitude_indices(y, levels, bits),
+                          R.encode_magnitudes(y, levels, bits))
+
+
+def test_magnitudes_are_exact_and_increasing():
+    for levels, bits in (R.M_CODE, R.R_CODE):
+        mags = R.moment_magnitudes(levels, bits)
+        assert mags[0] == 0 and np.all(np.diff(mags) > 0) and 1 <= mags[-1] < 2
+        assert R.moment_table(levels, bits)[-1] == 1
+
+
+def test_encode_keeps_sign_and_zero():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 600)) * np.exp2(rng.uniform(-30, 0, (4, 600)))).astype(np.float32)
+    x[:, ::7] = 0
+    codes, absmax = R.encode_moments(x, 256, True)
+    back = R.decode_moments(codes, absmax, 256, True)
+    assert np.all(np.sign(back) * np.sign(x) >= 0)  # never flipped
+    assert np.all(back[x == 0] == 0)
+    assert np.array_equal(np.abs(back).max(axis=1), np.abs(x).max(axis=1))  # absmax exact
+
+
+def test_row_blocks_cover_each_row():
+    for length in (1, 63, 255, 256, 257, 511, 512, 576, 4097):
+        for block in (64, 256, 4096):
+            blocks = R.row_blocks(length, block)
+            assert blocks[0][0] == 0 and blocks[-1][1] == length
+            assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+            assert len(blocks) == max(1, length // block)
+
+
+# ------------------------------------------------------------ kernel == reference, bit for bit
+
+
+@pytest.mark.parametrize("rows, length, block", [(1, 1, 64), (3, 100, 64), (5, 576, 256),
+                                                 (2, 1024, 256), (3, 4097, 256), (2, 9000, 4096),
+                                                 (64, 64, 64)])
+def test_kernel_matches_reference(rows, length, block):
+    rng = np.random.default_rng(rows * length)
+    p = rng.standard_normal((rows, length)).astype(np.float32)
+    grads = []
+    for t in range(4):
+        g = (rng.standard_normal((rows, length)) * 10.0 ** rng.uniform(-6, 1)).astype(np.float32)
+        g[:, : min(3, length)] = 0
+        if t == 2:
+            g[0] = 0  # a whole row without gradient
+        grads.append(g)
+    compare_steps(p, grads, block)
+
+
+def test_kernel_edge_values():
+    rng = np.random.default_rng(7)
+    p = rng.standard_normal((4, 512)).astype(np.float32)
+    g = rng.standard_normal((4, 512)).astype(np.float32)
+    g[0] *= np.float32(2.0 ** 59)  # the largest accepted magnitudes
+    g[1] *= np.float32(1e-30)  # tiny
+    g[2, ::2] = -g[2, 1::2]  # +- pairs
+    g[3] = 0
+    compare_steps(p, [g, -g, g * 0, g], 256)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), length=st.integers(1, 700), exponent=st.integers(-20, 5),
+       seed=st.integers(0, 2**31), block=st.sampled_from([64, 128, 256]))
+def test_kernel_matches_reference_property(rows, length, exponent, seed, block):
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal((rows, length)).astype(np.float32)
+    grads = [(rng.standard_normal((rows, length)) * 2.0 ** exponent).astype(np.float32)
+             for _ in range(2)]
+    compare_steps(p, grads, block, lr=0.01, wd=0.1)
+
+
+def test_float32_state_kernel_matches_reference():
+    rng = np.random.default_rng(3)
+    p = rng.standard_normal(1000).astype(np.float32)
+    m = np.zeros(1000, np.float32)
+    r = np.zeros(1000, np.float32)
+    ref = (p.copy(), m.copy(), r.copy())
+    for t in range(1, 4):
+        g = rng.standard_normal(1000).astype(np.float32)
+        s = R.adamw_scalars(1e-2, 0.9, 0.99, 1e-8, 0.1, t)
+        ref = R.adamw_update(*ref[:1], g, *ref[1:], s)
+        K.adamw32_step(p, g, m, r, *[s[k] for k in SCALARS])
+        assert np.array_equal(p, ref[0]) and np.array_equal(m, ref[1])
+        assert np.array_equal(r, ref[2])
+
+
+# ----------------------------------------------------------------- the optimizer, numerics
+
+
+def run_pair(shape, steps=50, seed=0, **kw):
+    torch.manual_seed(seed)
+    p1 = torch.nn.Parameter(torch.randn(*shape) * 0.1)
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1 = AdamW8bit([p1], lr=1e-3, **kw)
+    o2 = torch.optim.AdamW([p2], lr=1e-3)
+    for _ in range(steps):
+        g = torch.randn(*shape) * 0.01
+        p1.grad, p2.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    return p1.detach(), p2.detach(), o1
+
+
+@pytest.mark.parametrize("cols", [32, 1024, 4097])
+def test_close_to_torch_adamw(cols):
+    """50 steps of randn * 0.01 gradients. Measured on this arithmetic: mean |dp| about 1.0e-4,
+    relative about 1.0e-2 (bitsandbytes 0.50 AdamW8bit: 1.2e-4 on the same problem)."""
+    p, ref, opt = run_pair((1024, cols))
+    err = (p - ref).abs()
+    assert err.mean() < 1.3e-4
+    assert (err / (ref.abs() + 1e-8)).mean() < 2.5e-2
+    assert "m_codes" in opt.state[opt.param_groups[0]["params"][0]]
+
+
+def test_float32_states_match_torch_closely():
+    p, ref, opt = run_pair((64, 32))  # 2048 elements: float32 states
+    assert "m" in opt.state[opt.param_groups[0]["params"][0]]
+    assert (p - ref).abs().max() < 1e-6
+
+
+def test_zero_gradient_moves_only_by_weight_decay():
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(256, 512))
+    start = p.detach().clone()
+    opt = AdamW8bit([p], lr=1e-2, weight_decay=0.1)
+    decay = np.float32(1 - 1e-2 * 0.1)
+    for _ in range(30):
+        g = torch.randn(256, 512)
+        g[:, 100] = 0
+        g[7] = 0
+        p.grad = g
+        opt.step()
+    expected = start.numpy().copy()
+    for _ in range(30):
+        expected = (expected * decay).astype(np.float32)
+    assert np.array_equal(p.detach().numpy()[:, 100], expected[:, 100])
+    assert np.array_equal(p.detach().numpy()[7], expected[7])
+    no_decay = torch.nn.Parameter(start.clone())
+    opt = Adam8bit([no_decay], lr=1e-2)
+    for _ in range(5):
+        no_decay.grad = torch.zeros_like(no_decay)
+        opt.step()
+    assert torch.equal(no_decay.detach(), start)
+
+
+def test_matches_reference_through_the_optimizer():
+    torch.manual_seed(2)
+    p = torch.nn.Parameter(torch.randn(8, 3, 100))  # 3-d: rows of 300
+    opt = AdamW8bit([p], lr=1e-2, min_8bit_size=0, block_size=128)
+    ref_p = p.detach().numpy().reshape(8, 300).copy()
+    ref_state = fresh_state(8, 300, 128)
+    for t in range(1, 4):
+        g = torch.randn(8, 3, 100)
+        p.grad = g
+        opt.step()
+        s = R.adamw_scalars(1e-2, 0.9, 0.999, 1e-8, 1e-2, t)
+        ref_p, *ref_state = R.adamw8bit_step(ref_p, g.numpy().reshape(8, 300), *ref_state, 128, s)
+        assert np.array_equal(p.detach().numpy().reshape(8, 300), ref_p)
+    state = opt.state[p]
+    for key, ref in zip(("m_codes", "m_absmax", "r_codes", "r_absmax"), ref_state):
+        assert np.array_equal(state[key].numpy(), ref)
+
+
+def test_state_bytes_per_parameter():
+    p = torch.nn.Parameter(torch.zeros(1024, 4096))
+    opt = AdamW8bit([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    state = opt.state[p]
+    nbytes = sum(state[k].numel() * state[k].element_size()
+                 for k in ("m_codes", "m_absmax", "r_codes", "r_absmax"))
+    assert nbytes / p.numel() <= 2.04
+
+
+def net_and_data(seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(40, 128), torch.nn.Tanh(), torch.nn.Linear(128, 5))
+    x = torch.randn(64, 40)
+    y = torch.randint(0, 5, (64,))
+    return net, x, y
+
+
+def train(net, opt, x, y, steps, scheduler=None):
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_trains_with_groups_and_scheduler():
+    net, x, y = net_and_data()
+    opt = AdamW8bit([{"params": net[0].parameters(), "lr": 3e-3},
+                     {"params": net[2].parameters(), "weight_decay": 0.0}], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    losses = train(net, opt, x, y, 20, sched)
+    net32, _, _ = net_and_data()
+    opt32 = torch.optim.AdamW([{"params": net32[0].parameters(), "lr": 3e-3},
+                               {"params": net32[2].parameters(), "weight_decay": 0.0}], lr=1e-3)
+    sched32 = torch.optim.lr_scheduler.LambdaLR(opt32, lambda step: 1.0 / (1 + step))
+    losses32 = train(net32, opt32, x, y, 20, sched32)
+    assert losses[-1] < losses[0]
+    assert abs(losses[-1] - losses32[-1]) < 0.01 * losses32[-1]
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-3 / 21)
+
+
+@pytest.mark.parametrize("through_file", [False, True])
+def test_resume_is_exact(tmp_path, through_file):
+    net, x, y = net_and_data()
+    opt = AdamW8bit(net.parameters(), lr=1e-2, min_8bit_size=1024)
+    train(net, opt, x, y, 10)
+    straight = [p.detach().clone() for p in net.parameters()]
+
+    net, x, y = net_and_data()
+    opt = AdamW8bit(net.parameters(), lr=1e-2, min_8bit_size=1024)
+    train(net, opt, x, y, 5)
+    saved_params = {k: v.clone() for k, v in net.state_dict().items()}
+    if through_file:
+        save_optimizer_state(opt, tmp_path / "opt.safetensors")
+    else:
+        saved = opt.state_dict()
+    del opt
+    net2, _, _ = net_and_data(seed=99)
+    net2.load_state_dict(saved_params)
+    opt2 = AdamW8bit(net2.parameters(), lr=1e-2, min_8bit_size=1024)
+    if through_file:
+        load_optimizer_state(opt2, tmp_path / "opt.safetensors")
+    else:
+        opt2.load_state_dict(saved)
+    assert opt2.state[net2[0].weight]["m_codes"].dtype == torch.int8
+    assert opt2.state[net2[0].weight]["r_codes"].dtype == torch.uint8
+    train(net2, opt2, x, y, 5)
+    for a, b in zip(straight, net2.parameters()):
+        assert torch.equal(a, b.detach())
+
+
+def test_state_dict_holds_codes_not_floats():
+    net, x, y = net_and_data()
+    opt = AdamW8bit(net.parameters(), min_8bit_size=1024)
+    train(net, opt, x, y, 1)
+    state = opt.state_dict()["state"][0]
+    assert set(state) == {"step", "m_codes", "m_absmax", "r_codes", "r_absmax"}
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_nonfinite_gradient_raises_and_changes_nothing():
+    net, x, y = net_and_data()
+    opt = AdamW8bit(net.parameters(), min_8bit_size=1024)
+    train(net, opt, x, y, 2)
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    net[2].weight.grad[1, 2] = float("nan")
+    params = [p.detach().clone() for p in net.parameters()]
+    grads = [p.grad.clone() for p in net.parameters()]
+    states = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in net.parameters()}
+    with pytest.raises(ValueError, match="parameter 2 of group 0"):
+        opt.step()
+    for p, before, g in zip(net.parameters(), params, grads):
+        assert torch.equal(p.detach(), before)
+        assert torch.equal(torch.nan_to_num(p.grad), torch.nan_to_num(g))
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, states[id(p)][k])
+    net[2].weight.grad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN, Inf"):
+        opt.step()
+
+
+def test_gradients_are_not_modified():
+    net, x, y = net_and_data()
+    opt = AdamW8bit(net.parameters(), min_8bit_size=1024)
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    opt.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"lr": -1.0}, ValueError, "lr"),
+    ({"lr": float("nan")}, TypeError, "lr"),
+    ({"betas": (1.0, 0.999)}, ValueError, r"betas\[0\]"),
+    ({"betas": (0.9, -0.1)}, ValueError, r"betas\[1\]"),
+    ({"betas": 0.9}, TypeError, "betas"),
+    ({"eps": 0.0}, ValueError, "eps"),
+    ({"weight_decay": -0.1}, ValueError, "weight_decay"),
+    ({"block_size": 100}, ValueError, "power of two"),
+    ({"block_size": 32}, ValueError, "block_size"),
+    ({"block_size": 8192}, ValueError, "block_size"),
+    ({"block_size": 256.0}, TypeError, "block_size"),
+    ({"min_8bit_size": -1}, ValueError, "min_8bit_size"),
+])
+def test_bad_hyperparameters(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.complex64, torch.float64])
+def test_other_parameter_dtypes_are_refused(dtype):
+    with pytest.raises(TypeError, match="float32"):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(3, dtype=dtype))])
+
+
+def test_integer_parameters_are_refused():
+    with pytest.raises(TypeError, match="float32"):
+        AdamW8bit([torch.zeros(3, dtype=torch.int32)])
+
+
+def test_sparse_gradient_is_refused():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = AdamW8bit(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+
+
+def test_state_dict_from_another_layout_is_refused():
+    net, x, y = net_and_data()
+    opt = AdamW8bit(net.parameters(), min_8bit_size=1024)
+    train(net, opt, x, y, 1)
+    saved = opt.state_dict()
+    other = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5))
+    with pytest.raises(ValueError, match="shape"):
+        AdamW8bit(other.parameters(), min_8bit_size=1024).load_state_dict(saved)
+    with pytest.raises(ValueError, match="another layout"):
+        AdamW8bit(net.parameters()).load_state_dict(
+            {**saved, "param_groups": [dict(saved["param_groups"][0], min_8bit_size=10**6)]})
+    with pytest.raises(ValueError, match="parameters"):
+        AdamW8bit(list(net.parameters())[:2], min_8bit_size=1024).load_state_dict(saved)
+    with pytest.raises(ValueError, match="shape"):
+        AdamW8bit(net.parameters(), min_8bit_size=1024, block_size=64).load_state_dict(
+            {**saved, "param_groups": [dict(saved["param_groups"][0], block_size=64)]})
+
+
+def test_state_file_errors(tmp_path):
+    net, x, y = net_and_data()
+    opt = AdamW8bit(net.parameters())
+    with pytest.raises(FileNotFoundError):
+        load_optimizer_state(opt, tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ValueError):
+        load_optimizer_state(opt, bad)
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a quantkit optimizer state"):
+        load_optimizer_state(opt, tmp_path / "other.safetensors")
