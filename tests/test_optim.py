@@ -392,9 +392,10 @@ def test_state_dict_from_another_layout_is_refused():
             {**saved, "param_groups": [dict(saved["param_groups"][0], min_8bit_size=10**6)]})
     with pytest.raises(ValueError, match="parameters"):
         AdamW8bit(list(net.parameters())[:2], min_8bit_size=1024).load_state_dict(saved)
-    with pytest.raises(ValueError, match="shape"):
-        AdamW8bit(net.parameters(), min_8bit_size=1024, block_size=64).load_state_dict(
-            {**saved, "param_groups": [dict(saved["param_groups"][0], block_size=64)]})
+    broken = {**saved, "state": {**saved["state"], 0: dict(saved["state"][0],
+                                                          m_absmax=torch.zeros(128, 2))}}
+    with pytest.raises(ValueError, match="m_absmax"):
+        AdamW8bit(net.parameters(), min_8bit_size=1024).load_state_dict(broken)
 
 
 def test_state_file_errors(tmp_path):
