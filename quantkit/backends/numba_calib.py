@@ -44,7 +44,8 @@ from numba.extending import intrinsic
 from .._constants import MIN_POSITIVE_ALPHA, QMAX
 from . import numba_rowsearch as _rows
 from .numba_error_sums import better as _better
-from .numba_error_sums import scale_inv, search_unit, sse_search, trunc_i64, unit_inverse
+from .numba_error_sums import quantization_error, scale_inv, search_unit, sse_search, trunc_i64
+from .numba_error_sums import unit_inverse
 
 _CHUNK = 1 << 16
 CHUNK = _CHUNK  # elements per chunk of the parallel kernels (scan_tail's chunk_max)
@@ -127,7 +128,7 @@ def sse_fixed(ax, alpha, unit_inv):
     acc = 0
     for i in range(ax.size):
         v = ax[i]
-        e = np.float64(v - min(np.rint(v * inv), _Q) * scale)
+        e = np.float64(quantization_error(v, scale, inv))
         acc += trunc_i64(e * e * unit_inv)
     return acc
 
@@ -147,7 +148,7 @@ def sse_search_bound(ax, alpha, p):
     bound = 0
     for i in range(ax.size):
         v = ax[i]
-        t = (v - min(np.rint(v * inv), _Q) * scale) * p
+        t = quantization_error(v, scale, inv) * p
         acc += trunc_i64(np.float64(t * t))
         d = max(v - top, _ZERO) * p
         bound += trunc_i64(np.float64(d * d))
@@ -162,7 +163,7 @@ def sse_search_weighted(values, counts, alpha, p):
     acc = 0
     for i in range(values.size):
         v = values[i]
-        t = (v - min(np.rint(v * inv), _Q) * scale) * p
+        t = quantization_error(v, scale, inv) * p
         acc += trunc_i64(np.float64(t * t)) * counts[i]
     return acc
 
@@ -174,7 +175,7 @@ def _sse_fixed_signed(xs, alpha, unit_inv):
     acc = 0
     for i in range(xs.size):
         v = abs(xs[i])
-        e = np.float64(v - min(np.rint(v * inv), _Q) * scale)
+        e = np.float64(quantization_error(v, scale, inv))
         acc += trunc_i64(e * e * unit_inv)
     return acc
 
@@ -355,7 +356,7 @@ def _sse_bound(values, counts, alpha, unit):
     bound = 0
     for i in range(values.size):
         v = values[i]
-        t = (v - min(np.rint(v * inv), _Q) * scale) * unit
+        t = quantization_error(v, scale, inv) * unit
         acc += trunc_i64(np.float64(t * t)) * counts[i]
         d = max(v - top, _ZERO) * unit
         bound += trunc_i64(np.float64(d * d)) * counts[i]
@@ -748,7 +749,7 @@ def _sse_search_signed(xs, alpha, p):
     acc = 0
     for i in range(xs.size):
         v = abs(xs[i])
-        t = (v - min(np.rint(v * inv), _Q) * scale) * p
+        t = quantization_error(v, scale, inv) * p
         acc += trunc_i64(np.float64(t * t))
     return acc
 

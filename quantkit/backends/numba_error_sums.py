@@ -50,6 +50,13 @@ def scale_inv(alpha):
     return scale, inv
 
 
+@njit(cache=True, inline="always")
+def quantization_error(v, scale, inv):
+    """The exact float32 error ``v - min(rint(v * inv), 127) * scale`` of one |x| value ``v``
+    (``scale``, ``inv`` from scale_inv): the expression of every error-sum kernel."""
+    return v - min(np.rint(v * inv), _Q) * scale
+
+
 @njit(cache=True)
 def unit_inverse(amax, n):
     """``2^k / amax^2`` with ``k = min(50, 62 - ceil(log2 n))``: fixed-point units per e^2."""
@@ -94,7 +101,7 @@ def sse_search(ax, alpha, p):
     acc = 0
     for i in range(ax.size):
         v = ax[i]
-        t = (v - min(np.rint(v * inv), _Q) * scale) * p
+        t = quantization_error(v, scale, inv) * p
         acc += trunc_i64(np.float64(t * t))
     return acc
 
