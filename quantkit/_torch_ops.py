@@ -52,8 +52,8 @@ def quantize_int8(x: Tensor, alpha: Tensor, axis: Optional[int] = None,
 
 @quantize_int8.register_kernel("cuda")
 def _quantize_int8_cuda(x, alpha, axis=None, block_size=None):
-    q = _cuda().quantize(x, alpha, axis=axis, block_size=block_size)
-    return q.data.contiguous(), q.scale.reshape(alpha.shape).contiguous()
+    codes, scale = _cuda().quantize(x, alpha, axis=axis, block_size=block_size)
+    return codes.contiguous(), scale.reshape(alpha.shape).contiguous()
 
 
 @quantize_int8.register_fake
@@ -80,7 +80,8 @@ def dequantize_int8(codes: Tensor, scale: Tensor, axis: Optional[int] = None,
 @dequantize_int8.register_kernel("cuda")
 def _dequantize_int8_cuda(codes, scale, axis=None, block_size=None):
     scale = scale.to(device=codes.device, dtype=torch.float32)
-    values = _cuda().dequantize(QTensor(codes, scale, axis=axis, block_size=block_size))
+    q = QTensor(codes, scale, axis=axis, block_size=block_size)  # checks the granularity
+    values = _cuda().dequantize(q.data, q.scale, axis=q.axis, block_size=q.block_size)
     return values.contiguous()
 
 

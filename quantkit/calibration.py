@@ -70,9 +70,48 @@ def _legal(alpha, amax):
 
 
 def _kernels():
+    """The numba kernels, for the passes over data on the host."""
     from .backends import numba_calib
 
     return numba_calib
+
+
+def _host():
+    """The numba functions that work on summaries (histograms, moments, candidate lists) on the
+    host, whichever device holds the data."""
+    from .backends import numba_calib
+
+    return numba_calib
+
+
+class FlatKernels(NamedTuple):
+    """The passes over the data that the "mse" search of one flat array makes, on one device.
+
+    * ``absmax_flat(flat) -> (amax, bad)``: max |x| over the finite elements (float32) and the
+      number of non-finite elements;
+    * ``histogram_log(flat, tasks, counts, sum_res, sum_res2)``: adds the log histogram of |x|
+      into the three int64 host arrays (HIST_BINS entries; ``tasks`` threads where that applies);
+    * ``sse_fixed_many(flat, alphas, unit_inv) -> int64 array``: the fixed-point error sums of
+      the float32 ``alphas``.
+
+    The numba backend and the CUDA backend each implement the three with the same results bit for
+    bit; everything else of the search runs on the host on what they return.
+    """
+
+    absmax_flat: object
+    histogram_log: object
+    sse_fixed_many: object
+
+
+def _numba_flat_kernels() -> FlatKernels:
+    k = _kernels()
+    return FlatKernels(k.absmax_flat, k.histogram_log, k.sse_fixed_many)
+
+
+def _cuda_flat_kernels() -> FlatKernels:
+    from .backends import cuda
+
+    return FlatKernels(cuda.absmax_flat, cuda.histogram_log, cuda.sse_fixed_many)
 
 
 def _tasks() -> int:
@@ -176,21 +215,22 @@ def _mse_large(k, flat, n: int, amax: np.float32, counts: np.ndarray, low_bits: 
     2. Exact errors of the data decide (_decide_exact), with the dips of piled-up values
        (_lumpy_extra, from ``sample``, a host array of some of the values) among the candidates.
 
-    ``k`` is the kernel set (``numba_calib``, or the CUDA backend's ``calibration_kernels`` for a
-    flat CUDA tensor) and ``n`` the element count of ``flat``.
+    ``k`` is the FlatKernels of the device holding ``flat`` and ``n`` the element count of
+    ``flat``; ``sample`` is None on the GPU.
     """
-    cnt, mean, var = k.count_moments(counts, low_bits == 0)
-    model_alpha = float(k.model_search(cnt, mean, var, amax))
+    h = _host()
+    cnt, mean, var = h.count_moments(counts, low_bits == 0)
+    model_alpha = float(h.model_search(cnt, mean, var, amax))
     a_max = float(amax)
-    unit_inv = k.unit_inverse(amax, n)
+    unit_inv = h.unit_inverse(amax, n)
 
     def evaluate(alphas):
         return k.sse_fixed_many(flat, alphas, unit_inv)
 
     extra, dense = (), False
     if sample is not None:
-        extra = _lumpy_extra(k, sample, counts, model_alpha, a_max)
-        dense = _clustered_sample(k, sample)
+        extra = _lumpy_extra(h, sample, counts, model_alpha, a_max)
+        dense = _clustered_sample(h, sample)
     return np.float32(_decide_exact(evaluate, model_alpha, nonzero, a_max, extra, dense))
 
 
@@ -202,7 +242,9 @@ def _clustered_sample(k, sample: np.ndarray) -> bool:
     ax = ax[ax != 0][:1024]
     if ax.size < 64:
         return False
-    return bool(k._rows.clustered(np.ascontiguousarray(ax)))
+    from .backends.numba_rowsearch import clustered
+
+    return bool(clustered(np.ascontiguousarray(ax)))
 
 
 def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float, extra=(),
@@ -420,8 +462,8 @@ def _mse_flat(flat: np.ndarray, x32=None, name="x") -> np.float32:
         alpha = k.search_mse_discrete(flat, np.float32(amax))
         if alpha >= 0:
             return np.float32(alpha)
-    return _mse_large(k, flat, flat.size, np.float32(amax), counts, int(low_bits),
-                      flat.size - int(zeros), sample)
+    return _mse_large(_numba_flat_kernels(), flat, flat.size, np.float32(amax), counts,
+                      int(low_bits), flat.size - int(zeros), sample)
 
 
 # ------------------------------------------------------------------------------ on the GPU
@@ -438,8 +480,9 @@ def _not_on_gpu(what: str) -> NotImplementedError:
         "explicitly to calibrate on the CPU.")
 
 
-def calibrate_cuda(x, method: str, axis, block_size, opts: dict):
-    """:func:`calibrate` of a CUDA tensor on its device (``opts`` already checked).
+def calibrate_cuda(x, method: str = "mse", *, axis=None, block_size=None, **options):
+    """:func:`calibrate` of a CUDA tensor, computed on its device (``x`` is never copied to the
+    host; small per-bin and per-candidate sums and the result come back).
 
     "max" comes from ``backends.cuda.absmax`` (a Python float per tensor; a float32 CUDA tensor per
     channel or block). "mse" per tensor runs :func:`_mse_flat`'s large-array branches with the CUDA
@@ -451,6 +494,14 @@ def calibrate_cuda(x, method: str, axis, block_size, opts: dict):
     a few non-empty bins whose distinct values the histogram cannot tell) and for every other
     method or granularity: NotImplementedError (a RuntimeError) saying what does run on the GPU.
     """
+    from .backends import cuda
+
+    cuda._require_cuda(x, "x")
+    return _calibrate_on_gpu(x, method, axis, block_size, _check_method(method, options))
+
+
+def _calibrate_on_gpu(x, method: str, axis, block_size, opts: dict):
+    """:func:`calibrate_cuda` with ``opts`` already checked."""
     from .backends import cuda
 
     cuda._check_float(x)
@@ -470,7 +521,8 @@ def calibrate_cuda(x, method: str, axis, block_size, opts: dict):
 
 def _mse_flat_cuda(x, cuda) -> np.float32:
     """:func:`_mse_flat` of a CUDA tensor: the same branches, each pass over the data on the GPU."""
-    k = cuda.calibration_kernels
+    k = _cuda_flat_kernels()
+    h = _host()
     x32 = cuda._as_float32(x)
     dense, _ = cuda._dense(x32, keep_layout=True)  # the order of the elements does not matter
     n = int(dense.numel())
@@ -483,7 +535,7 @@ def _mse_flat_cuda(x, cuda) -> np.float32:
     if n <= _SMALL:
         raise _not_on_gpu(f'method="mse" on a tensor of {n} <= {_SMALL} values (the exact '
                           "search runs on the data on the host)")
-    counts, sum_res, sum_res2 = (np.zeros(k.HIST_BINS, np.int64) for _ in range(3))
+    counts, sum_res, sum_res2 = (np.zeros(h.HIST_BINS, np.int64) for _ in range(3))
     k.histogram_log(dense, 1, counts, sum_res, sum_res2)
     low_bits = int(sum_res.sum() != 0)  # the OR of the 16 low mantissa bits is 0 iff their sum is
     if sum_res[0] == 0:  # bin 0 holds exact zeros only
@@ -495,17 +547,17 @@ def _mse_flat_cuda(x, cuda) -> np.float32:
         raise _not_on_gpu(f'method="mse" on a tensor with {nonzero} <= {_SMALL} non-zero values '
                           "(the exact search runs on the data on the host)")
     if low_bits == 0:  # at most 7 mantissa bits: the bins are the exact distinct values
-        values, vcounts = k.bin_values(counts)
-        return np.float32(k.search_mse_values(values, vcounts, amax))
-    if np.count_nonzero(counts) <= k.LATTICE_MAX_DISTINCT + 1:  # maybe few distinct values
-        pairs = _distinct_from_bins(counts, sum_res, sum_res2, zeros, k)
+        values, vcounts = h.bin_values(counts)
+        return np.float32(h.search_mse_values(values, vcounts, amax))
+    if np.count_nonzero(counts) <= h.LATTICE_MAX_DISTINCT + 1:  # maybe few distinct values
+        pairs = _distinct_from_bins(counts, sum_res, sum_res2, zeros, h)
         if pairs is None:
             raise _not_on_gpu('method="mse" on a tensor whose |x| fall in at most '
-                              f"{k.LATTICE_MAX_DISTINCT + 1} log-histogram bins, some holding "
+                              f"{h.LATTICE_MAX_DISTINCT + 1} log-histogram bins, some holding "
                               "several values (counting the distinct values needs the data on "
                               "the host)")
         if pairs:
-            return np.float32(k.search_mse_values(pairs[0], pairs[1], amax))
+            return np.float32(h.search_mse_values(pairs[0], pairs[1], amax))
     return _mse_large(k, dense, n, amax, counts, low_bits, nonzero)
 
 
@@ -622,7 +674,7 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
 
     Args:
         x: NumPy array or CPU torch tensor, float16/bfloat16/float32/float64 (used as float32),
-            finite, not empty. Never modified. CUDA tensors go to ``backends.cuda.calibrate``
+            finite, not empty. Never modified. CUDA tensors go to :func:`calibrate_cuda`
             (nothing is copied to the host behind the caller's back): "max" at every granularity
             and "mse" per tensor of more than 65536 non-zero values run on the GPU; the rest
             raises NotImplementedError (a RuntimeError), see :func:`calibrate_cuda`.
@@ -648,11 +700,7 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
     """
     opts = _check_method(method, options)
     if _arrays.kind_of(x) == _arrays.TORCH_CUDA:
-        from .backends import cuda
-
-        on_gpu = getattr(cuda, "calibrate", None)  # statistics kernels of the CUDA backend, if any
-        if on_gpu is not None:
-            return on_gpu(x, method, axis=axis, block_size=block_size, **opts)
+        return _calibrate_on_gpu(x, method, axis, block_size, opts)
     x32, kind = _prepare(x)
     axis, block_size = _granularity(x32.shape, axis, block_size)
     if axis is not None:

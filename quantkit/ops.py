@@ -10,31 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _arrays, reference
+from ._dispatch import backend as _backend, checked_out as _checked_out, dequantize_codes
 from .qtensor import QTensor
-
-
-def _backend(kind: str):
-    """The module that runs kernels for arrays of ``kind``, imported on first use."""
-    if kind == _arrays.TORCH_CUDA:
-        from .backends import cuda
-
-        return cuda
-    from .backends import numba_cpu
-
-    return numba_cpu
-
-
-def _checked_out(out, kind: str, shape: tuple, dtype, name: str = "out"):
-    """The caller's output buffer as a NumPy array, after checking it fits."""
-    if out is None:
-        return None
-    if _arrays.kind_of(out) != kind:
-        raise TypeError(f"{name} must be the same kind of array as the input ({kind})")
-    array = out.numpy() if kind == _arrays.TORCH_CPU else out
-    if array.dtype != dtype or tuple(array.shape) != tuple(shape) or not array.flags.c_contiguous:
-        raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape "
-                         f"{tuple(shape)}, got {array.dtype} {tuple(array.shape)}")
-    return array
 
 
 def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> QTensor:
@@ -56,7 +33,9 @@ def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> QTensor:
     """
     kind = _arrays.kind_of(x)
     if kind == _arrays.TORCH_CUDA:
-        return _backend(kind).quantize(x, alpha, axis=axis, block_size=block_size, out=out)
+        data, scale = _backend(kind).quantize(x, alpha, axis=axis, block_size=block_size, out=out)
+        axis, block_size, _ = _arrays.granularity(tuple(x.shape), axis, block_size)
+        return QTensor(data, scale, axis=axis, block_size=block_size)
     x32 = _arrays.float32_numpy(x)
     axis, block_size, alpha_shape = _arrays.granularity(x32.shape, axis, block_size)
     alpha32 = _arrays.alpha_array(alpha, alpha_shape)
@@ -81,15 +60,4 @@ def dequantize(q: QTensor, *, out=None):
     """
     if not isinstance(q, QTensor):
         raise TypeError(f"q must be a QTensor, got {type(q).__name__}")
-    kind = _arrays.kind_of(q.data)
-    if kind == _arrays.TORCH_CUDA:
-        return _backend(kind).dequantize(q, out=out)
-    codes = q.data.numpy() if kind == _arrays.TORCH_CPU else q.data
-    scale = q.scale.numpy() if kind == _arrays.TORCH_CPU else q.scale
-    out_array = _checked_out(out, kind, codes.shape, np.float32)
-    if codes.size == 0:
-        values = out_array if out_array is not None else np.empty(codes.shape, np.float32)
-    else:
-        values = _backend(kind).dequantize_int8_numba(codes, scale, axis=q.axis,
-                                                      block_size=q.block_size, out=out_array)
-    return out if out is not None else _arrays.wrap_like(values, kind)
+    return dequantize_codes(q.data, q.scale, axis=q.axis, block_size=q.block_size, out=out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _arrays
+from ._dispatch import dequantize_codes
 
 
 class QTensor:
@@ -69,9 +70,7 @@ class QTensor:
 
     def dequantize(self):
         """The float32 approximation ``float32(data) * scale``, the same kind as ``data``."""
-        from .ops import dequantize  # ops builds QTensors; the import is deferred to avoid a cycle
-
-        return dequantize(self)
+        return dequantize_codes(self.data, self.scale, axis=self.axis, block_size=self.block_size)
 
     def __repr__(self) -> str:
         detail = {"channel": f", axis={self.axis}", "block": f", block_size={self.block_size}",

@@ -175,9 +175,22 @@ def test_wrappers_want_cuda_tensors():
             call()
     q = ops.quantize(x, 1.0)
     with pytest.raises(TypeError, match="must be a CUDA torch tensor"):
-        cuda.dequantize(q)
+        cuda.dequantize(q.data, q.scale)
     with pytest.raises(TypeError, match="must be a QTensor"):
-        cuda.dequantize(x)
+        ops.dequantize(x)
+
+def _quantize(x, alpha, **kwargs):
+    """The CUDA backend's (codes, scale) as a QTensor, as quantkit.quantize returns them."""
+    data, scale = cuda.quantize(x, alpha, **kwargs)
+    axis, block_size, _ = _arrays.granularity(tuple(x.shape), kwargs.get("axis"),
+                                              kwargs.get("block_size"))
+    return quantkit.QTensor(data, scale, axis=axis, block_size=block_size)
+
+
+def _dequantize(q, out=None):
+    """The CUDA backend's dequantize of a QTensor's fields."""
+    return cuda.dequantize(q.data, q.scale, axis=q.axis, block_size=q.block_size, out=out)
+
 
 
 BAD_QUANTIZE_ARGS = [
@@ -273,10 +286,14 @@ def test_candidate_scales_match_numba_calib():
 
 
 def test_calibration_kernels_delegate_host_functions():
+    """The GPU search runs its passes over the data on the device and the host model of numba."""
+    from quantkit import calibration
     from quantkit.backends import numba_calib
 
-    assert cuda.calibration_kernels.HIST_BINS == numba_calib.HIST_BINS
-    assert cuda.calibration_kernels.model_search is numba_calib.model_search
+    assert cuda.LOG_HISTOGRAM_BINS == numba_calib.HIST_BINS
+    assert calibration._host().model_search is numba_calib.model_search
+    assert calibration._cuda_flat_kernels() == calibration.FlatKernels(
+        cuda.absmax_flat, cuda.histogram_log, cuda.sse_fixed_many)
 
 
 def test_nonfinite_error_matches_the_cpu_message():
@@ -333,11 +350,11 @@ LAYOUTS = ["plain", "transpose", "sliced", "offset"]
 @given(case=tensor_and_alpha(), how=st.sampled_from(LAYOUTS))
 def test_gpu_per_tensor_matches_reference(case, how):
     x, alpha = case
-    q = cuda.quantize(_layout(x, how), alpha)
+    q = _quantize(_layout(x, how), alpha)
     assert q.data.is_cuda and q.scale.is_cuda
     _same(q.data, reference.quantize_per_tensor(x, alpha))
     _same(q.scale, reference.scale_from_alpha(alpha), "scale")
-    _same(cuda.dequantize(q), reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)),
+    _same(_dequantize(q), reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)),
           "values")
 
 
@@ -350,10 +367,10 @@ def test_gpu_per_channel_matches_reference(case, how, data):
     channels = x.shape[axis]
     alpha = np.array(data.draw(st.lists(alphas, min_size=channels, max_size=channels)), np.float32)
     alpha[data.draw(st.integers(0, channels - 1))] = 0.0
-    q = cuda.quantize(_layout(x, how), alpha, axis=axis)
+    q = _quantize(_layout(x, how), alpha, axis=axis)
     _same(q.data, reference.quantize_per_channel(x, alpha, axis % x.ndim))
     _same(q.scale, reference.scale_from_alpha(alpha), "scale")
-    _same(cuda.dequantize(q),
+    _same(_dequantize(q),
           reference.dequantize_per_channel(_cpu(q.data), _cpu(q.scale), axis % x.ndim), "values")
 
 
@@ -365,9 +382,9 @@ def test_gpu_blockwise_matches_reference(case, how, data):
     block = data.draw(st.sampled_from([64, 128, 256, 1024, 4096]))
     n_blocks = _arrays.n_blocks(x.size, block)
     alpha = np.array(data.draw(st.lists(alphas, min_size=n_blocks, max_size=n_blocks)), np.float32)
-    q = cuda.quantize(_layout(x, how), alpha, block_size=block)
+    q = _quantize(_layout(x, how), alpha, block_size=block)
     _same(q.data, reference.quantize_blockwise(x, alpha, block))
-    _same(cuda.dequantize(q), reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), block),
+    _same(_dequantize(q), reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), block),
           "values")
     _same(cuda.absmax(_layout(x, how), block_size=block), reference.absmax_per_block(x, block),
           "absmax")
@@ -393,7 +410,7 @@ def _check_dequantize_offset(q, expected):
     base[1:] = q.data.reshape(-1)
     shifted = quantkit.QTensor(base[1:].reshape(q.data.shape), q.scale, axis=q.axis,
                                block_size=q.block_size)
-    _same(cuda.dequantize(shifted), expected, "values from unaligned codes")
+    _same(_dequantize(shifted), expected, "values from unaligned codes")
 
 
 @gpu
@@ -403,16 +420,16 @@ def test_gpu_odd_sizes_every_granularity(n, how):
     x = _random(n, seed=n)
     alpha = np.float32(3.0)
     xt = _layout(x, how)
-    q = cuda.quantize(xt, alpha)
+    q = _quantize(xt, alpha)
     _same(q.data, reference.quantize_per_tensor(x, alpha))
     _check_dequantize_offset(q, reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)))
     for block in (64, 4096):
         a = reference.absmax_per_block(x, block)
         _same(cuda.absmax(xt, block_size=block), a, "absmax per block")
-        q = cuda.quantize(xt, a, block_size=block)
+        q = _quantize(xt, a, block_size=block)
         _same(q.data, reference.quantize_blockwise(x, a, block))
         expected = reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), block)
-        _same(cuda.dequantize(q), expected, "values")
+        _same(_dequantize(q), expected, "values")
         _check_dequantize_offset(q, expected)
     _same(cuda.absmax(xt), np.float32(np.abs(x).max()), "absmax")
     # per channel on 2-D views of the same data, both axes, rows long and short
@@ -425,10 +442,10 @@ def test_gpu_odd_sizes_every_granularity(n, how):
             a = np.abs(x2).max(axis=1 - axis).astype(np.float32)
             t2 = _layout(x2, how)
             _same(cuda.absmax(t2, axis=axis), a, "absmax per channel")
-            q = cuda.quantize(t2, a, axis=axis)
+            q = _quantize(t2, a, axis=axis)
             _same(q.data, reference.quantize_per_channel(x2, a, axis))
             expected = reference.dequantize_per_channel(_cpu(q.data), _cpu(q.scale), axis)
-            _same(cuda.dequantize(q), expected, "values")
+            _same(_dequantize(q), expected, "values")
             _check_dequantize_offset(q, expected)
 
 
@@ -436,7 +453,7 @@ def test_gpu_odd_sizes_every_granularity(n, how):
 def test_gpu_ties_round_half_to_even():
     k = np.arange(-140, 141, dtype=np.float32)
     x = np.concatenate([k + np.float32(0.5), k, -(k + np.float32(0.5))])  # inv = 1: exact ties
-    q = cuda.quantize(_layout(x, "plain"), 127.0)
+    q = _quantize(_layout(x, "plain"), 127.0)
     _same(q.data, reference.quantize_per_tensor(x, 127.0))
     assert _cpu(q.data)[np.searchsorted(x[:281], 0.5)] == 0  # 0.5 -> 0, 1.5 -> 2
     assert _cpu(q.data)[np.searchsorted(x[:281], 1.5)] == 2
@@ -447,10 +464,10 @@ def test_gpu_alpha_zero_and_extreme_alphas():
     x = _random(10_000)
     alpha = np.array([0.0, 3.7321948e-37, 1e-36, 3.4e38], np.float32)
     x2 = x.reshape(4, -1)
-    q = cuda.quantize(_layout(x2, "plain"), alpha, axis=0)
+    q = _quantize(_layout(x2, "plain"), alpha, axis=0)
     _same(q.data, reference.quantize_per_channel(x2, alpha, 0))
     assert not _cpu(q.data)[0].any()
-    values = _cpu(cuda.dequantize(q))
+    values = _cpu(_dequantize(q))
     assert np.array_equal(values[0], np.zeros_like(values[0]))
 
 
@@ -464,8 +481,8 @@ def test_gpu_nonfinite_is_detected_with_the_cpu_message(bad, n):
     with pytest.raises(ValueError) as expected:
         ops.quantize(x, 3.0)
     for how in ("plain", "offset"):
-        for call in (lambda t: cuda.quantize(t, 3.0),
-                     lambda t: cuda.quantize(t, np.ones(_arrays.n_blocks(n, 64)), block_size=64),
+        for call in (lambda t: _quantize(t, 3.0),
+                     lambda t: _quantize(t, np.ones(_arrays.n_blocks(n, 64)), block_size=64),
                      lambda t: cuda.absmax(t), lambda t: cuda.abs_histogram(t, 64, 4.0)):
             with pytest.raises(ValueError) as got:
                 call(_layout(x, how))
@@ -487,18 +504,18 @@ def test_gpu_out_buffers_and_half_inputs():
     x = _random(4096).reshape(64, 64)
     t = torch.from_numpy(x).to(DEVICE)
     out = torch.empty(64, 64, dtype=torch.int8, device=DEVICE)
-    q = cuda.quantize(t, 3.0, out=out)
+    q = _quantize(t, 3.0, out=out)
     assert q.data is out
     _same(out, reference.quantize_per_tensor(x, 3.0))
     values = torch.empty(64, 64, dtype=torch.float32, device=DEVICE)
-    assert cuda.dequantize(q, out=values) is values
+    assert _dequantize(q, out=values) is values
     with pytest.raises(ValueError, match="contiguous"):
-        cuda.quantize(t, 3.0, out=torch.empty(64, 64, dtype=torch.int8, device=DEVICE).t()[:, :])
+        _quantize(t, 3.0, out=torch.empty(64, 64, dtype=torch.int8, device=DEVICE).t()[:, :])
     with pytest.raises(ValueError):
-        cuda.quantize(t, 3.0, out=torch.empty(64, 63, dtype=torch.int8, device=DEVICE))
+        _quantize(t, 3.0, out=torch.empty(64, 63, dtype=torch.int8, device=DEVICE))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         th = t.to(dtype)
-        _same(cuda.quantize(th, 3.0).data, reference.quantize_per_tensor(_cpu(th.float()), 3.0))
+        _same(_quantize(th, 3.0).data, reference.quantize_per_tensor(_cpu(th.float()), 3.0))
 
 
 @gpu
@@ -508,8 +525,8 @@ def test_gpu_runs_on_the_current_stream():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        q = cuda.quantize(t, 3.0)
-        values = cuda.dequantize(q)
+        q = _quantize(t, 3.0)
+        values = _dequantize(q)
     torch.cuda.current_stream().wait_stream(stream)
     _same(q.data, reference.quantize_per_tensor(x, 3.0))
     _same(values, reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)), "values")
@@ -561,7 +578,7 @@ def test_gpu_calibration_kernels_equal_numba_calib(n, how):
     x = _random(n, seed=n + 1) * np.float32(0.37)
     x[: min(n, 5)] = np.float32([0.0, -0.0, 1e-40, -3e-39, 65504.0])[: min(n, 5)]  # subnormals too
     t = _layout(x, how)
-    k = cuda.calibration_kernels
+    k = cuda  # absmax_flat, histogram_log, sse_fixed_many: calibration.FlatKernels
     amax, bad = k.absmax_flat(t)
     expected_amax, expected_bad = numba_calib.absmax_flat(x)
     assert (amax, bad) == (np.float32(expected_amax), int(expected_bad))
@@ -590,11 +607,11 @@ def test_gpu_over_two_to_the_31_elements():
     x = torch.randn(n, device=DEVICE) * 2
     alpha = np.float32(5.0)
     inv = float(reference.inv_scale_from_alpha(alpha))
-    q = cuda.quantize(x, alpha)
+    q = _quantize(x, alpha)
     expected = torch.clamp(torch.round(x * inv), -127, 127).to(torch.int8)
     assert torch.equal(q.data, expected)
     del expected
-    values = cuda.dequantize(q)
+    values = _dequantize(q)
     assert torch.equal(values, q.data.to(torch.float32) * float(q.scale))
     del values
     assert float(cuda.absmax(x)) == float(x.abs().max())
@@ -603,7 +620,7 @@ def test_gpu_over_two_to_the_31_elements():
     assert float(blocks[-1]) == float(x[-(n % 4096):].abs().max())
     x[n - 2] = float("nan")
     with pytest.raises(ValueError, match=rf"1 non-finite value\(s\).*at index \({n - 2},\)"):
-        cuda.quantize(x, alpha)
+        _quantize(x, alpha)
 
 
 @gpu
@@ -884,25 +901,25 @@ def test_emulated_wrappers_match_reference(emulated_backend, how, shape):
     n = int(np.prod(shape))
     x = _random(n, seed=n).reshape(shape)
     t = _cpu_layout(x, how)
-    q = cuda.quantize(t, 3.0)
+    q = _quantize(t, 3.0)
     _same(q.data, reference.quantize_per_tensor(x, 3.0))
-    _same(cuda.dequantize(q), reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)),
+    _same(_dequantize(q), reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)),
           "values")
     _same(cuda.absmax(t), np.float32(np.abs(x).max()), "absmax")
     for axis in range(-len(shape), len(shape)):
         other = tuple(k for k in range(len(shape)) if k != axis % len(shape))
         alpha = np.abs(x).max(axis=other).astype(np.float32)
         _same(cuda.absmax(t, axis=axis), alpha, "absmax per channel")
-        q = cuda.quantize(t, alpha, axis=axis)
+        q = _quantize(t, alpha, axis=axis)
         assert q.axis == axis % len(shape)
         _same(q.data, reference.quantize_per_channel(x, alpha, axis % len(shape)))
-        _same(cuda.dequantize(q), reference.dequantize_per_channel(
+        _same(_dequantize(q), reference.dequantize_per_channel(
             _cpu(q.data), _cpu(q.scale), axis % len(shape)), "values per channel")
     alpha = reference.absmax_per_block(x, 64)
     _same(cuda.absmax(t, block_size=64), alpha, "absmax per block")
-    q = cuda.quantize(t, alpha, block_size=64)
+    q = _quantize(t, alpha, block_size=64)
     _same(q.data, reference.quantize_blockwise(x, alpha, 64))
-    _same(cuda.dequantize(q), reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), 64),
+    _same(_dequantize(q), reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), 64),
           "values per block")
 
 
@@ -910,21 +927,21 @@ def test_emulated_wrappers_out_errors_and_statistics(emulated_backend):
     x = _random(4096).reshape(64, 64)
     t = torch.from_numpy(x)
     out = torch.empty(64, 64, dtype=torch.int8)
-    q = cuda.quantize(t.t(), 3.0, out=out)  # out= is C-ordered: the transposed input is copied
+    q = _quantize(t.t(), 3.0, out=out)  # out= is C-ordered: the transposed input is copied
     assert q.data is out
     _same(out, reference.quantize_per_tensor(np.ascontiguousarray(x.T), 3.0))
     values = torch.empty(64, 64)
-    assert cuda.dequantize(q, out=values) is values
+    assert _dequantize(q, out=values) is values
     _same(values, reference.dequantize_per_tensor(_cpu(out), np.float32(3.0) / np.float32(127)),
           "values")
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         th = t.to(dtype)
-        _same(cuda.quantize(th, 3.0).data, reference.quantize_per_tensor(_cpu(th.float()), 3.0))
+        _same(_quantize(th, 3.0).data, reference.quantize_per_tensor(_cpu(th.float()), 3.0))
     bad = x.copy()
     bad[7, 9] = np.inf
     with pytest.raises(ValueError) as expected:
         ops.quantize(bad, 3.0)
-    for call in (lambda: cuda.quantize(torch.from_numpy(bad), 3.0),
+    for call in (lambda: _quantize(torch.from_numpy(bad), 3.0),
                  lambda: cuda.absmax(torch.from_numpy(bad), axis=0),
                  lambda: cuda.abs_histogram(torch.from_numpy(bad), 10, 1.0),
                  lambda: cuda.abs_histogram_log(torch.from_numpy(bad)),
@@ -1002,7 +1019,7 @@ def test_emulated_calibrate_mse_per_tensor_equals_cpu(emulated_backend, monkeypa
     monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
     monkeypatch.setattr(calibration, "_kernels", _fail_host_path)
     for t in (torch.from_numpy(x), torch.from_numpy(x.reshape(-1, 10)).t()):  # plain, transposed
-        got = cuda.calibrate(t, "mse")
+        got = calibration.calibrate_cuda(t, "mse")
         assert isinstance(got, float)
         assert got == expected, kind
 
@@ -1011,7 +1028,7 @@ def test_emulated_calibrate_mse_half_input_equals_cpu(emulated_backend, monkeypa
     t = torch.from_numpy(_calibration_data("student_t2", seed=3)).to(torch.float16)
     expected = _cpu_alpha(t)
     monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
-    assert cuda.calibrate(t) == expected
+    assert calibration.calibrate_cuda(t) == expected
 
 
 @pytest.mark.parametrize("how", ["plain", "transpose", "sliced", "offset"])
@@ -1027,13 +1044,13 @@ def test_emulated_calibrate_max_equals_cpu(emulated_backend, monkeypatch, how, s
                          for a in range(-len(shape), len(shape))]}
     monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
     monkeypatch.setattr(calibration, "_kernels", _fail_host_path)
-    got = cuda.calibrate(t, "max")
+    got = calibration.calibrate_cuda(t, "max")
     assert isinstance(got, float) and got == expected["tensor"]
-    blocks = cuda.calibrate(t, "max", block_size=64)
+    blocks = calibration.calibrate_cuda(t, "max", block_size=64)
     assert blocks.dtype == torch.float32 and blocks.device == t.device
     _same(blocks, _cpu(expected["blocks"]), "max per block")
     for a, want in zip(range(-len(shape), len(shape)), expected["axes"]):
-        got = cuda.calibrate(t, "max", axis=a)
+        got = calibration.calibrate_cuda(t, "max", axis=a)
         assert got.dtype == torch.float32 and tuple(got.shape) == tuple(want.shape)
         _same(got, _cpu(want), "max per channel")
 
@@ -1054,7 +1071,7 @@ def test_emulated_calibrate_unsupported_raises_clearly(emulated_backend, monkeyp
     monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
     t = torch.from_numpy(_calibration_data("normal").reshape(700, 100))
     with pytest.raises(NotImplementedError) as info:
-        cuda.calibrate(t, **kwargs)
+        calibration.calibrate_cuda(t, **kwargs)
     assert isinstance(info.value, RuntimeError)  # callers catching RuntimeError still do
     message = str(info.value)
     assert what in message and "not implemented on the GPU" in message
@@ -1072,10 +1089,10 @@ def test_emulated_calibrate_mse_needing_host_data_raises(emulated_backend, monke
     for x, match in ((small, "4096 <= 65536 values"), (sparse, "60000 <= 65536 non-zero"),
                      (narrow, "at most 513 log-histogram bins")):
         with pytest.raises(NotImplementedError, match=match):
-            cuda.calibrate(torch.from_numpy(x), "mse")
+            calibration.calibrate_cuda(torch.from_numpy(x), "mse")
     # what needs no search still works: all zeros (and all below MIN_POSITIVE_ALPHA) give 0
-    assert cuda.calibrate(torch.zeros(100), "mse") == 0.0
-    assert cuda.calibrate(torch.full((100,), 1e-38), "mse") == 0.0
+    assert calibration.calibrate_cuda(torch.zeros(100), "mse") == 0.0
+    assert calibration.calibrate_cuda(torch.full((100,), 1e-38), "mse") == 0.0
 
 
 def test_emulated_calibrate_argument_errors_match_cpu(emulated_backend):
@@ -1087,24 +1104,26 @@ def test_emulated_calibrate_argument_errors_match_cpu(emulated_backend):
         with pytest.raises(ValueError) as expected:
             calibration.calibrate(bad, method, **kwargs)
         with pytest.raises(ValueError) as got:
-            cuda.calibrate(torch.from_numpy(bad), method, **kwargs)
+            calibration.calibrate_cuda(torch.from_numpy(bad), method, **kwargs)
         assert str(got.value) == str(expected.value)
     with pytest.raises(ValueError, match="empty"):
-        cuda.calibrate(torch.zeros(0, 3))
+        calibration.calibrate_cuda(torch.zeros(0, 3))
     with pytest.raises(TypeError, match="floating-point"):
-        cuda.calibrate(torch.ones(4, dtype=torch.int32))
+        calibration.calibrate_cuda(torch.ones(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="unknown"):
-        cuda.calibrate(torch.ones(4), "minmax")
+        calibration.calibrate_cuda(torch.ones(4), "minmax")
     with pytest.raises(TypeError, match="does not apply"):
-        cuda.calibrate(torch.ones(4), "max", bins=10)
+        calibration.calibrate_cuda(torch.ones(4), "max", bins=10)
     with pytest.raises(ValueError, match="not both"):
-        cuda.calibrate(torch.ones(64, 2), "max", axis=0, block_size=64)
+        calibration.calibrate_cuda(torch.ones(64, 2), "max", axis=0, block_size=64)
 
 
 def test_calibrate_dispatches_cuda_tensors_to_the_backend(monkeypatch):
-    """quantkit.calibrate hands a CUDA tensor to backends.cuda.calibrate with checked options."""
+    """quantkit.calibrate hands a CUDA tensor to the GPU path with checked options."""
     seen = []
-    monkeypatch.setattr(cuda, "calibrate", lambda x, method, **kw: seen.append((method, kw)) or 1.5)
+    monkeypatch.setattr(calibration, "_calibrate_on_gpu", lambda x, method, axis, block_size, opts:
+                        seen.append((method, dict(axis=axis, block_size=block_size, **opts)))
+                        or 1.5)
     monkeypatch.setattr(calibration._arrays, "kind_of", lambda x: _arrays.TORCH_CUDA)
     assert quantkit.calibrate(torch.ones(4), "percentile", axis=0) == 1.5
     assert seen == [("percentile", dict(axis=0, block_size=None, percentile=99.99))]

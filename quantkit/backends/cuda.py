@@ -28,7 +28,6 @@ import torch
 
 from .. import _arrays, reference
 from .._constants import MIN_POSITIVE_ALPHA, QMAX
-from ..qtensor import QTensor
 
 #: Must equal QK_ABI_VERSION in csrc/quantkit.h.
 ABI_VERSION = 1
@@ -283,10 +282,11 @@ def _read_count(counter) -> int:
 # ------------------------------------------------------------------------------ public API
 
 
-def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> QTensor:
+def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> tuple:
     """int8 codes of the CUDA tensor ``x`` (see :func:`quantkit.quantize`), computed on its device.
 
-    Returns a QTensor whose ``data`` (int8) and ``scale`` (float32) are CUDA tensors on x's device.
+    Returns ``(codes, scale)``: int8 codes of x's shape and the float32 scales, CUDA tensors on x's
+    device (``quantkit.ops.quantize`` wraps them in a QTensor).
     """
     _require_cuda(x, "x")
     axis, block_size, inv, scale = prepare_quantize(x, alpha, axis, block_size)
@@ -316,36 +316,37 @@ def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> QTensor:
         if bad:
             raise nonfinite_error(x32, bad)
     data = out if out is not None else codes.permute(_inverse(perm))
-    scale_d = torch.from_numpy(scale).to(device)
-    return QTensor(data, scale_d, axis=axis, block_size=block_size)
+    return data, torch.from_numpy(scale).to(device)
 
 
-def dequantize(q: QTensor, *, out=None):
-    """float32 values ``float32(q.data) * q.scale`` of a QTensor held on a CUDA device."""
-    if not isinstance(q, QTensor):
-        raise TypeError(f"q must be a QTensor, got {type(q).__name__}")
-    _require_cuda(q.data, "q.data")
-    _require_cuda(q.scale, "q.scale")
-    device = q.data.device
-    if q.scale.device != device:
-        raise ValueError(f"q.scale is on {q.scale.device}, q.data on {device}")
-    out = check_out(out, tuple(q.data.shape), torch.float32, device)
+def dequantize(data, scale, *, axis=None, block_size=None, out=None):
+    """float32 values ``float32(data) * scale`` of int8 codes held on a CUDA device.
+
+    ``scale`` fits the granularity (``axis`` normalized to be >= 0, or ``block_size``), as a
+    QTensor's does (``quantkit.ops.dequantize`` passes a QTensor's fields).
+    """
+    _require_cuda(data, "q.data")
+    _require_cuda(scale, "q.scale")
+    device = data.device
+    if scale.device != device:
+        raise ValueError(f"q.scale is on {scale.device}, q.data on {device}")
+    out = check_out(out, tuple(data.shape), torch.float32, device)
     lib = library()
-    dense, perm = _dense(q.data, keep_layout=out is None and q.block_size is None)
+    dense, perm = _dense(data, keep_layout=out is None and block_size is None)
     values = out if out is not None else torch.empty(dense.shape, dtype=torch.float32,
                                                      device=device)
     n = dense.numel()
     if n > 0:
-        scale = q.scale.detach().to(torch.float32).contiguous().reshape(-1)
+        scale = scale.detach().to(torch.float32).contiguous().reshape(-1)
         args = (_index(device), _stream(device))
-        if q.axis is not None:
-            outer, channels, inner = channel_view(tuple(dense.shape), perm.index(q.axis))
+        if axis is not None:
+            outer, channels, inner = channel_view(tuple(dense.shape), perm.index(axis))
             code = lib.qk_dequantize_int8_per_channel_f32(dense.data_ptr(), values.data_ptr(),
                                                           outer, channels, inner,
                                                           scale.data_ptr(), *args)
-        elif q.block_size is not None:
+        elif block_size is not None:
             code = lib.qk_dequantize_int8_blockwise_f32(dense.data_ptr(), values.data_ptr(), n,
-                                                        q.block_size, scale.data_ptr(), *args)
+                                                        block_size, scale.data_ptr(), *args)
         else:
             code = lib.qk_dequantize_int8_f32(dense.data_ptr(), values.data_ptr(), n,
                                               scale.data_ptr(), *args)
@@ -512,59 +513,23 @@ def sse_fixed_many(x, alphas, unit_inv: float) -> np.ndarray:
     return sums[: scale.size].cpu().numpy()
 
 
-class CalibrationKernels:
-    """``numba_calib``'s interface for the per-tensor "mse" search, with the passes over the data on
-    the GPU: ``absmax_flat``, ``histogram_log`` and ``sse_fixed_many`` take a flat CUDA tensor and
-    return what the numba kernels return (NumPy values, bit for bit equal); everything else (the
-    host-side model search on the histogram) is numba_calib's own function.
-    """
-
-    def __getattr__(self, name):
-        from . import numba_calib
-
-        return getattr(numba_calib, name)
-
-    @staticmethod
-    def absmax_flat(flat):
-        """(max |x| over the finite elements as float32, number of non-finite elements)."""
-        _require_cuda(flat, "x")
-        x32 = _as_float32(flat)
-        dense, _ = _dense(x32, keep_layout=True)
-        out = torch.empty(1, dtype=torch.float32, device=flat.device)
-        counter = torch.empty(1, dtype=torch.int64, device=flat.device)
-        code = library().qk_absmax_f32(dense.data_ptr(), dense.numel(), out.data_ptr(),
-                                       counter.data_ptr(), _index(flat.device),
-                                       _stream(flat.device))
-        _check(code, "absmax")
-        return np.float32(out.item()), _read_count(counter)
-
-    @staticmethod
-    def histogram_log(flat, tasks, counts, sum_res, sum_res2):
-        """Adds the log histogram of |flat| into the int64 NumPy arrays (``tasks`` is unused)."""
-        del tasks
-        for host, device_sums in zip((counts, sum_res, sum_res2), abs_histogram_log(flat)):
-            host += device_sums.cpu().numpy()
-
-    @staticmethod
-    def sse_fixed_many(flat, alphas, unit_inv):
-        return sse_fixed_many(flat, alphas, unit_inv)
+def absmax_flat(flat) -> tuple:
+    """(max |x| over the finite elements as float32, number of non-finite elements) of a CUDA
+    tensor in any layout, as ``numba_calib.absmax_flat``; two scalars come back to the host."""
+    _require_cuda(flat, "x")
+    x32 = _as_float32(flat)
+    dense, _ = _dense(x32, keep_layout=True)
+    out = torch.empty(1, dtype=torch.float32, device=flat.device)
+    counter = torch.empty(1, dtype=torch.int64, device=flat.device)
+    code = library().qk_absmax_f32(dense.data_ptr(), dense.numel(), out.data_ptr(),
+                                   counter.data_ptr(), _index(flat.device), _stream(flat.device))
+    _check(code, "absmax")
+    return np.float32(out.item()), _read_count(counter)
 
 
-#: The instance calibration code can use in place of ``numba_calib`` for a CUDA tensor.
-calibration_kernels = CalibrationKernels()
-
-
-def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
-    """:func:`quantkit.calibrate` of a CUDA tensor, computed on its device (``x`` is never copied to
-    the host; small per-bin and per-candidate sums and the result come back).
-
-    On the GPU: "max" per tensor (a Python float), per channel and per block (float32 CUDA tensors);
-    "mse" per tensor when x has more than 65536 non-zero values, with the same alpha as the CPU
-    on the same data below 2^23 values. Everything else raises NotImplementedError (a RuntimeError) that says so;
-    see ``quantkit.calibration.calibrate_cuda`` and docs/CALIBRATION.md.
-    """
-    _require_cuda(x, "x")
-    from .. import calibration
-
-    opts = calibration._check_method(method, options)
-    return calibration.calibrate_cuda(x, method, axis, block_size, opts)
+def histogram_log(flat, tasks, counts, sum_res, sum_res2) -> None:
+    """Adds the log histogram of |flat| (a CUDA tensor) into the int64 NumPy arrays, as
+    ``numba_calib.histogram_log`` does (``tasks`` is unused). Non-finite values raise ValueError."""
+    del tasks
+    for host, device_sums in zip((counts, sum_res, sum_res2), abs_histogram_log(flat)):
+        host += device_sums.cpu().numpy()

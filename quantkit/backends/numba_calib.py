@@ -42,6 +42,10 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .._constants import MIN_POSITIVE_ALPHA, QMAX
+from . import numba_rowsearch as _rows
+from .numba_error_sums import better as _better
+from .numba_error_sums import quantization_error, scale_inv, search_unit, sse_search, trunc_i64
+from .numba_error_sums import unit_inverse
 
 _CHUNK = 1 << 16
 CHUNK = _CHUNK  # elements per chunk of the parallel kernels (scan_tail's chunk_max)
@@ -63,54 +67,7 @@ _LATTICE_MAX_DISTINCT = 512            # at most this many distinct |x|: exhaust
 LATTICE_MAX_DISTINCT = _LATTICE_MAX_DISTINCT
 _FINE_STEP = 1.001                     # ratio between neighbours of the fine scan
 _LATTICE_WORK = 1 << 20                # element-evaluations for its grid (at least 2048 points)
-_ROW_MIN = 16                          # from this many values, unclustered ones take search_row
-
-
-# ----------------------------------------------------------------------------------- arithmetic
-@intrinsic
-def _bits_f64(typingctx, x):
-    """The int64 bit pattern of a float64 (a register move)."""
-    sig = types.int64(types.float64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return sig, codegen
-
-
-_MAGIC = 6755399441055744.0  # 1.5 * 2^52: its ulp is 1
-_MAGIC_BITS = 0x4338000000000000
-
-
-@njit(cache=True, inline="always")
-def trunc_i64(d):
-    """``np.int64(d)`` (truncation toward zero) of a float64 with ``|d| < 2^51``, exactly, in a form
-    that vectorises without AVX-512: ``trunc(d) + 1.5 * 2^52`` is exact and holds the integer in
-    its low mantissa bits, so its bit pattern minus that of 1.5 * 2^52 is ``trunc(d)``. (AVX2 has no
-    float-to-int64 conversion; ``np.int64(d)`` compiles to one scalar conversion per element.)"""
-    return _bits_f64(np.trunc(d) + _MAGIC) - _MAGIC_BITS
-
-
-
-
-@njit(cache=True, inline="always")
-def scale_inv(alpha):
-    """(scale, inv_scale) of reference.py for one float32 alpha: 0 or >= MIN_POSITIVE_ALPHA."""
-    a = np.float32(alpha)
-    scale = np.float32(a / _Q)
-    inv = np.float32(_Q / a) if a > _ZERO else _ZERO
-    return scale, inv
-
-
-@njit(cache=True)
-def unit_inverse(amax, n):
-    """``2^k / amax^2`` with ``k = min(50, 62 - ceil(log2 n))``: fixed-point units per e^2."""
-    lg = 0
-    while (1 << lg) < n:
-        lg += 1
-    k = min(50, 62 - lg)
-    a = np.float64(amax)
-    return np.ldexp(1.0, k) / (a * a)
+_ROW_MIN = 16                          # from this many values, unclustered ones take the row sweep
 
 
 # ------------------------------------------------------------------------------ |x|max, checks
@@ -171,46 +128,8 @@ def sse_fixed(ax, alpha, unit_inv):
     acc = 0
     for i in range(ax.size):
         v = ax[i]
-        e = np.float64(v - min(np.rint(v * inv), _Q) * scale)
+        e = np.float64(quantization_error(v, scale, inv))
         acc += trunc_i64(e * e * unit_inv)
-    return acc
-
-
-@njit(cache=True)
-def search_unit(amax, n):
-    """The power of two ``p = 2^m`` that scales errors in the search kernels (``sse_search*``).
-
-    With ``h = min(25, (62 - ceil(log2 n)) // 2)`` and ``2^E <= amax < 2^(E+1)``, ``m = h - 1 - E``
-    (kept within float32's normal powers of two), so every ``|e * p| <= amax * p < 2^h``: an
-    element adds less than ``2^(2h)`` and ``n`` of them less than ``2^62``. Multiplying by a power
-    of two is exact, and scaling x by ``2^j`` scales p by ``2^-j``, so ``e * p`` (and every sum)
-    does not change: the search is exactly scale-invariant.
-    """
-    lg = 0
-    while (1 << lg) < n:
-        lg += 1
-    h = min(25, (62 - lg) // 2)
-    e = ((np.int32(np.array([np.float32(amax)]).view(np.int32)[0]) >> 23) & 0xFF) - 127
-    m = min(max(h - 1 - e, -126), 127)
-    return np.array([np.int32((m + 127) << 23)], np.int32).view(np.float32)[0]
-
-
-@njit(cache=True)
-def sse_search(ax, alpha, p):
-    """Fixed-point sum of e^2 used by the search: ``sum int64(float32(e * p)^2)`` over |x| values
-    ``ax`` (e the exact float32 error, p = search_unit(amax, n); one unit is ``p^-2``).
-
-    The square is rounded to float32 (relative error <= 2^-24 per element) and truncated to an
-    integer (< 1 unit, about 2^-34 of a typical rounding error); integer addition keeps the loop
-    vectorised and the sum independent of order.
-    """
-    scale, inv = scale_inv(alpha)
-    p = np.float32(p)
-    acc = 0
-    for i in range(ax.size):
-        v = ax[i]
-        t = (v - min(np.rint(v * inv), _Q) * scale) * p
-        acc += trunc_i64(np.float64(t * t))
     return acc
 
 
@@ -229,7 +148,7 @@ def sse_search_bound(ax, alpha, p):
     bound = 0
     for i in range(ax.size):
         v = ax[i]
-        t = (v - min(np.rint(v * inv), _Q) * scale) * p
+        t = quantization_error(v, scale, inv) * p
         acc += trunc_i64(np.float64(t * t))
         d = max(v - top, _ZERO) * p
         bound += trunc_i64(np.float64(d * d))
@@ -244,7 +163,7 @@ def sse_search_weighted(values, counts, alpha, p):
     acc = 0
     for i in range(values.size):
         v = values[i]
-        t = (v - min(np.rint(v * inv), _Q) * scale) * p
+        t = quantization_error(v, scale, inv) * p
         acc += trunc_i64(np.float64(t * t)) * counts[i]
     return acc
 
@@ -256,7 +175,7 @@ def _sse_fixed_signed(xs, alpha, unit_inv):
     acc = 0
     for i in range(xs.size):
         v = abs(xs[i])
-        e = np.float64(v - min(np.rint(v * inv), _Q) * scale)
+        e = np.float64(quantization_error(v, scale, inv))
         acc += trunc_i64(e * e * unit_inv)
     return acc
 
@@ -419,12 +338,6 @@ def nonzero_abs(x):
 
 
 @njit(cache=True)
-def _better(s, a, best_s, best_a):
-    """Lower error wins; on a tie the larger alpha (fewer clipped values)."""
-    return s < best_s or (s == best_s and a > best_a)
-
-
-@njit(cache=True)
 def _sse(values, counts, alpha, unit):
     """sse_search of the values, each counted counts[i] times (all once when counts is empty)."""
     if counts.size:
@@ -443,7 +356,7 @@ def _sse_bound(values, counts, alpha, unit):
     bound = 0
     for i in range(values.size):
         v = values[i]
-        t = (v - min(np.rint(v * inv), _Q) * scale) * unit
+        t = quantization_error(v, scale, inv) * unit
         acc += trunc_i64(np.float64(t * t)) * counts[i]
         d = max(v - top, _ZERO) * unit
         bound += trunc_i64(np.float64(d * d)) * counts[i]
@@ -611,11 +524,11 @@ def _search_mse_normalized(values, counts, amax):
        around its three lowest points.
     2. Otherwise, each value once (rows, blocks, small tensors; also 16..512 values that are not
        clustered, numba_rowsearch.clustered, whose exhaustive grid would cost 2^20 evaluations):
-       numba_rowsearch._search_row, the smooth model's minimum, an event sweep of the exact error
+       numba_rowsearch.search_row, the smooth model's minimum, an event sweep of the exact error
        over +-4% of it, the two lowest sweep points and the vertices of their pieces decided by
        the exact float32 error.
     3. Weighted values (bfloat16 data, or a large array's distinct values), and values in tight
-       clusters (numba_rowsearch.clustered: search_row sends them here, as the smooth model cannot
+       clusters (numba_rowsearch.clustered, sent here, as the smooth model cannot
        place their dips): a coarse
        scan from amax down by 2^(-1/8), stopped as soon as the clip bound (a lower bound of the
        error at every smaller alpha) reaches the best error found; then exact scans ever finer
@@ -631,11 +544,13 @@ def _search_mse_normalized(values, counts, amax):
             return _search_lattice(values, counts, amax, unit)
         return _search_continuous(values, counts, amax, unit)
     if _ROW_MIN <= values.size <= _LATTICE_MAX_DISTINCT and not _rows.clustered(values):
-        return _rows._search_row(values, amax)  # a short row of continuous values
+        return _rows.search_row(values, amax)  # a short row of continuous values
     if not _rows.distinct_exceeds(values, _LATTICE_MAX_DISTINCT):
         distinct, dcounts = _distinct(values, _LATTICE_MAX_DISTINCT)
         if distinct.size:
             return _search_lattice(distinct, dcounts, amax, unit)
+    if _rows.clustered(values):  # tight clusters: dips that the smooth model cannot place
+        return _search_continuous(values, counts, amax, unit)
     return _rows.search_row(values, amax)
 
 
@@ -834,7 +749,7 @@ def _sse_search_signed(xs, alpha, p):
     acc = 0
     for i in range(xs.size):
         v = abs(xs[i])
-        t = (v - min(np.rint(v * inv), _Q) * scale) * p
+        t = quantization_error(v, scale, inv) * p
         acc += trunc_i64(np.float64(t * t))
     return acc
 

@@ -67,7 +67,7 @@ import numpy as np
 from numba import njit
 
 from .._constants import MIN_POSITIVE_ALPHA
-from .numba_calib import _better as better, _search_continuous, search_unit, sse_search, trunc_i64
+from .numba_error_sums import better, search_unit, sse_search, trunc_i64
 
 _Q = np.float32(127.0)
 _MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)
@@ -440,7 +440,7 @@ def clustered(ax):
     integers with noise of 0.01 about 0.4. On clustered data the exact error has deep dips where
     the rounding grid meets the clusters, which can lie beyond the sweep window around the smooth
     model's minimum (10% lower error at 3.5% below max|x| on such a row), so those rows take the
-    exact scan of numba_calib._search_continuous instead.
+    exact scan of numba_calib._search_continuous instead (numba_calib decides).
     """
     m = min(ax.size, 1024)
     count = _distinct_keys(ax.view(np.int32), m, 12)
@@ -449,16 +449,6 @@ def clustered(ax):
 
 @njit(cache=True)
 def search_row(v, amax):
-    """_search_row, or for clustered values numba_calib's exact scan _search_continuous (see
-    ``clustered``). The caller (numba_calib.search_mse_values) has scaled the values by a power
-    of two that puts amax in [1, 2), which keeps every fixed-point unit here in range."""
-    if clustered(v):
-        return _search_continuous(v, np.empty(0, np.int64), amax, search_unit(amax, v.size))
-    return _search_row(v, amax)
-
-
-@njit(cache=True)
-def _search_row(v, amax):
     """The alpha in (0, amax] minimising the exact error of the |x| values ``v`` (> 0, finite, at
     least one; continuous data: more than 512 distinct values, else the lattice search is exact).
 
