@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Subcommands that live in their own modules: each has add_arguments(parser) and run(args).
 _EXTRA_COMMANDS = (("memory", "memory", "memory a fine-tune needs, per setup, and what fits"),
-                   ("eval-ppl", "llm", "held-out perplexity and generation speed, float vs int8"))
+                   ("eval-ppl", "llm", "held-out perplexity and generation speed, float vs int8"),
+                   ("finetune", "finetune", "LoRA fine-tuning of a causal LM on an int8 base"))
 
 
 def _register(sub, name, module, text):

@@ -97,8 +97,12 @@ def load_model(folder):
         raise UsageError(f"{folder}: not a model folder (no config.json)")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise UsageError(f"{folder}: no weights (*.safetensors) next to config.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"{folder}: no usable tokenizer ({' '.join(str(exc).split())[:120]})") \
+            from None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
 
 
@@ -196,15 +200,24 @@ def variants(model, names, weights: str = "mse"):
 
     import quantkit
 
+    weight_only = None          # the int8 weights are calibrated once; W8A8 reuses them
     for name in names:
         start = time.perf_counter()
         if name == "float32":
             m = model
-        elif name == "quantkit-weight-only":
-            m = quantkit.quantize_model(model, weights=weights, skip=["lm_head"])
-        elif name == "quantkit-w8a8-dynamic":
-            m = quantkit.quantize_model(model, weights=weights, activations="dynamic",
-                                        skip=["lm_head"])
+        elif name in ("quantkit-weight-only", "quantkit-w8a8-dynamic"):
+            if weight_only is None:
+                weight_only = quantkit.quantize_model(model, weights=weights, skip=["lm_head"])
+            m = weight_only
+            if name == "quantkit-w8a8-dynamic":
+                import copy
+
+                from .nn import QuantLinear
+
+                m = copy.deepcopy(weight_only)
+                for layer in m.modules():
+                    if isinstance(layer, QuantLinear):
+                        layer.activations = "dynamic"
         elif name == "torch-quantize-dynamic":
             import copy
 
