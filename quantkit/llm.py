@@ -226,12 +226,25 @@ def variants(model, names, weights: str = "mse"):
             m.lm_head = torch.nn.Identity()
             m = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
             m.lm_head = lm_head
+        elif name == "torchao-int8-weight-only":
+            import copy
+
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+            m = copy.deepcopy(model)
+            quantize_(m, Int8WeightOnlyConfig(),
+                      filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear)
+                      and fqn != "lm_head")
         else:
             raise UsageError(f"unknown variant {name!r}")
         yield name, m, time.perf_counter() - start
 
 
 VARIANTS = ("float32", "quantkit-weight-only", "quantkit-w8a8-dynamic", "torch-quantize-dynamic")
+#: torchao's int8 weight-only joins the table where torchao is installed (0.18.0 imports and runs
+#: with torch 2.13 here).
+if importlib.util.find_spec("torchao") is not None:
+    VARIANTS += ("torchao-int8-weight-only",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
