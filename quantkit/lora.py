@@ -1,0 +1,265 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) on a frozen int8 base, with or without PEFT.
+
+:func:`add_lora` wraps each targeted :class:`~quantkit.nn.QuantLinear` (or ``nn.Linear``) in a
+:class:`LoRALinear`: ``y = base(x) + (x @ A.T @ B.T) * (alpha / r)``, ``A`` of shape ``(r, in)``
+initialised as PEFT does (Kaiming-uniform, ``a = sqrt(5)``), ``B`` of shape ``(out, r)`` zero, so a
+fresh adapter changes nothing. Every other parameter of the model is frozen. The int8 base gets
+no gradient of its own; gradients reach its input through quantkit's custom-op autograd.
+
+Adapters are saved as safetensors (:func:`save_adapter`, written to a temporary file and renamed),
+loaded with every name and shape checked (:func:`load_adapter`), and merged back into float
+weights (:func:`merge_lora`: ``W = dequantized W + (alpha / r) B @ A``, an ``nn.Linear``).
+
+PEFT: :func:`peft_config` returns a ``peft.LoraConfig`` with QuantLinear registered as a custom
+layer type (:class:`PeftQuantLinear`), so ``peft.get_peft_model(qmodel, config)`` works.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .nn import QuantLinear
+
+#: The Linear layers of a Llama-style decoder block.
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_FORMAT = "quantkit.lora"
+
+
+class LoRALinear(nn.Module):
+    """A frozen base layer plus a trainable rank-``r`` update scaled by ``alpha / r``."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float):
+        super().__init__()
+        in_f, out_f = base.in_features, base.out_features
+        _check_rank(r, in_f, out_f)
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """The float32 weight of base plus adapter: ``W + (alpha / r) B @ A``."""
+        w = (self.base.dequantized_weight() if isinstance(self.base, QuantLinear)
+             else self.base.weight.detach().to(torch.float32))
+        return w + (self.lora_B.detach() @ self.lora_A.detach()) * self.scaling
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha:g}"
+
+
+def _check_rank(r, in_f, out_f):
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or r > min(in_f, out_f):
+        raise ValueError(f"LoRA rank must be an integer in [1, {min(in_f, out_f)}] (the layer's "
+                         f"smaller width) for a {in_f} -> {out_f} layer, got {r!r}")
+
+
+def _matches(name: str, target) -> bool:
+    """``target`` is a sequence of names matched against the module's last component, or of
+    fnmatch patterns against its full name."""
+    last = name.rpartition(".")[2]
+    return any(last == t or fnmatch.fnmatchcase(name, t) for t in target)
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, target=LLAMA_TARGETS) -> nn.Module:
+    """Wrap every QuantLinear / nn.Linear whose name matches ``target`` in a LoRALinear (in place).
+
+    Every parameter outside the adapters is frozen. Raises ValueError when nothing matches or the
+    rank does not fit a layer. Returns ``model``.
+    """
+    if isinstance(target, str):
+        target = (target,)
+    chosen = [(n, m) for n, m in model.named_modules()
+              if n and isinstance(m, (QuantLinear, nn.Linear)) and _matches(n, target)]
+    if not chosen:
+        raise ValueError(f"add_lora: no QuantLinear or nn.Linear layer matches target "
+                         f"{list(target)}")
+    for name, m in chosen:
+        _check_rank(r, m.in_features, m.out_features)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name, m in chosen:
+        parent, _, child = name.rpartition(".")
+        wrapped = LoRALinear(m, r, alpha)
+        dev = next((t.device for t in m.buffers()), None) or next(
+            (t.device for t in m.parameters()), torch.device("cpu"))
+        setattr(modules[parent] if parent else model, child, wrapped.to(dev))
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """``{layer.lora_A: ..., layer.lora_B: ...}`` of every adapter (detached CPU float32)."""
+    out = {}
+    for name, m in lora_layers(model).items():
+        out[f"{name}.lora_A"] = m.lora_A.detach().cpu().contiguous()
+        out[f"{name}.lora_B"] = m.lora_B.detach().cpu().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, path, metadata: dict | None = None) -> None:
+    """Write the adapters to a safetensors file (a temporary file renamed when complete)."""
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRA adapter (see add_lora)")
+    meta = {"format": ADAPTER_FORMAT, "layers": json.dumps(
+        {n: {"r": m.r, "alpha": m.alpha} for n, m in layers.items()}, sort_keys=True)}
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        save_file(adapter_state_dict(model), tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Load adapters saved by :func:`save_adapter` into ``model``.
+
+    Layers the model lacks adapters on are wrapped first (with the saved rank and alpha). Names,
+    ranks and shapes are all checked before the model is touched; a mismatch raises ValueError.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable safetensors adapter file ({exc})") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path}: not a quantkit LoRA adapter (format {meta.get('format')!r})")
+    layers = json.loads(meta["layers"])
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        m = modules.get(name)
+        if not isinstance(m, (LoRALinear, QuantLinear, nn.Linear)):
+            raise ValueError(f"{path}: adapter for layer {name!r}, which the model does not have "
+                             f"as a linear layer")
+        r = int(spec["r"])
+        for key, shape in ((f"{name}.lora_A", (r, m.in_features)),
+                           (f"{name}.lora_B", (m.out_features, r))):
+            t = tensors.get(key)
+            if t is None or tuple(t.shape) != shape or t.dtype != torch.float32:
+                got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise ValueError(f"{path}: tensor {key!r} is {got}, the model needs float32 "
+                                 f"{shape}")
+    for name, spec in layers.items():
+        m = modules[name]
+        if not isinstance(m, LoRALinear) or m.r != int(spec["r"]):
+            base = m.base if isinstance(m, LoRALinear) else m
+            parent, _, child = name.rpartition(".")
+            m = LoRALinear(base, int(spec["r"]), float(spec["alpha"]))
+            setattr(modules[parent] if parent else model, child, m)
+        m.alpha, m.scaling = float(spec["alpha"]), float(spec["alpha"]) / m.r
+        with torch.no_grad():
+            m.lora_A.copy_(tensors[f"{name}.lora_A"])
+            m.lora_B.copy_(tensors[f"{name}.lora_B"])
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by an ``nn.Linear`` holding its merged float32 weight (in place)."""
+    modules = dict(model.named_modules())
+    for name, m in lora_layers(model).items():
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.base.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(m.merged_weight())
+            if m.base.bias is not None:
+                linear.bias.copy_(m.base.bias.detach())
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, linear)
+    return model
+
+
+# ------------------------------------------------------------------------------ PEFT
+
+
+@functools.lru_cache(maxsize=1)
+def _peft_linear_class():
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    class PeftQuantLinear(PeftLinear):
+        """PEFT's LoRA Linear over a QuantLinear base. The forward is PEFT's; an update cannot be
+        merged into int8 codes, so merge/unmerge refuse (:func:`merge_peft` gives float weights)."""
+
+        def merge(self, *args, **kwargs):
+            raise NotImplementedError("cannot merge a LoRA update into int8 QuantLinear codes; "
+                                      "use quantkit.lora.merge_peft(model) for float weights")
+
+        def unmerge(self, *args, **kwargs):
+            raise NotImplementedError("a QuantLinear LoRA layer is never merged")
+
+    return PeftQuantLinear
+
+
+def peft_config(**kwargs):
+    """A ``peft.LoraConfig(**kwargs)`` that knows QuantLinear (``task_type`` etc. as PEFT's)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(**kwargs)
+    register_peft(config)
+    return config
+
+
+def register_peft(config) -> None:
+    """Register QuantLinear as a custom layer type on a ``peft.LoraConfig``."""
+    config._register_custom_module({QuantLinear: _peft_linear_class()})
+
+
+def merge_peft(model: nn.Module) -> nn.Module:
+    """Replace PEFT LoRA layers over QuantLinear bases by merged float32 ``nn.Linear`` (in place).
+
+    Uses the active adapter of each layer: ``W = dequantized W + scaling * B @ A``.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    modules = dict(model.named_modules())
+    for name, m in list(modules.items()):
+        if not (isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), QuantLinear)):
+            continue
+        base = m.get_base_layer()
+        w = base.dequantized_weight()
+        for adapter in m.active_adapters:
+            w = w + (m.lora_B[adapter].weight.detach() @ m.lora_A[adapter].weight.detach()) \
+                * m.scaling[adapter]
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if base.bias is not None:
+                linear.bias.copy_(base.bias.detach())
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, linear)
+    return model
