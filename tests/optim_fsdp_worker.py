@@ -1,0 +1,78 @@
+"""One rank of the FSDP2 test (tests/test_optim_fsdp.py): train a small model sharded with
+``fully_shard`` on the gloo backend, every rank on the same batches, with AdamW8bit; print the
+losses as JSON. With ``resume`` the optimizer is saved after 3 steps (one safetensors file per
+rank), rebuilt, loaded, and training goes on."""
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+
+def build(seed=0):
+    torch.manual_seed(seed)
+    # 5 x 300 weights shard unevenly (3 + 2 rows); 40 x 600 crosses blocks; a 1-d bias
+    return torch.nn.Sequential(torch.nn.Linear(600, 40), torch.nn.Tanh(),
+                               torch.nn.Linear(40, 300, bias=False), torch.nn.Tanh(),
+                               torch.nn.Linear(300, 5))
+
+
+def batches(steps):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 600, generator=g), torch.randint(0, 5, (16,), generator=g))
+            for _ in range(steps)]
+
+
+def train(model, opt, data):
+    losses = []
+    for x, y in data:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def main():
+    from torch.distributed.fsdp import fully_shard
+
+    from quantkit.optim import AdamW8bit, load_optimizer_state, save_optimizer_state
+
+    mode = sys.argv[1]
+    torch.set_num_threads(1)
+    data = batches(5)
+    if mode == "single":
+        model = build()
+        print(json.dumps(train(model, AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000),
+                               data)))
+        return
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = build()
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+    if mode == "resume":
+        losses = train(model, opt, data[:3])
+        folder = os.environ["QK_TEST_DIR"]
+        path = os.path.join(folder, f"optim-rank{rank}.safetensors")
+        save_optimizer_state(opt, path)
+        opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+        load_optimizer_state(opt, path)
+        losses += train(model, opt, data[3:])
+    else:
+        losses = train(model, opt, data)
+    local_rows = [tuple(p.to_local().shape) for p in model.parameters()]
+    if rank == 0:
+        print(json.dumps(losses))
+        print(json.dumps(local_rows), file=sys.stderr)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
