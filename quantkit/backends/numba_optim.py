@@ -43,16 +43,18 @@ def count_bad_gradients(g):
 @njit(inline="always")
 def _magnitude_index(y, ybits, per_binade, mantissa_bits, e_min, smallest_normal, linear_mult,
                      top_index):
-    """Nearest magnitude index of y >= 0 (its float32 bit pattern is ybits), ties up."""
-    if y < smallest_normal:
-        t = y * linear_mult  # exact: a power of two
-        k = np.int64(t)
-        if t - np.float32(k) >= np.float32(0.5):
-            k += 1
-    else:
-        rounded = (np.int64(ybits) + (np.int64(1) << (22 - mantissa_bits))) >> (23 - mantissa_bits)
-        k = rounded - (np.int64(127 + e_min) << mantissa_bits) + per_binade
-    return min(k, top_index)
+    """Nearest magnitude index of y >= 0 (its float32 bit pattern is ybits), ties up.
+
+    Both rules are computed and one is selected (no branch, so the loop vectorises).
+    """
+    t = y * linear_mult  # exact: a power of two
+    k_linear = np.int32(t)
+    k_linear += np.int32(t - np.float32(k_linear) >= np.float32(0.5))
+    shift = 23 - mantissa_bits
+    k_normal = ((ybits + np.int32(1 << (shift - 1))) >> shift) - np.int32(
+        (127 + e_min) << mantissa_bits) + np.int32(per_binade)
+    k = k_linear if y < smallest_normal else k_normal
+    return min(k, np.int32(top_index))
 
 
 @njit(parallel=True, cache=True)
@@ -71,6 +73,12 @@ def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size,
     n_items = (n_blocks + _ITEMS - 1) // _ITEMS
     m_levels = m_table.size
     r_levels = r_table.size
+    m_top_index = m_levels - 1
+    # m's table indexed by code + (levels - 1): -table[k] for negative codes
+    m_signed = np.empty(2 * m_levels - 1, np.float32)
+    for k in range(m_levels):
+        m_signed[m_top_index + k] = m_table[k]
+        m_signed[m_top_index - k] = -m_table[k]
     m_per = np.int64(1) << m_mbits
     r_per = np.int64(1) << r_mbits
     m_emin = 1 - (m_levels // m_per - 1)
@@ -102,11 +110,8 @@ def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size,
             m_max = np.float32(0)
             r_max = np.float32(0)
             for i in range(n):
-                c = np.int64(mc[i])
-                m = m_table[abs(c)] * m_scale
-                if c < 0:
-                    m = -m
-                r = r_table[np.int64(rc[i])] * r_scale
+                m = m_signed[np.int32(mc[i]) + m_top_index] * m_scale
+                r = r_table[np.int32(rc[i])] * r_scale
                 gi = gs[i]
                 m = beta1 * m + one_minus_beta1 * gi
                 v = beta2 * (r * r) + one_minus_beta2 * (gi * gi)
