@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from ._tensor_files import read_tensor_file, write_tensor_file
 from .llm import UsageError
 
 OPTIMIZERS = ("adamw8bit", "adamw")
@@ -88,8 +87,6 @@ def _unflat_optimizer_state(tensors, meta):
 
 def save_checkpoint(path: Path, model, opt, step: int, losses: list, config: dict) -> None:
     """Adapters + optimizer state + step to ``path`` (temporary file, then renamed)."""
-    from safetensors.torch import save_file
-
     from .lora import adapter_state_dict
 
     tensors = {f"adapter.{k}": v for k, v in adapter_state_dict(model).items()}
@@ -97,30 +94,18 @@ def save_checkpoint(path: Path, model, opt, step: int, losses: list, config: dic
     tensors.update(opt_tensors)
     meta = {"format": "quantkit.finetune", "step": str(step), "losses": json.dumps(losses),
             "optimizer": json.dumps(opt_meta), "config": json.dumps(config, sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_tensor_file(tensors, path, meta)
 
 
 def load_checkpoint(path: Path, model, opt, config: dict):
     """Restore adapters and optimizer from ``path``; returns (step, losses)."""
     import torch
-    from safetensors import safe_open
-
     from .lora import lora_layers
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise UsageError(f"{path}: not a readable checkpoint ({exc})") from None
+        meta, tensors = read_tensor_file(path)
+    except ValueError as exc:
+        raise UsageError(f"not a readable checkpoint: {exc}") from None
     if meta.get("format") != "quantkit.finetune":
         raise UsageError(f"{path}: not a quantkit finetune checkpoint")
     saved = json.loads(meta["config"])

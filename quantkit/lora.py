@@ -20,13 +20,12 @@ import fnmatch
 import functools
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._tensor_files import read_tensor_file, write_tensor_file
 from .nn import QuantLinear
 
 #: The Linear layers of a Llama-style decoder block.
@@ -125,24 +124,13 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 def save_adapter(model: nn.Module, path, metadata: dict | None = None) -> None:
     """Write the adapters to a safetensors file (a temporary file renamed when complete)."""
-    from safetensors.torch import save_file
-
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA adapter (see add_lora)")
     meta = {"format": ADAPTER_FORMAT, "layers": json.dumps(
         {n: {"r": m.r, "alpha": m.alpha} for n, m in layers.items()}, sort_keys=True)}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        save_file(adapter_state_dict(model), tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_tensor_file(adapter_state_dict(model), path, meta)
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
@@ -151,14 +139,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     Layers the model lacks adapters on are wrapped first (with the saved rank and alpha). Names,
     ranks and shapes are all checked before the model is touched; a mismatch raises ValueError.
     """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable safetensors adapter file ({exc})") from None
+    meta, tensors = read_tensor_file(path)
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path}: not a quantkit LoRA adapter (format {meta.get('format')!r})")
     layers = json.loads(meta["layers"])

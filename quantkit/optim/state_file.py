@@ -9,11 +9,11 @@ leaves a partial file under the final name.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .._tensor_files import read_tensor_file, write_tensor_file
 
 _FORMAT = "quantkit.optimizer"
 _VERSION = "1"
@@ -21,8 +21,6 @@ _VERSION = "1"
 
 def save_optimizer_state(optimizer: torch.optim.Optimizer, path) -> None:
     """Write ``optimizer.state_dict()`` to ``path`` (safetensors)."""
-    from safetensors.torch import save_file
-
     state_dict = optimizer.state_dict()
     tensors = {}
     for pid, state in state_dict["state"].items():
@@ -38,32 +36,15 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, path) -> None:
                                      "tuples": sorted({k for g in state_dict["param_groups"]
                                                        for k, v in g.items()
                                                        if isinstance(v, tuple)})})}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_tensor_file(tensors, path, metadata)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path) -> None:
     """Load a file written by :func:`save_optimizer_state` into ``optimizer``."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no optimizer state file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            names = list(f.keys())
-            tensors = {name: f.get_tensor(name) for name in names}
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+    metadata, tensors = read_tensor_file(path)
     if metadata.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a quantkit optimizer state file")
     if metadata.get("format_version") != _VERSION:
