@@ -1,7 +1,9 @@
 """Shared machinery for the benchmark suite.
 
 ``pytest benchmarks/`` measures at full size (median of repeats after warm-up) and writes
-``benchmarks/results/<name>.json`` plus ``benchmarks/results/summary.md``.
+``benchmarks/results/<cpu class>/<name>.json`` plus ``summary.md`` in the same folder, where the
+CPU class (``avx512_vnni``, ``avx512``, ``avx2`` or ``generic``, :func:`cpu_class`) keeps each
+kind of machine's figures apart: a run on one never overwrites another's.
 ``pytest benchmarks/ --quick`` runs the same code at small sizes with one repeat (CI uses it so the
 benchmarks cannot rot) and writes to a temporary folder instead, leaving the committed results alone.
 ``--gpu`` adds the CUDA benchmarks and fails if no CUDA device is present.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS_ROOT = Path(__file__).parent / "results"
 
 
 class Bench:
@@ -101,6 +103,17 @@ def machine() -> dict:
     return info
 
 
+def cpu_class() -> str:
+    """The results folder of this machine: its widest int8-relevant SIMD feature set."""
+    f = machine().get("cpu_features", {})
+    if f.get("avx512_vnni"):
+        return "avx512_vnni"
+    if f.get("avx512"):
+        return "avx512"
+    return "avx2" if f.get("avx2") and f.get("fma") else "generic"
+
+
+
 def cpu_line() -> str:
     """One line naming the CPU and its SIMD features, for the head of every result section."""
     m = machine()
@@ -131,6 +144,9 @@ def markdown_table(header: list, rows: list) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+RESULTS = RESULTS_ROOT / cpu_class()
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ Paths (``QUANTKIT_MATMUL`` forces one for every CPU tensor; unset or ``auto`` ch
 ============  =================================================  =============================
 path          W8A8 int32 product                                 weight-only
 ============  =================================================  =============================
+``vnni``      quantkit's AVX-512 VNNI kernel (csrc/cpu)          quantkit's fused AVX2 kernel
 ``avx2``      quantkit's AVX2 kernel (csrc/cpu)                  quantkit's fused AVX2 kernel
 ``generic``   quantkit's portable C kernel (any CPU; slow)       quantkit's fused portable C
 ``int_mm``    ``torch._int_mm`` (oneDNN)                         dense (torch.mm on chunks)
@@ -22,9 +23,12 @@ path          W8A8 int32 product                                 weight-only
               below 2^24 in magnitude)
 ============  =================================================  =============================
 
-``auto`` on the CPU: with AVX-512 VNNI, ``int_mm`` for W8A8 (oneDNN uses vpdpbusd there) and the
-fused AVX2 kernel for weight-only up to :data:`FUSED_W8_MAX_ROWS_AVX512` rows (memory-bound),
-dense above; with AVX2 and FMA but no VNNI (where ``torch._int_mm`` is 15-20x slower than float32),
+``auto`` on the CPU: with AVX-512 VNNI, W8A8 takes ``vnni`` for at most :data:`VNNI_MAX_ROWS`
+rows of a product with ``K >= VNNI_MIN_K`` (a large weight read once while a few rows pass over
+it: memory-bound, where ``torch._int_mm`` repacks the weight every call) and ``int_mm`` otherwise
+(oneDNN's packed vpdpbusd kernel wins once the weight is reused by many rows or fits in cache);
+weight-only takes the fused AVX2 kernel up to :data:`FUSED_W8_MAX_ROWS_AVX512` rows
+(memory-bound), dense above; with AVX2 and FMA but no VNNI (where ``torch._int_mm`` is 15-20x slower than float32),
 ``avx2`` for both; without AVX2 or without the compiled library, ``float`` and dense. CUDA tensors
 always take ``int_mm`` and dense. The CPU's features are read once, from the library's cpuid
 check (or ``/proc/cpuinfo`` without it).
@@ -43,10 +47,16 @@ import torch
 
 from ._constants import QMAX
 
-PATHS = ("auto", "avx2", "generic", "int_mm", "float")
+PATHS = ("auto", "vnni", "avx2", "generic", "int_mm", "float")
+#: quantkit's own kernels (csrc/cpu); the others are torch products.
+NATIVE_PATHS = ("vnni", "avx2", "generic")
 ENV = "QUANTKIT_MATMUL"
 #: Largest K whose int8 products sum exactly in float32: 1040 * 127 * 127 = 16774160 < 2^24.
 EXACT_FLOAT_K = (1 << 24) // (QMAX * QMAX)
+#: auto on an AVX-512 VNNI CPU: quantkit's VNNI kernel for W8A8 products of at most this many
+#: rows with K >= VNNI_MIN_K, torch._int_mm otherwise (measured crossovers: benchmarks/bench_linear).
+VNNI_MAX_ROWS = 32
+VNNI_MIN_K = 2048
 #: auto on an AVX-512 CPU: the fused weight-only kernel up to this many rows, dense above.
 FUSED_W8_MAX_ROWS_AVX512 = 4
 #: Bytes of one float32 chunk of the weight on the dense paths: it stays in cache until the
@@ -96,7 +106,8 @@ def describe() -> dict:
     """The CPU, its features and the path each product takes here (for reports and benchmarks)."""
     info = dict(cpu_info())
     info["forced"] = _forced()
-    info["w8a8"] = _int8_path_cpu()
+    info["w8a8"] = _int8_path_cpu(256, 4096)
+    info["w8a8_batch1"] = _int8_path_cpu(1, 4096)
     info["weight_only_batch1"] = _weight_only_path_cpu(1)
     info["weight_only_batch256"] = _weight_only_path_cpu(256)
     return info
@@ -114,19 +125,25 @@ def _require(path: str) -> None:
     info = cpu_info()
     if info["native"] is not None:
         raise RuntimeError(f"{ENV}={path} needs quantkit's CPU library: {info['native']}")
-    if path == "avx2" and not (info["avx2"] and info["fma"]):
-        raise RuntimeError(f"{ENV}=avx2 cannot run on this CPU ({info['model']}): it lacks "
+    if path in ("avx2", "vnni") and not (info["avx2"] and info["fma"]):
+        raise RuntimeError(f"{ENV}={path} cannot run on this CPU ({info['model']}): it lacks "
                            "AVX2/FMA; use generic, int_mm or float")
+    if path == "vnni" and not (info["avx512"] and info["avx512_vnni"]):
+        raise RuntimeError(f"{ENV}=vnni cannot run on this CPU ({info['model']}): it lacks "
+                           "AVX-512 BW/VL or AVX-512 VNNI; use avx2, generic, int_mm or float")
 
 
-def _int8_path_cpu() -> str:
+def _int8_path_cpu(rows: int, k: int) -> str:
+    """The W8A8 path for a (rows, k) x (k, n) product on the CPU."""
     forced = _forced()
     if forced != "auto":
-        if forced in ("avx2", "generic"):
+        if forced in NATIVE_PATHS:
             _require(forced)
         return forced
     info = cpu_info()
     if info["avx512_vnni"]:
+        if info["native"] is None and rows <= VNNI_MAX_ROWS and k >= VNNI_MIN_K:
+            return "vnni"
         return "int_mm"
     if info["native"] is None and info["avx2"] and info["fma"]:
         return "avx2"
@@ -136,9 +153,9 @@ def _int8_path_cpu() -> str:
 def _weight_only_path_cpu(rows: int) -> str:
     """"avx2" / "generic" (fused kernels) or "dense"."""
     forced = _forced()
-    if forced in ("avx2", "generic"):
+    if forced in NATIVE_PATHS:
         _require(forced)
-        return forced
+        return "avx2" if forced == "vnni" else forced
     if forced != "auto":
         return "dense"
     info = cpu_info()
@@ -167,8 +184,8 @@ def int8_product(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.zeros((m, n), dtype=torch.int32, device=codes.device)
     if codes.device.type != "cpu":
         return torch._int_mm(codes, weight.t())
-    path = _int8_path_cpu()
-    if path in ("avx2", "generic"):
+    path = _int8_path_cpu(m, codes.shape[1])
+    if path in NATIVE_PATHS:
         from .backends import native_cpu
 
         return torch.from_numpy(native_cpu.gemm_s8s8s32(codes.numpy(), weight.numpy(), path=path,
@@ -189,8 +206,8 @@ def w8a8_linear(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
     """
     m, n = codes.shape[0], weight.shape[0]
     if codes.device.type == "cpu" and m and n:
-        path = _int8_path_cpu()
-        if path in ("avx2", "generic"):
+        path = _int8_path_cpu(m, codes.shape[1])
+        if path in NATIVE_PATHS:
             from .backends import native_cpu
 
             return torch.from_numpy(native_cpu.linear_w8a8_f32(
@@ -235,16 +252,19 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
                 x.detach().numpy(), weight.numpy(), weight_scale.numpy(),
                 None if bias is None else bias.detach().numpy(), path=path,
                 threads=_threads()))
-    y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32, device=x.device)
-    torch.mul(_dense_product(x, weight), weight_scale, out=y)
+    y = _dense_product(x, weight)
+    y = y.mul_(weight_scale) if y.is_contiguous() else torch.mul(y, weight_scale)
     if bias is not None:
         y.add_(bias)
     return y
 
 
 def _dense_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ float32(weight).T`` converting the weight in cache-sized chunks of rows."""
+    """``x @ float32(weight).T``: one product when the float32 weight fits in CHUNK_BYTES, else
+    the weight converted in cache-sized chunks of rows (the result is then a transposed view)."""
     n, k = weight.shape
+    if 4 * n * k <= CHUNK_BYTES:
+        return torch.mm(x, weight.to(torch.float32).t())
     out = torch.empty((n, x.shape[0]), dtype=torch.float32, device=x.device)   # y transposed
     rows = _rows_per_chunk(k)
     for start in range(0, n, rows):

@@ -70,19 +70,22 @@ def quantize_rows(x: torch.Tensor, alpha: Optional[torch.Tensor] = None):
     Returns ``(codes, scale)`` with ``codes = clamp(rint(x * float32(127 / alpha)), -127, 127)``
     (0 where alpha == 0) and ``scale = float32(alpha / 127)`` (one per row), exactly
     :func:`quantkit.reference.quantize_per_channel` with ``axis=0``. A given ``alpha`` is a 0-d
-    tensor, the same for every row. CPU tensors run on the numba kernels (``max|row|`` through
-    ``calibrate(x, "max", axis=0)``); others on torch ops with a true float32 division
-    (``127.0 / t`` in torch computes ``127 * (1 / t)``, rounded twice: not DESIGN.md's
-    multiplier). Non-finite input raises ValueError.
+    tensor, the same for every row. CPU tensors run on the numba kernels (``max|row|`` and the
+    codes in one fused pass, equal to ``calibrate(x, "max", axis=0)`` then ``quantize``); others
+    on torch ops with a true float32 division (``127.0 / t`` in torch computes
+    ``127 * (1 / t)``, rounded twice: not DESIGN.md's multiplier). Non-finite input raises ValueError.
     """
     rows = x.shape[0]
     if x.device.type == "cpu":
         if alpha is None:
-            from .calibration import calibrate   # numba |x|max per row; refuses NaN/Inf
+            from .backends.numba_nn import quantize_rows_absmax_numba
 
-            row_max = calibrate(x, "max", axis=0) if x.numel() else np.zeros(rows, np.float32)
-            q = quantize(x, row_max, axis=0)
-            return q.data, q.scale
+            codes, scale, bad = quantize_rows_absmax_numba(x.detach().contiguous().numpy())
+            if bad:
+                from .calibration import calibrate   # raises, naming the first NaN/Inf
+
+                calibrate(x, "max", axis=0)
+            return torch.from_numpy(codes), torch.from_numpy(scale)
         q = quantize(x, alpha.detach().cpu())     # per tensor: the same codes as per row
         return q.data, q.scale.expand(rows).contiguous()
     if not bool(torch.isfinite(x).all()):

@@ -18,8 +18,8 @@ from quantkit import matmul
 from quantkit.backends import native_cpu
 from quantkit.nn import QuantLinear
 
-INT8_PATHS = ("avx2", "generic", "int_mm", "float")
-FUSED_PATHS = ("avx2", "generic")
+INT8_PATHS = ("vnni", "avx2", "generic", "int_mm", "float")
+FUSED_PATHS = ("vnni", "avx2", "generic")
 
 
 def _runnable(path: str):
@@ -29,7 +29,8 @@ def _runnable(path: str):
         if reason is not None:
             pytest.skip(reason)
         if not native_cpu.path_supported(path):
-            pytest.skip(f"this CPU ({matmul.cpu_info()['model']}) lacks AVX2/FMA for {path!r}")
+            need = "AVX-512 BW/VL and VNNI" if path == "vnni" else "AVX2/FMA"
+            pytest.skip(f"this CPU ({matmul.cpu_info()['model']}) lacks {need} for {path!r}")
 
 
 def _codes(rng, shape, extremes=False):
@@ -66,7 +67,7 @@ def test_int8_product_worst_case_sums(monkeypatch, path):
     """All +127 against all -127: the largest |sum| (127^2 K), no int16 pair saturates."""
     _runnable(path)
     monkeypatch.setenv(matmul.ENV, path)
-    for k in (2, 64, 1040, 1041, 8192):
+    for k in (2, 64, 1040, 1041, 8192, 70001):   # 70001: the VNNI a + 128 sums wrap int32
         a = np.full((3, k), 127, np.int8)
         b = np.stack([np.full(k, -127, np.int8), np.full(k, 127, np.int8), np.zeros(k, np.int8)])
         acc = matmul.int8_product(torch.from_numpy(a), torch.from_numpy(b)).numpy()
@@ -105,9 +106,11 @@ def test_native_gemm_takes_strided_rows():
     big_a, big_b = _codes(rng, (10, 90)), _codes(rng, (12, 90))
     a, b = big_a[::2, 5:70], big_b[1::3, 5:70]
     before = a.copy()
-    assert np.array_equal(native_cpu.gemm_s8s8s32(a, b, path="generic"), _exact(a, b))
-    assert np.array_equal(native_cpu.gemm_s8s8s32(big_a[:, ::2], big_b[:, ::2], path="generic"),
-                          _exact(big_a[:, ::2], big_b[:, ::2]))
+    for path in FUSED_PATHS:
+        if native_cpu.path_supported(path):
+            assert np.array_equal(native_cpu.gemm_s8s8s32(a, b, path=path), _exact(a, b))
+            assert np.array_equal(native_cpu.gemm_s8s8s32(big_a[:, ::2], big_b[:, ::2], path=path),
+                                  _exact(big_a[:, ::2], big_b[:, ::2]))
     assert np.array_equal(a, before)
 
 
@@ -198,7 +201,7 @@ def test_fused_weight_only_nonfinite_input_propagates():
 
 def test_unknown_path_is_a_value_error_listing_the_choices(monkeypatch):
     monkeypatch.setenv(matmul.ENV, "fast")
-    with pytest.raises(ValueError, match="auto, avx2, generic, int_mm, float"):
+    with pytest.raises(ValueError, match="auto, vnni, avx2, generic, int_mm, float"):
         matmul.int8_product(torch.ones((2, 3), dtype=torch.int8),
                             torch.ones((4, 3), dtype=torch.int8))
 
@@ -215,6 +218,29 @@ def test_forced_avx2_without_the_feature_names_it(monkeypatch):
                                   torch.ones(4), None)
 
 
+def test_forced_vnni_without_the_feature_names_it(monkeypatch):
+    info = dict(matmul.cpu_info(), avx2=True, fma=True, avx512=True, avx512_vnni=False,
+                native=None, model="an AVX-512 CPU without VNNI")
+    monkeypatch.setattr(matmul, "cpu_info", lambda: info)
+    monkeypatch.setenv(matmul.ENV, "vnni")
+    with pytest.raises(RuntimeError, match="vnni cannot run on this CPU .*lacks AVX-512 BW/VL or "
+                                           "AVX-512 VNNI"):
+        matmul.int8_product(torch.ones((2, 3), dtype=torch.int8),
+                            torch.ones((4, 3), dtype=torch.int8))
+
+
+def test_library_refuses_vnni_on_a_cpu_without_it():
+    """The C library checks the CPU itself: a forced VNNI call never runs an illegal instruction."""
+    if native_cpu.unavailable_reason() is not None:
+        pytest.skip(native_cpu.unavailable_reason())
+    a = np.ones((2, 3), np.int8)
+    if native_cpu.path_supported("vnni"):
+        assert np.array_equal(native_cpu.gemm_s8s8s32(a, a, path="vnni"), np.full((2, 2), 3))
+    else:
+        with pytest.raises(RuntimeError, match="'vnni'.*need AVX-512 BW/VL and VNNI"):
+            native_cpu.gemm_s8s8s32(a, a, path="vnni")
+
+
 def test_forced_native_without_the_library_says_how_to_build(monkeypatch):
     info = dict(matmul.cpu_info(), native="quantkit's CPU library is not built (x)")
     monkeypatch.setattr(matmul, "cpu_info", lambda: info)
@@ -224,24 +250,36 @@ def test_forced_native_without_the_library_says_how_to_build(monkeypatch):
                             torch.ones((4, 3), dtype=torch.int8))
 
 
-@pytest.mark.parametrize("features, w8a8, weight_only_1, weight_only_256", [
+@pytest.mark.parametrize("features, w8a8_1, w8a8, weight_only_1, weight_only_256", [
     (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, native=None),
-     "avx2", "avx2", "avx2"),
+     "avx2", "avx2", "avx2", "avx2"),
     (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None),
-     "int_mm", "avx2", "dense"),
+     "vnni", "int_mm", "avx2", "dense"),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native="not built"),
+     "int_mm", "int_mm", "dense", "dense"),
     (dict(avx2=False, fma=False, avx512=False, avx512_vnni=False, native=None),
-     "float", "dense", "dense"),
+     "float", "float", "dense", "dense"),
     (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, native="not built"),
-     "float", "dense", "dense"),
+     "float", "float", "dense", "dense"),
 ])
-def test_auto_choice_by_cpu_features(monkeypatch, features, w8a8, weight_only_1,
+def test_auto_choice_by_cpu_features(monkeypatch, features, w8a8_1, w8a8, weight_only_1,
                                      weight_only_256):
     info = dict(model="test CPU", **features)
     monkeypatch.setattr(matmul, "cpu_info", lambda: info)
     monkeypatch.delenv(matmul.ENV, raising=False)
     chosen = matmul.describe()
-    assert (chosen["w8a8"], chosen["weight_only_batch1"], chosen["weight_only_batch256"]) == \
-        (w8a8, weight_only_1, weight_only_256)
+    assert (chosen["w8a8_batch1"], chosen["w8a8"], chosen["weight_only_batch1"],
+            chosen["weight_only_batch256"]) == (w8a8_1, w8a8, weight_only_1, weight_only_256)
+
+
+def test_vnni_choice_depends_on_the_shape(monkeypatch):
+    """On a VNNI CPU: quantkit's kernel for few rows of a long K, torch._int_mm otherwise."""
+    info = dict(model="test CPU", avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None)
+    monkeypatch.setattr(matmul, "cpu_info", lambda: info)
+    monkeypatch.delenv(matmul.ENV, raising=False)
+    assert matmul._int8_path_cpu(matmul.VNNI_MAX_ROWS, matmul.VNNI_MIN_K) == "vnni"
+    assert matmul._int8_path_cpu(matmul.VNNI_MAX_ROWS + 1, matmul.VNNI_MIN_K) == "int_mm"
+    assert matmul._int8_path_cpu(1, matmul.VNNI_MIN_K - 1) == "int_mm"
 
 
 def test_cpu_info_reports_the_features():

@@ -160,6 +160,39 @@ def test_activation_codes_bit_exact_with_reference():
     assert np.array_equal(codes.numpy(), reference.quantize_per_tensor(x.numpy(), np.float32(2.0)))
 
 
+def test_fused_row_codes_equal_calibrate_then_quantize():
+    """The one-pass |row|max kernel: the alpha of calibrate(x, "max", axis=0), the reference codes,
+    on magnitudes from subnormal to float32 max, -0, the MIN_POSITIVE_ALPHA boundary, empty rows."""
+    from quantkit import calibrate
+    from quantkit._constants import MIN_POSITIVE_ALPHA
+
+    rng = np.random.default_rng(7)
+    edge = np.float32(MIN_POSITIVE_ALPHA)
+    rows = [np.zeros(40, np.float32), np.full(40, -0.0, np.float32),
+            np.full(40, np.nextafter(edge, np.float32(0)), np.float32), np.full(40, edge),
+            np.full(40, np.float32(1e-45)), np.full(40, np.finfo(np.float32).max),
+            np.linspace(-3, 3, 40, dtype=np.float32)]
+    for exponent in (-40, -20, 0, 20, 38):
+        rows.append((rng.standard_normal(40) * 10.0 ** exponent).astype(np.float32))
+    x = np.stack(rows)
+    for data in (x, rng.standard_t(2, (300, 97)).astype(np.float32), np.zeros((5, 0), np.float32)):
+        codes, scale = quantize_rows(torch.from_numpy(data))
+        alpha = (np.asarray(calibrate(torch.from_numpy(data), "max", axis=0), np.float32)
+                 if data.size else np.zeros(data.shape[0], np.float32))
+        assert np.array_equal(codes.numpy(), reference.quantize_per_channel(data, alpha, axis=0))
+        assert np.array_equal(scale.numpy(), reference.scale_from_alpha(alpha))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_fused_row_codes_refuse_non_finite_anywhere(bad):
+    x = torch.randn(9, 130)
+    x[8, 129] = bad
+    before = x.clone()
+    with pytest.raises(ValueError, match=r"non-finite.*\(8, 129\)"):
+        quantize_rows(x)
+    assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x.nan_to_num(), before.nan_to_num())
+
+
 def test_torch_path_bit_exact_with_reference():
     """The torch-ops path (used off the CPU) gives the reference codes too, on CPU tensors."""
     from quantkit.nn import _quantize_rows_torch

@@ -94,7 +94,7 @@ step gpu-tests 90 python3 -m pytest -q -rs --gpu -m gpu tests/ --junitxml="$OUT/
 
 step benchmarks 150 python3 -m pytest -q -s -rs --gpu -k cuda benchmarks/ \
   --junitxml="$OUT/benchmarks.xml"
-cp benchmarks/results/*cuda*.json benchmarks/results/*cuda*.md "$OUT"/ 2>/dev/null || true
+cp benchmarks/results/*/*cuda*.json benchmarks/results/*/*cuda*.md "$OUT"/ 2>/dev/null || true
 
 remaining=$(left)
 if [ "$remaining" -gt 60 ]; then

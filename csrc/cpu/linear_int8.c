@@ -1,16 +1,21 @@
 /* quantkit CPU kernels for the int8 Linear: exact int8 x int8 -> int32 products and the fused
  * int8-weight float32 product. Plain C ABI (loaded with ctypes by quantkit/backends/native.py).
  *
- * Every entry point takes a `path`: QK_PATH_GENERIC (portable C, any CPU) or QK_PATH_AVX2 (AVX2 +
- * FMA intrinsics, chosen at run time; refused with QK_ERR_UNSUPPORTED on a CPU without them).
- * Both paths of a product give identical bits:
+ * Every entry point takes a `path`: QK_PATH_GENERIC (portable C, any CPU), QK_PATH_AVX2 (AVX2 +
+ * FMA intrinsics) or QK_PATH_VNNI (AVX-512 BW/VL + VNNI for the int8 products; the weight-only
+ * product takes its AVX2 kernels there), chosen at run time and refused with QK_ERR_UNSUPPORTED
+ * on a CPU without the features. All paths of a product give identical bits:
  *
  *   qk_cpu_gemm_s8s8s32:  C[i][j] = sum_k A[i][k] * B[j][k]          (exact int32)
  *       A (M, K) and B (N, K) int8 rows, codes in [-127, 127] (DESIGN.md section 1 never makes
  *       -128). AVX2 has no exact signed x signed byte product; it uses
  *       |a| * (b * sign(a)) with vpmaddubsw (unsigned x signed byte pairs summed into int16:
  *       at most 2 * 127 * 127 = 32258 in magnitude, so never saturated), then vpmaddwd by ones
- *       into int32.
+ *       into int32. VNNI has only unsigned x signed byte products too (vpdpbusd, four of them
+ *       summed into each int32 lane); it takes a' = a + 128 (a XOR 0x80, in [1, 255]) and
+ *       subtracts the weight row's sum: sum_k a'[k] b[k] - 128 sum_k b[k] = sum_k a[k] b[k]. Both
+ *       sums wrap modulo 2^32 at worst, and the difference is the true sum whenever that fits in
+ *       int32 (|C| <= 127^2 K, any K below 133144).
  *
  *   qk_cpu_linear_w8a8_f32: Y[i][j] = float32(C[i][j]) * (sx[i] * sw[j]) + bias[j], C as above,
  *       each float32 operation rounded once in that order (the W8A8 rescale of DESIGN.md
@@ -36,9 +41,10 @@
 #include <stdlib.h>
 #include <immintrin.h>
 
-#define QK_CPU_ABI_VERSION 1
+#define QK_CPU_ABI_VERSION 2
 #define QK_PATH_GENERIC 0
 #define QK_PATH_AVX2 1
+#define QK_PATH_VNNI 2
 #define QK_OK 0
 #define QK_ERR_UNSUPPORTED 1
 #define QK_ERR_ARGUMENT 2
@@ -65,8 +71,11 @@ EXPORT int qk_cpu_features(void) {
 }
 
 static int path_supported(int path) {
+    int f = qk_cpu_features();
     if (path == QK_PATH_GENERIC) return 1;
-    if (path == QK_PATH_AVX2) return (qk_cpu_features() & QK_FEATURE_AVX2) != 0;
+    if (path == QK_PATH_AVX2) return (f & QK_FEATURE_AVX2) != 0;
+    if (path == QK_PATH_VNNI)
+        return (f & QK_FEATURE_AVX2) && (f & QK_FEATURE_AVX512) && (f & QK_FEATURE_AVX512_VNNI);
     return 0;
 }
 
@@ -351,7 +360,93 @@ AVX2 static void w8_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, con
         }
     if (j4 < j1) w8_generic_block(M, j4, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
 }
+
+/* ------------------------------------------------------------------------------- VNNI */
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* C[r][q] = sum_k A[r][k] B[q][k] for r < ROWS, q < 4, k in [0, K), from ap = A XOR 0x80 (the
+ * unsigned a + 128) and the signed weight rows: sum_k ap[k] b[k] - 128 sum_k b[k] (header). */
+VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const int8_t *b0,
+                           int64_t ldb, int64_t K, int32_t *c, int64_t ldc) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i acc[4][4], bsum[4], w[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        bsum[q] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) acc[r][q] = _mm512_setzero_si512();
+    }
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            w[q] = _mm512_loadu_si512((const void *)(b0 + q * ldb + k));
+            bsum[q] = _mm512_dpbusd_epi32(bsum[q], ones, w[q]);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            __m512i x = _mm512_loadu_si512((const void *)(ap + r * lda + k));
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], x, w[q]);
+        }
+    }
+    if (k < K) {                       /* masked bytes load as 0: b = 0 adds nothing */
+        __mmask64 m = (__mmask64)((~0ULL) >> (64 - (K - k)));
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            w[q] = _mm512_maskz_loadu_epi8(m, (const void *)(b0 + q * ldb + k));
+            bsum[q] = _mm512_dpbusd_epi32(bsum[q], ones, w[q]);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            __m512i x = _mm512_maskz_loadu_epi8(m, (const void *)(ap + r * lda + k));
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], x, w[q]);
+        }
+    }
+    uint32_t offset[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) offset[q] = 128u * (uint32_t)_mm512_reduce_add_epi32(bsum[q]);
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++)
+            c[r * ldc + q] = (int32_t)((uint32_t)_mm512_reduce_add_epi32(acc[r][q]) - offset[q]);
+}
+
+/* C[i][j] for i < M, j in [j0, j1): ap is A XOR 0x80 with row stride lda (A itself is needed only
+ * for the columns past the last group of four), row stride ldap. Each group of four weight rows stays in L1 while
+ * every row of A passes over it. */
+VNNI static void gemm_vnni_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const int8_t *A,
+                                 int64_t lda, const uint8_t *ap, int64_t ldap, const int8_t *B,
+                                 int64_t ldb, int32_t *C, int64_t ldc) {
+    int64_t j4 = j0 + (j1 - j0) / 4 * 4;
+    for (int64_t j = j0; j < j4; j += 4) {
+        const int8_t *b = B + j * ldb;
+        int64_t i = 0;
+        for (; i + 4 <= M; i += 4)
+            vnni_tile(4, ap + i * ldap, ldap, b, ldb, K, C + i * ldc + j, ldc);
+        if (M - i >= 2) {
+            vnni_tile(2, ap + i * ldap, ldap, b, ldb, K, C + i * ldc + j, ldc);
+            i += 2;
+        }
+        if (i < M) vnni_tile(1, ap + i * ldap, ldap, b, ldb, K, C + i * ldc + j, ldc);
+    }
+    if (j4 < j1) gemm_generic_block(M, j4, j1, K, A, lda, B, ldb, C, ldc);
+}
 #endif
+
+/* A XOR 0x80 (a + 128 as unsigned bytes) with row stride K, for the VNNI path; NULL when out of
+ * memory. */
+static uint8_t *offset_copy(int64_t M, int64_t K, const int8_t *A, int64_t lda) {
+    uint8_t *ap = malloc(M * K > 0 ? (size_t)(M * K) : 1);
+    if (!ap) return NULL;
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t k = 0; k < K; k++) ap[i * K + k] = (uint8_t)A[i * lda + k] ^ 0x80u;
+    return ap;
+}
 
 /* ------------------------------------------------------------------------ entry points */
 
@@ -369,6 +464,8 @@ EXPORT int qk_cpu_gemm_s8s8s32(int path, int64_t M, int64_t N, int64_t K, const 
     if (M == 0 || N == 0) return QK_OK;
     int64_t blocks = (N + INT8_N_BLOCK - 1) / INT8_N_BLOCK;
     if (threads < 1) threads = 1;
+    uint8_t *ap = NULL;
+    if (path == QK_PATH_VNNI && K > 0 && !(ap = offset_copy(M, K, A, lda))) return QK_ERR_MEMORY;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t j0 = b * INT8_N_BLOCK, j1 = j0 + INT8_N_BLOCK < N ? j0 + INT8_N_BLOCK : N;
@@ -378,6 +475,10 @@ EXPORT int qk_cpu_gemm_s8s8s32(int path, int64_t M, int64_t N, int64_t K, const 
             continue;
         }
 #if defined(__x86_64__)
+        if (path == QK_PATH_VNNI) {
+            gemm_vnni_block(M, j0, j1, K, A, lda, ap, K, B, ldb, C, ldc);
+            continue;
+        }
         if (path == QK_PATH_AVX2) {
             gemm_avx2_block(M, j0, j1, K, A, lda, B, ldb, C, ldc);
             continue;
@@ -385,6 +486,7 @@ EXPORT int qk_cpu_gemm_s8s8s32(int path, int64_t M, int64_t N, int64_t K, const 
 #endif
         gemm_generic_block(M, j0, j1, K, A, lda, B, ldb, C, ldc);
     }
+    free(ap);
     return QK_OK;
 }
 
@@ -394,6 +496,7 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
     if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
     if (!check_shapes(M, N, K, ldx, ldw, ldy)) return QK_ERR_ARGUMENT;
     if (M == 0 || N == 0) return QK_OK;
+    if (path == QK_PATH_VNNI) path = QK_PATH_AVX2;     /* no VNNI kernel of the float product */
     int64_t blocks = (N + N_BLOCK - 1) / N_BLOCK;
     if (threads < 1) threads = 1;
     int failed = 0;
@@ -436,6 +539,8 @@ EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, con
     if (M == 0 || N == 0) return QK_OK;
     int64_t blocks = (N + INT8_N_BLOCK - 1) / INT8_N_BLOCK;
     if (threads < 1) threads = 1;
+    uint8_t *ap = NULL;
+    if (path == QK_PATH_VNNI && K > 0 && !(ap = offset_copy(M, K, A, lda))) return QK_ERR_MEMORY;
     int failed = 0;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1) \
         reduction(| : failed)
@@ -455,6 +560,9 @@ EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, con
                 for (int64_t e = 0; e < M_BLOCK * INT8_N_BLOCK; e++) acc[e] = 0;
             }
 #if defined(__x86_64__)
+            else if (path == QK_PATH_VNNI)
+                gemm_vnni_block(mc, 0, nc, K, Ai, lda, ap + i0 * K, K, Bj, ldb, acc,
+                                INT8_N_BLOCK);
             else if (path == QK_PATH_AVX2)
                 gemm_avx2_block(mc, 0, nc, K, Ai, lda, Bj, ldb, acc, INT8_N_BLOCK);
 #endif
@@ -468,5 +576,6 @@ EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, con
         }
         free(acc);
     }
+    free(ap);
     return failed ? QK_ERR_MEMORY : QK_OK;
 }

@@ -1,7 +1,8 @@
 """CPU backend for the int8 Linear: the csrc/cpu library (``_libquantkit_cpu.so``), via ctypes.
 
-Two products, each with a portable C path (``"generic"``) and an AVX2 + FMA path (``"avx2"``)
-that give identical bits (csrc/cpu/linear_int8.c states the arithmetic):
+Two products, each with a portable C path (``"generic"``), an AVX2 + FMA path (``"avx2"``) and,
+for the int8 x int8 products, an AVX-512 VNNI path (``"vnni"``; the weight-only product runs its
+AVX2 kernel there), all giving identical bits (csrc/cpu/linear_int8.c states the arithmetic):
 
 * :func:`gemm_s8s8s32`: ``C = A @ B.T`` exactly in int32, A (M, K) and B (N, K) int8 codes in
   [-127, 127];
@@ -25,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIBRARY_PATH = Path(__file__).resolve().parent.parent / "_libquantkit_cpu.so"
 BUILD_HINT = ("Reinstall quantkit with a C compiler present (pip install -e .) or run "
               "`python3 csrc/build.py --cpu` in its source tree.")
-PATHS = {"generic": 0, "avx2": 1}
+PATHS = {"generic": 0, "avx2": 1, "vnni": 2}
 
 #: Feature bits of qk_cpu_features().
 FEATURE_AVX2 = 1
@@ -115,10 +116,15 @@ def features() -> int:
 
 
 def path_supported(path: str) -> bool:
-    """Whether this CPU can run ``path`` ("generic" always; "avx2" needs AVX2 and FMA)."""
+    """Whether this CPU can run ``path`` ("generic" always; "avx2" needs AVX2 and FMA; "vnni"
+    also AVX-512 F/BW/VL and AVX-512 VNNI)."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
-    return path == "generic" or bool(features() & FEATURE_AVX2)
+    bits = features()
+    if path == "vnni":
+        need = FEATURE_AVX2 | FEATURE_AVX512 | FEATURE_AVX512_VNNI
+        return bits & need == need
+    return path == "generic" or bool(bits & FEATURE_AVX2)
 
 
 def _rows_view(a: np.ndarray, dtype, name: str) -> np.ndarray:
@@ -140,8 +146,8 @@ def _ld(a: np.ndarray) -> int:
 
 def _check(code: int, path: str) -> None:
     if code == _ERR_UNSUPPORTED:
-        raise RuntimeError(f"the {path!r} int8 kernels cannot run on this CPU (they need AVX2 "
-                           "and FMA)")
+        need = "AVX-512 BW/VL and VNNI" if path == "vnni" else "AVX2 and FMA"
+        raise RuntimeError(f"the {path!r} int8 kernels cannot run on this CPU (they need {need})")
     if code == _ERR_MEMORY:
         raise MemoryError("quantkit's CPU library could not allocate its work buffers")
     if code != 0:

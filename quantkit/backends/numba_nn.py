@@ -1,4 +1,16 @@
-"""numba kernels for quantkit.nn on the CPU: the fused rescale of an int8 x int8 matrix product.
+"""numba kernels for quantkit.nn on the CPU: per-row activation codes and the fused rescale.
+
+``quantize_rows_absmax_numba(x)`` gives, for every row i of a float32 matrix, in one read of
+the row (it stays in cache between the two loops)::
+
+    alpha[i] = max_j |x[i, j]|            (0 when below MIN_POSITIVE_ALPHA)
+    codes[i] = clamp(rint(x[i] * float32(127 / alpha[i])), -127, 127)   (0 where alpha == 0)
+    scale[i] = float32(alpha[i] / 127)
+
+exactly :func:`quantkit.reference.quantize_per_channel` (axis 0) with the ``"max"`` alpha of
+:func:`quantkit.calibrate`. The maximum is taken over the IEEE bits with the sign cleared
+(an integer maximum, which vectorizes and orders finite floats as their magnitudes); bits at
+or above those of +Inf mark a row holding NaN or Inf, and such a row is reported, not quantized.
 
 ``rescale_int32_numba(acc, s_x, s_w, bias)`` computes, for every row i and column j::
 
@@ -14,6 +26,50 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from .._constants import MIN_POSITIVE_ALPHA, QMAX
+
+_ABS_MASK = np.int32(0x7FFFFFFF)
+_INF_BITS = np.int32(0x7F800000)
+_MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)
+_QMAX = np.float32(QMAX)
+_LOW = np.float32(-QMAX)
+
+
+@njit(cache=True, inline="always")
+def _magnitude_from_bits(top):
+    """The float32 whose bits are ``top`` (sign clear, finite); 0 for zero and subnormals."""
+    exponent = top >> 23
+    if exponent == 0:
+        return np.float32(0)
+    significand = np.float64((top & 0x7FFFFF) | 0x800000)
+    return np.float32(significand * 2.0 ** (exponent - 150))   # exact: 24 bits times 2^k
+
+
+@njit(parallel=True, cache=True)
+def _quantize_rows_absmax(x, bits, codes, scale):
+    """Per-row |x|max codes (module docstring); returns the number of rows holding NaN/Inf."""
+    m, n = x.shape
+    bad = np.zeros(m, np.int64)
+    for i in prange(m):
+        b = bits[i]
+        top = np.int32(0)
+        for j in range(n):
+            top = max(top, b[j] & _ABS_MASK)
+        if top >= _INF_BITS:
+            bad[i] = 1
+            continue
+        alpha = _magnitude_from_bits(top)
+        if alpha < _MIN_ALPHA:
+            alpha = np.float32(0)
+        scale[i] = alpha / _QMAX
+        inv = _QMAX / alpha if alpha > 0 else np.float32(0)
+        xs = x[i]
+        qs = codes[i]
+        for j in range(n):
+            y = np.rint(xs[j] * inv)
+            qs[j] = np.int8(min(max(y, _LOW), _QMAX))
+    return bad.sum()
 
 
 @njit(parallel=True, cache=True)
@@ -44,3 +100,16 @@ def rescale_int32_numba(acc: np.ndarray, s_x: np.ndarray, s_w: np.ndarray, bias=
                       np.ascontiguousarray(s_w, np.float32), np.ascontiguousarray(bias, np.float32),
                       out)
     return out
+
+
+def quantize_rows_absmax_numba(x: np.ndarray):
+    """``(codes, scale, bad_rows)`` of C-contiguous float32 ``x`` (M, N), module docstring.
+
+    Rows holding NaN/Inf are counted in ``bad_rows`` and their codes and scale are left
+    unwritten; the caller raises before using them.
+    """
+    m, n = x.shape
+    codes = np.empty((m, n), np.int8)
+    scale = np.zeros(m, np.float32)
+    bad = _quantize_rows_absmax(x, x.view(np.int32), codes, scale) if m else 0
+    return codes, scale, int(bad)
