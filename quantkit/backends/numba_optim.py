@@ -57,44 +57,66 @@ def _magnitude_index(y, ybits, per_binade, mantissa_bits, e_min, smallest_normal
     return min(k, np.int32(top_index))
 
 
+@njit(inline="always")
+def _code_constants(levels, mantissa_bits):
+    """(per_binade, e_min, normal_offset, linear_step, top) of a code map (reference.moment_table).
+
+    A magnitude index ``k >= per_binade`` has the float32 bits
+    ``((k - per_binade) << (23 - mantissa_bits)) + normal_offset``; below it the magnitude is
+    ``k * linear_step``; ``top`` is the largest magnitude.
+    """
+    per = np.int32(1) << mantissa_bits
+    e_min = 1 - (levels // per - 1)
+    normal_offset = np.int32((127 + e_min) << 23)
+    linear_step = np.float32(2.0 ** (e_min - mantissa_bits))
+    if levels >= 2 * per:     # the top index is the last of the binade at exponent 0
+        top = np.float32(1.0 + (per - 1) / per)
+    else:                     # a linear run only
+        top = np.float32(levels - 1) * linear_step
+    return per, e_min, normal_offset, linear_step, top
+
+
 @njit(parallel=True, cache=True)
 def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size,
-                   m_table, m_mbits, r_table, r_mbits,
+                   m_levels, m_mbits, r_levels, r_mbits,
                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt):
     """In-place 8-bit AdamW on 2-d float32 ``p`` (rows, L) with gradient ``g`` of the same shape.
 
     ``m_codes`` int8 and ``r_codes`` uint8 have p's shape; ``m_absmax``/``r_absmax`` are float32
-    (rows, blocks per row). ``*_table`` are the decoding tables (``reference.moment_table``),
-    ``*_mbits`` their mantissa bits.
+    (rows, blocks per row); ``*_levels``/``*_mbits`` name the code maps (``reference.M_CODE``,
+    ``reference.R_CODE``).
+
+    A code decodes to ``float32(magnitude / top) * absmax`` (negated for negative m codes), the
+    magnitude built from its index (see ``_code_constants``) rather than looked up: the quotient
+    equals ``reference.moment_table`` entry for entry (``decoded_table`` is tested against it on
+    every entry), and without table gathers and with the block maxima taken as integer maxima
+    of the float bits (exact: the values are finite and the sign is cleared) every loop over a
+    block vectorises. Five loops per block, each over at most ``2 * block_size`` values in L1:
+    build the magnitude bits; update p and the moments; the two maxima; scale; encode.
     """
     rows, length = p.shape
     per_row = max(1, length // block_size)
     n_blocks = rows * per_row
     n_items = (n_blocks + _ITEMS - 1) // _ITEMS
-    m_levels = m_table.size
-    r_levels = r_table.size
-    m_top_index = m_levels - 1
-    # m's table indexed by code + (levels - 1): -table[k] for negative codes
-    m_signed = np.empty(2 * m_levels - 1, np.float32)
-    for k in range(m_levels):
-        m_signed[m_top_index + k] = m_table[k]
-        m_signed[m_top_index - k] = -m_table[k]
-    m_per = np.int64(1) << m_mbits
-    r_per = np.int64(1) << r_mbits
-    m_emin = 1 - (m_levels // m_per - 1)
-    r_emin = 1 - (r_levels // r_per - 1)
-    # the smallest normal magnitude 2**e_min and the top magnitude, in table_top units
-    m_lin = np.float32(2.0 ** m_emin)
+    m_per, m_emin, m_offset, m_step, m_top = _code_constants(m_levels, m_mbits)
+    r_per, r_emin, r_offset, r_step, r_top = _code_constants(r_levels, r_mbits)
+    m_shift = 23 - m_mbits
+    r_shift = 23 - r_mbits
+    m_lin = np.float32(2.0 ** m_emin)      # the smallest normal magnitude
     r_lin = np.float32(2.0 ** r_emin)
     m_mult = np.float32(2.0 ** (m_mbits - m_emin))
     r_mult = np.float32(2.0 ** (r_mbits - r_emin))
-    m_top = np.float32(1.0 + (m_per - 1) / m_per)
-    r_top = np.float32(1.0 + (r_per - 1) / r_per)
     for item in prange(n_items):
+        dec_m = np.empty(2 * block_size, np.float32)
+        dec_r = np.empty(2 * block_size, np.float32)
+        dec_m_bits = dec_m.view(np.int32)
+        dec_r_bits = dec_r.view(np.int32)
         buf_m = np.empty(2 * block_size, np.float32)
         buf_r = np.empty(2 * block_size, np.float32)
         bits_m = buf_m.view(np.int32)
         bits_r = buf_r.view(np.int32)
+        scratch = np.empty(2, np.int32)
+        scratch_f = scratch.view(np.float32)
         for blk in range(item * _ITEMS, min((item + 1) * _ITEMS, n_blocks)):
             row = blk // per_row
             b = blk - row * per_row
@@ -107,11 +129,18 @@ def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size,
             rc = r_codes[row, lo:hi]
             m_scale = m_absmax[row, b]
             r_scale = r_absmax[row, b]
-            m_max = np.float32(0)
-            r_max = np.float32(0)
             for i in range(n):
-                m = m_signed[np.int32(mc[i]) + m_top_index] * m_scale
-                r = r_table[np.int32(rc[i])] * r_scale
+                dec_m_bits[i] = ((abs(np.int32(mc[i])) - m_per) << m_shift) + m_offset
+                dec_r_bits[i] = ((np.int32(rc[i]) - r_per) << r_shift) + r_offset
+            for i in range(n):
+                c = np.int32(mc[i])
+                k = abs(c)
+                mag = np.float32(k) * m_step if k < m_per else dec_m[i]
+                t = mag / m_top
+                m = (t if c >= 0 else -t) * m_scale
+                k = np.int32(rc[i])
+                mag = np.float32(k) * r_step if k < r_per else dec_r[i]
+                r = (mag / r_top) * r_scale
                 gi = gs[i]
                 m = beta1 * m + one_minus_beta1 * gi
                 v = beta2 * (r * r) + one_minus_beta2 * (gi * gi)
@@ -120,8 +149,15 @@ def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size,
                 ps[i] = ps[i] * decay - step_size * (m / denom)
                 buf_m[i] = m
                 buf_r[i] = r
-                m_max = max(m_max, abs(m))
-                r_max = max(r_max, r)
+            m_top_bits = np.int32(0)
+            r_top_bits = np.int32(0)
+            for i in range(n):
+                m_top_bits = max(m_top_bits, bits_m[i] & np.int32(0x7FFFFFFF))
+                r_top_bits = max(r_top_bits, bits_r[i])
+            scratch[0] = m_top_bits
+            scratch[1] = r_top_bits
+            m_max = scratch_f[0]
+            r_max = scratch_f[1]
             m_inv = m_top / m_max if m_max > 0 else np.float32(0)
             r_inv = r_top / r_max if r_max > 0 else np.float32(0)
             m_absmax[row, b] = m_max
@@ -176,3 +212,18 @@ def magnitude_indices(y, levels, mantissa_bits):
         out[i] = _magnitude_index(y[i], bits[i], per, mantissa_bits, e_min, smallest_normal, mult,
                                   levels - 1)
     return out
+
+
+@njit(cache=True)
+def decoded_table(levels, mantissa_bits):
+    """The kernel's decoding of every magnitude index, ``float32(magnitude / top)`` (for tests:
+    it must equal ``reference.moment_table``)."""
+    per, e_min, offset, step, top = _code_constants(levels, mantissa_bits)
+    bits = np.empty(levels, np.int32)
+    out = bits.view(np.float32)
+    for k in range(levels):
+        bits[k] = ((np.int32(k) - per) << (23 - mantissa_bits)) + offset
+    for k in range(levels):
+        mag = np.float32(k) * step if k < per else out[k]
+        out[k] = mag / top
+    return out.copy()

@@ -161,8 +161,6 @@ class AdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._check_gradients()
-        m_table = reference.moment_table(*reference.M_CODE)
-        r_table = reference.moment_table(*reference.R_CODE)
         for p, group in work:
             state = self.state[p]
             if not state:
@@ -181,7 +179,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 numba_optim.adamw8bit_step(
                     p_rows, g_rows, state["m_codes"].numpy(), state["m_absmax"].numpy(),
                     state["r_codes"].numpy(), state["r_absmax"].numpy(), group["block_size"],
-                    m_table, reference.M_CODE[1], r_table, reference.R_CODE[1], *scalars)
+                    *reference.M_CODE, *reference.R_CODE, *scalars)
             else:
                 numba_optim.adamw32_step(p_rows.reshape(-1), g_rows.reshape(-1),
                                          state["m"].numpy().reshape(-1),
