@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
-SOURCES = ("quantize.cu", "stats.cu")
+SOURCES = ("quantize.cu", "stats.cu", "optim.cu")
 LIBRARY_NAME = "_libquantkit_cuda.so"
 DEFAULT_OUT = CSRC.parent / "quantkit" / LIBRARY_NAME
 EMULATION_NAME = "_libquantkit_emulated.so"

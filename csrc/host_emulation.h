@@ -177,8 +177,23 @@ inline unsigned __float_as_uint(float v) {
   std::memcpy(&u, &v, 4);
   return u;
 }
+inline float __uint_as_float(unsigned u) {
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+// Truncation toward zero, saturating; NaN gives 0, as cvt.rzi.s32.f32.
+inline int __float2int_rz(float v) {
+  if (std::isnan(v)) return 0;
+  if (v >= 2147483648.0f) return std::numeric_limits<int>::max();
+  if (v < -2147483648.0f) return std::numeric_limits<int>::min();
+  return static_cast<int>(v);
+}
 inline double __dmul_rn(double a, double b) { return a * b; }
 // Round half to even (the default rounding mode), saturating; NaN gives 0, as cvt.rni.s32.f32.
 inline int __float2int_rn(float v) {

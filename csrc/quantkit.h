@@ -149,6 +149,25 @@ QK_API cudaError_t qk_sse_fixed_many_f32(const float *x, int64_t n, const float 
                                          uint64_t *out, uint64_t *nonfinite, int device,
                                          cudaStream_t stream);
 
+/* ------------------------------------------------------------------------- 8-bit AdamW step */
+
+/* One in-place 8-bit AdamW step (docs/DESIGN.md section 7) on the (rows, length) row-major view
+ * of a float32 parameter p and its gradient g: m_codes int8 and r_codes uint8 of the same shape,
+ * m_absmax / r_absmax float32 (rows, max(1, length / block_size)); the code maps are
+ * (m_levels, m_mbits) and (r_levels, r_mbits) (reference.M_CODE, R_CODE); scalars: 8 float32 on
+ * the host (beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay, step size,
+ * sqrt(1 - beta2**t)). Bit-identical to quantkit/backends/numba_optim.py adamw8bit_step. The
+ * gradient must be finite (the caller checks). */
+QK_API cudaError_t qk_adamw8bit_step_f32(float *p, const float *g, int8_t *m_codes,
+                                         float *m_absmax, uint8_t *r_codes, float *r_absmax,
+                                         int64_t rows, int64_t length, int64_t block_size,
+                                         int m_levels, int m_mbits, int r_levels, int r_mbits,
+                                         const float *scalars, int device, cudaStream_t stream);
+
+/* The same step with float32 moments m and r = sqrt(v), n elements (numba_optim.adamw32_step). */
+QK_API cudaError_t qk_adamw32_step_f32(float *p, const float *g, float *m, float *r, int64_t n,
+                                       const float *scalars, int device, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

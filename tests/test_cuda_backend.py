@@ -24,7 +24,7 @@ from strategies import alphas, tensor_and_alpha
 
 import quantkit
 from quantkit import _arrays, _constants, ops, reference
-from quantkit.backends import cuda
+from quantkit.backends import cuda, cuda_optim
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / "csrc" / "quantkit.h"
@@ -79,6 +79,7 @@ def test_ctypes_declarations_match_header():
     for name in functions:
         setattr(lib, name, type("Fn", (), {})())
     cuda._declare(lib)
+    cuda_optim.declare(lib)            # the optimizer's entry points (csrc/optim.cu)
     for name, n_params in functions.items():
         assert len(getattr(lib, name).argtypes) == n_params, name
 

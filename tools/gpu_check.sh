@@ -87,7 +87,7 @@ else
 fi
 
 step cuda-tests 180 python3 -m pytest -q -rs --gpu \
-  tests/test_cuda_backend.py tests/test_torch_ops.py \
+  tests/test_cuda_backend.py tests/test_cuda_optim.py tests/test_torch_ops.py \
   --junitxml="$OUT/cuda_tests.xml"
 
 step gpu-tests 90 python3 -m pytest -q -rs --gpu -m gpu tests/ --junitxml="$OUT/gpu_tests.xml"

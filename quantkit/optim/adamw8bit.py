@@ -44,6 +44,20 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _cuda_library():
+    """quantkit's CUDA library with the optimizer's entry points declared."""
+    from ..backends import cuda, cuda_optim
+
+    lib = cuda.library()
+    cuda_optim.declare(lib)
+    return lib
+
+
+def _cuda_stream(t: torch.Tensor):
+    """The handle of torch's current stream on ``t``'s device (what the kernels launch on)."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
 def _check_number(name, value, low, high, low_open=False, high_open=False):
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or \
             isinstance(value, bool) or not math.isfinite(value):
@@ -98,9 +112,9 @@ class AdamW8bit(torch.optim.Optimizer):
                 if p.dtype != torch.float32:
                     raise TypeError(f"parameter {pi} of group {gi} is {p.dtype}; "
                                     "AdamW8bit takes float32 parameters")
-                if p.device.type != "cpu":
+                if p.device.type not in ("cpu", "cuda"):
                     raise ValueError(f"parameter {pi} of group {gi} is on {p.device}; "
-                                     "AdamW8bit runs on CPU tensors")
+                                     "AdamW8bit runs on CPU and CUDA tensors")
 
     # ----------------------------------------------------------------------------- the step
 
@@ -108,20 +122,26 @@ class AdamW8bit(torch.optim.Optimizer):
         """Whether ``p`` keeps 8-bit moments (2+ dimensions, at least min_8bit_size elements)."""
         return p.dim() >= 2 and p.numel() >= group["min_8bit_size"]
 
+    @staticmethod
+    def _on_cuda(p: torch.Tensor) -> bool:
+        """Whether ``p``'s step runs on the CUDA kernels (csrc/optim.cu)."""
+        return _local(p).device.type == "cuda"
+
     def _init_state(self, p, group):
         rows = _as_rows(_local(p.detach()))
         state = self.state[p]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        on = dict(device=rows.device)       # the moments live beside the (local) parameter
         if self.uses_8bit_state(p, group):
             n_rows, length = rows.shape
             per_row = max(1, length // group["block_size"])
-            state["m_codes"] = torch.zeros((n_rows, length), dtype=torch.int8)
-            state["m_absmax"] = torch.zeros((n_rows, per_row), dtype=torch.float32)
-            state["r_codes"] = torch.zeros((n_rows, length), dtype=torch.uint8)
-            state["r_absmax"] = torch.zeros((n_rows, per_row), dtype=torch.float32)
+            state["m_codes"] = torch.zeros((n_rows, length), dtype=torch.int8, **on)
+            state["m_absmax"] = torch.zeros((n_rows, per_row), dtype=torch.float32, **on)
+            state["r_codes"] = torch.zeros((n_rows, length), dtype=torch.uint8, **on)
+            state["r_absmax"] = torch.zeros((n_rows, per_row), dtype=torch.float32, **on)
         else:
-            state["m"] = torch.zeros(rows.shape, dtype=torch.float32)
-            state["r"] = torch.zeros(rows.shape, dtype=torch.float32)
+            state["m"] = torch.zeros(rows.shape, dtype=torch.float32, **on)
+            state["r"] = torch.zeros(rows.shape, dtype=torch.float32, **on)
 
     def _check_gradients(self):
         """Every (param, group) with a gradient, after checking all of them."""
@@ -144,8 +164,13 @@ class AdamW8bit(torch.optim.Optimizer):
                     raise ValueError(f"the gradient of parameter {pi} of group {gi} has shape "
                                      f"{tuple(local_g.shape)}, the parameter "
                                      f"{tuple(_local(p).shape)}")
-                g = np.ascontiguousarray(local_g.detach().numpy()).reshape(-1)
-                if numba_optim.count_bad_gradients(g):
+                if self._on_cuda(p):
+                    g = local_g.detach()
+                    bad = int((~(g.abs() <= float(numba_optim.GRAD_LIMIT))).sum())
+                else:
+                    g = np.ascontiguousarray(local_g.detach().numpy()).reshape(-1)
+                    bad = numba_optim.count_bad_gradients(g)
+                if bad:
                     raise ValueError(f"the gradient of parameter {pi} of group {gi} has NaN, "
                                      "Inf or values above 2**60; no parameter was updated")
                 work.append((p, group))
@@ -170,6 +195,9 @@ class AdamW8bit(torch.optim.Optimizer):
             s = reference.adamw_scalars(group["lr"], beta1, beta2, group["eps"],
                                         group["weight_decay"], int(state["step"].item()))
             scalars = [s[name] for name in _SCALAR_NAMES]
+            if self._on_cuda(p):
+                self._step_cuda(p, state, group, scalars)
+                continue
             local_p = _local(p).detach()
             rows = _as_rows(local_p)
             contiguous = rows.is_contiguous() and rows.data_ptr() == local_p.data_ptr()
@@ -187,6 +215,29 @@ class AdamW8bit(torch.optim.Optimizer):
             if not contiguous:
                 local_p.copy_(torch.from_numpy(p_rows).reshape(local_p.shape))
         return loss
+
+    @staticmethod
+    def _step_cuda(p, state, group, scalars):
+        """The step of a CUDA parameter on csrc/optim.cu's kernels (same bits as the CPU's)."""
+        from ..backends import cuda_optim
+
+        lib = _cuda_library()
+        local_p = _local(p).detach()
+        stream = _cuda_stream(local_p)
+        rows = _as_rows(local_p)
+        contiguous = rows.is_contiguous() and rows.data_ptr() == local_p.data_ptr()
+        p_rows = rows if contiguous else rows.contiguous()
+        g_rows = _as_rows(_local(p.grad).detach()).contiguous()
+        if "m_codes" in state:
+            cuda_optim.adamw8bit_step(lib, stream, p_rows, g_rows, state["m_codes"],
+                                      state["m_absmax"], state["r_codes"], state["r_absmax"],
+                                      group["block_size"], reference.M_CODE, reference.R_CODE,
+                                      scalars)
+        else:
+            cuda_optim.adamw32_step(lib, stream, p_rows, g_rows, state["m"], state["r"],
+                                    scalars)
+        if not contiguous:
+            local_p.copy_(p_rows.reshape(local_p.shape))
 
     # ------------------------------------------------------------------------- state dicts
 
