@@ -11,6 +11,7 @@ bf16 mixed precision         2         2          12 (float32 master copy 4 + m 
 int8 base + LoRA, float32    1 + 4/K   adapters:  adapters: 8 per adapter parameter
   adapter states             (base)    4 each
 int8 base + LoRA, 8-bit      1 + 4/K   4 each     2.03125 per adapter parameter
+float32 base + LoRA          4         4 each     8 per adapter parameter
 ===========================  ========  =========  =======================================
 
 (7B, float32 full fine-tune: 28 + 28 + 56 = 112 GB.) 8-bit states hold int8 codes and one
@@ -173,6 +174,7 @@ def plan(shape: Shape, *, rank: int = 16, seq: int | None = None,
         (f"int8 base + LoRA r={rank}, float32 AdamW", int8_base + 4 * lora, 4 * lora, 8 * lora),
         (f"int8 base + LoRA r={rank}, 8-bit AdamW", int8_base + 4 * lora, 4 * lora,
          2 * STATE_8BIT * lora),
+        (f"float32 base + LoRA r={rank}, float32 AdamW", 4 * n + 4 * lora, 4 * lora, 8 * lora),
     ]
     out = []
     for name, w, g, s in rows:
