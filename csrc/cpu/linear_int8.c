@@ -366,25 +366,43 @@ AVX2 static void w8_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, con
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline))
 
-/* C[r][q] = sum_k A[r][k] B[q][k] for r < ROWS, q < 4, k in [0, K), from ap = A XOR 0x80 (the
- * unsigned a + 128) and the signed weight rows: sum_k ap[k] b[k] - 128 sum_k b[k] (header). */
-VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const int8_t *b0,
-                           int64_t ldb, int64_t K, int32_t *c, int64_t ldc) {
+/* 128 * sum_k B[q][k] for q < 4, k in [0, K) (modulo 2^32): the correction of the a + 128 sums. */
+VNNI INLINE void vnni_offsets(const int8_t *b0, int64_t ldb, int64_t K, uint32_t offset[4]) {
     const __m512i ones = _mm512_set1_epi8(1);
-    __m512i acc[4][4], bsum[4], w[4];
+    __m512i bsum[4];
 #pragma GCC unroll 4
-    for (int q = 0; q < 4; q++) {
-        bsum[q] = _mm512_setzero_si512();
+    for (int q = 0; q < 4; q++) bsum[q] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++)
+            bsum[q] = _mm512_dpbusd_epi32(
+                bsum[q], ones, _mm512_loadu_si512((const void *)(b0 + q * ldb + k)));
+    if (k < K) {
+        __mmask64 m = (__mmask64)((~0ULL) >> (64 - (K - k)));
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++)
+            bsum[q] = _mm512_dpbusd_epi32(
+                bsum[q], ones, _mm512_maskz_loadu_epi8(m, (const void *)(b0 + q * ldb + k)));
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) offset[q] = 128u * (uint32_t)_mm512_reduce_add_epi32(bsum[q]);
+}
+
+/* C[r][q] = sum_k A[r][k] B[q][k] for r < ROWS, q < 4, k in [0, K), from ap = A XOR 0x80 (the
+ * unsigned a + 128) and the signed weight rows: sum_k ap[k] b[k] - offset[q] (header). */
+VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const int8_t *b0,
+                           int64_t ldb, int64_t K, const uint32_t offset[4], int32_t *c,
+                           int64_t ldc) {
+    __m512i acc[4][4], w[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++)
 #pragma GCC unroll 4
         for (int r = 0; r < 4; r++) acc[r][q] = _mm512_setzero_si512();
-    }
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; q++) {
-            w[q] = _mm512_loadu_si512((const void *)(b0 + q * ldb + k));
-            bsum[q] = _mm512_dpbusd_epi32(bsum[q], ones, w[q]);
-        }
+        for (int q = 0; q < 4; q++) w[q] = _mm512_loadu_si512((const void *)(b0 + q * ldb + k));
 #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) {
             __m512i x = _mm512_loadu_si512((const void *)(ap + r * lda + k));
@@ -395,10 +413,8 @@ VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const
     if (k < K) {                       /* masked bytes load as 0: b = 0 adds nothing */
         __mmask64 m = (__mmask64)((~0ULL) >> (64 - (K - k)));
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; q++) {
+        for (int q = 0; q < 4; q++)
             w[q] = _mm512_maskz_loadu_epi8(m, (const void *)(b0 + q * ldb + k));
-            bsum[q] = _mm512_dpbusd_epi32(bsum[q], ones, w[q]);
-        }
 #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) {
             __m512i x = _mm512_maskz_loadu_epi8(m, (const void *)(ap + r * lda + k));
@@ -406,9 +422,6 @@ VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const
             for (int q = 0; q < 4; q++) acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], x, w[q]);
         }
     }
-    uint32_t offset[4];
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; q++) offset[q] = 128u * (uint32_t)_mm512_reduce_add_epi32(bsum[q]);
 #pragma GCC unroll 4
     for (int r = 0; r < ROWS; r++)
 #pragma GCC unroll 4
@@ -425,14 +438,16 @@ VNNI static void gemm_vnni_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
     int64_t j4 = j0 + (j1 - j0) / 4 * 4;
     for (int64_t j = j0; j < j4; j += 4) {
         const int8_t *b = B + j * ldb;
+        uint32_t offset[4];
+        vnni_offsets(b, ldb, K, offset);      /* once per group, for every row of A */
         int64_t i = 0;
         for (; i + 4 <= M; i += 4)
-            vnni_tile(4, ap + i * ldap, ldap, b, ldb, K, C + i * ldc + j, ldc);
+            vnni_tile(4, ap + i * ldap, ldap, b, ldb, K, offset, C + i * ldc + j, ldc);
         if (M - i >= 2) {
-            vnni_tile(2, ap + i * ldap, ldap, b, ldb, K, C + i * ldc + j, ldc);
+            vnni_tile(2, ap + i * ldap, ldap, b, ldb, K, offset, C + i * ldc + j, ldc);
             i += 2;
         }
-        if (i < M) vnni_tile(1, ap + i * ldap, ldap, b, ldb, K, C + i * ldc + j, ldc);
+        if (i < M) vnni_tile(1, ap + i * ldap, ldap, b, ldb, K, offset, C + i * ldc + j, ldc);
     }
     if (j4 < j1) gemm_generic_block(M, j4, j1, K, A, lda, B, ldb, C, ldc);
 }
