@@ -1,7 +1,8 @@
 """One rank of the FSDP2 test (tests/test_optim_fsdp.py): train a small model sharded with
 ``fully_shard`` on the gloo backend, every rank on the same batches, with AdamW8bit; print the
 losses as JSON. With ``resume`` the optimizer is saved after 3 steps (one safetensors file per
-rank), rebuilt, loaded, and training goes on."""
+rank), rebuilt, loaded, and training goes on; ``dcp`` does the same through
+torch.distributed.checkpoint with the DTensor states of ``sharded_state_dict``."""
 
 import json
 import os
@@ -57,7 +58,18 @@ def main():
         fully_shard(layer)
     fully_shard(model)
     opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
-    if mode == "resume":
+    if mode == "dcp":                  # torch.distributed.checkpoint of the sharded states
+        import torch.distributed.checkpoint as dcp
+
+        losses = train(model, opt, data[:3])
+        folder = os.path.join(os.environ["QK_TEST_DIR"], "dcp")
+        dcp.save({"optim": opt.sharded_state_dict()}, checkpoint_id=folder)
+        opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+        template = {"optim": opt.sharded_state_dict()}
+        dcp.load(template, checkpoint_id=folder)
+        opt.load_sharded_state_dict(template["optim"])
+        losses += train(model, opt, data[3:])
+    elif mode == "resume":
         losses = train(model, opt, data[:3])
         folder = os.environ["QK_TEST_DIR"]
         path = os.path.join(folder, f"optim-rank{rank}.safetensors")

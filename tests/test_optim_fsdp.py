@@ -65,3 +65,13 @@ def test_fsdp2_resume_from_saved_state(tmp_path):
     assert resumed == single
     assert sorted(f.name for f in tmp_path.glob("optim-rank*.safetensors")) == [
         "optim-rank0.safetensors", "optim-rank1.safetensors"]
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_through_distributed_checkpoint(tmp_path):
+    """dcp.save of sharded_state_dict() after 3 steps, a fresh optimizer, dcp.load, 2 more steps:
+    the losses of one process that never stopped, exactly."""
+    single, _ = run("single", tmp_path)
+    resumed, _ = run("dcp", tmp_path, world=2)
+    assert resumed == single
+    assert (tmp_path / "dcp" / ".metadata").is_file()

@@ -44,6 +44,26 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _check_row_sharding(p, pid) -> None:
+    """ValueError unless the DTensor ``p`` is sharded along dim 0 only (FSDP2's layout)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0)
+               for pl in p.placements):
+        raise ValueError(f"parameter {pid} is a DTensor placed as {p.placements}; sharded "
+                         "state dicts need shards along dim 0 (Shard(0) or Replicate)")
+
+
+def _as_dtensor(local: torch.Tensor, p) -> torch.Tensor:
+    """A (rows, C) state of ``p``'s local shard as a DTensor sharded like ``p`` along its rows."""
+    from torch.distributed.tensor import DTensor
+
+    rows = p.shape[0] if p.dim() >= 1 else 1
+    shape = (rows, local.shape[1])
+    return DTensor.from_local(local.contiguous(), p.device_mesh, p.placements,
+                              run_check=False, shape=shape, stride=(shape[1], 1))
+
+
 def _cuda_library():
     """quantkit's CUDA library with the optimizer's entry points declared."""
     from ..backends import cuda, cuda_optim
@@ -240,6 +260,43 @@ class AdamW8bit(torch.optim.Optimizer):
             local_p.copy_(p_rows.reshape(local_p.shape))
 
     # ------------------------------------------------------------------------- state dicts
+
+    def sharded_state_dict(self) -> dict:
+        """``state_dict()`` with the states of DTensor parameters as DTensors, for
+        ``torch.distributed.checkpoint`` (``dcp.save`` / ``dcp.load``).
+
+        Each state of a sharded parameter is the local shard's state wrapped with the parameter's
+        device mesh and placements, its global shape the parameter's rows by the state's columns
+        (states are sharded along their rows exactly as the parameter is along dim 0, uneven
+        shards included). Every parameter gets its (zero) state first, so the same call on a fresh
+        optimizer gives the template ``dcp.load`` fills in place; then
+        :meth:`load_sharded_state_dict`. States of ordinary tensors stay as they are.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    self._init_state(p, group)
+        sd = self.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, state in sd["state"].items():
+            p = params[pid]
+            if not hasattr(p, "device_mesh"):
+                continue
+            _check_row_sharding(p, pid)
+            for key, value in list(state.items()):
+                if key != "step":
+                    state[key] = _as_dtensor(value, p)
+        return sd
+
+    def load_sharded_state_dict(self, state_dict) -> None:
+        """:meth:`load_state_dict` of a :meth:`sharded_state_dict` (DTensor states become their
+        local shards, which must be this rank's shards of the same parameters)."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+            raise ValueError("state_dict must have 'state' and 'param_groups'")
+        local = dict(state_dict, state={
+            pid: {key: (_local(v) if key != "step" else v) for key, v in state.items()}
+            for pid, state in state_dict["state"].items()})
+        self.load_state_dict(local)
 
     def load_state_dict(self, state_dict):
         """As ``torch.optim.Optimizer.load_state_dict``, after checking the state's layout.
