@@ -291,9 +291,11 @@ def test_calibration_kernels_delegate_host_functions():
     from quantkit.backends import numba_calib
 
     assert cuda.LOG_HISTOGRAM_BINS == numba_calib.HIST_BINS
-    assert calibration._host().model_search is numba_calib.model_search
-    assert calibration._cuda_flat_kernels() == calibration.FlatKernels(
-        cuda.absmax_flat, cuda.histogram_log, cuda.sse_fixed_many)
+    assert calibration._args.host_kernels().model_search is numba_calib.model_search
+    k = calibration.gpu.cuda_kernels()
+    assert isinstance(k, calibration.FlatKernels)
+    assert k.absmax is cuda.absmax_flat and k.sse_fixed_many is cuda.sse_fixed_many
+    assert k.sample_pieces is None and k.scan_tail is None and k.sse_chunked_many is None
 
 
 def test_nonfinite_error_matches_the_cpu_message():
@@ -1017,7 +1019,8 @@ def test_emulated_calibrate_mse_per_tensor_equals_cpu(emulated_backend, monkeypa
     expected = _cpu_alpha(x)
     assert isinstance(expected, float) and expected > 0
     monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
-    monkeypatch.setattr(calibration, "_kernels", _fail_host_path)
+    monkeypatch.setattr(calibration._args, "data_kernels", _fail_host_path)
+    monkeypatch.setattr(calibration.mse, "numba_kernels", _fail_host_path)
     for t in (torch.from_numpy(x), torch.from_numpy(x.reshape(-1, 10)).t()):  # plain, transposed
         got = calibration.calibrate_cuda(t, "mse")
         assert isinstance(got, float)
@@ -1043,7 +1046,8 @@ def test_emulated_calibrate_max_equals_cpu(emulated_backend, monkeypatch, how, s
                 "axes": [_cpu_alpha(torch.from_numpy(x), "max", axis=a)
                          for a in range(-len(shape), len(shape))]}
     monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
-    monkeypatch.setattr(calibration, "_kernels", _fail_host_path)
+    monkeypatch.setattr(calibration._args, "data_kernels", _fail_host_path)
+    monkeypatch.setattr(calibration.mse, "numba_kernels", _fail_host_path)
     got = calibration.calibrate_cuda(t, "max")
     assert isinstance(got, float) and got == expected["tensor"]
     blocks = calibration.calibrate_cuda(t, "max", block_size=64)
@@ -1085,7 +1089,8 @@ def test_emulated_calibrate_mse_needing_host_data_raises(emulated_backend, monke
     sparse[:60_000] = rng.standard_normal(60_000)
     narrow = rng.uniform(1.0, 2.0, 70_000).astype(np.float32)  # 128 bins, many values in each
     monkeypatch.setattr(calibration._arrays, "float32_numpy", _fail_host_path)
-    monkeypatch.setattr(calibration, "_kernels", _fail_host_path)
+    monkeypatch.setattr(calibration._args, "data_kernels", _fail_host_path)
+    monkeypatch.setattr(calibration.mse, "numba_kernels", _fail_host_path)
     for x, match in ((small, "4096 <= 65536 values"), (sparse, "60000 <= 65536 non-zero"),
                      (narrow, "at most 513 log-histogram bins")):
         with pytest.raises(NotImplementedError, match=match):
@@ -1121,7 +1126,8 @@ def test_emulated_calibrate_argument_errors_match_cpu(emulated_backend):
 def test_calibrate_dispatches_cuda_tensors_to_the_backend(monkeypatch):
     """quantkit.calibrate hands a CUDA tensor to the GPU path with checked options."""
     seen = []
-    monkeypatch.setattr(calibration, "_calibrate_on_gpu", lambda x, method, axis, block_size, opts:
+    monkeypatch.setattr(calibration.gpu, "calibrate_on_gpu",
+                        lambda x, method, axis, block_size, opts:
                         seen.append((method, dict(axis=axis, block_size=block_size, **opts)))
                         or 1.5)
     monkeypatch.setattr(calibration._arrays, "kind_of", lambda x: _arrays.TORCH_CUDA)
