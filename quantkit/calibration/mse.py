@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _arrays
+from .._constants import QMAX
 from . import _args
 from ._args import MIN_ALPHA
 
@@ -303,9 +304,9 @@ def _pile_candidates(k, sample: np.ndarray, counts: np.ndarray, around: float, t
         if members.size == 0:
             continue
         v = float(members.mean())
-        j_lo = max(1, int(np.ceil(127 * v / min(1.15 * around, float(top)))))
-        j_hi = int(np.floor(127 * v / (0.85 * around)))
-        out += [127 * v / j for j in range(j_lo, min(j_hi, j_lo + 7) + 1)]
+        j_lo = max(1, int(np.ceil(QMAX * v / min(1.15 * around, float(top)))))
+        j_hi = int(np.floor(QMAX * v / (0.85 * around)))
+        out += [QMAX * v / j for j in range(j_lo, min(j_hi, j_lo + 7) + 1)]
     return tuple(a for a in out if 0 < a <= float(top))[:16]
 
 
@@ -346,7 +347,7 @@ def _search_sampled(k: FlatKernels, flat, n: int, sample: np.ndarray, nonfinite)
     a_s = float(h.model_search(cnt, mean, var, amax_s, np.inf))  # a smooth model: a first guess
 
     def stands(alpha):  # every value the exact search can clip or round near the top is >= T
-        return alpha * (1 - _SAMPLED_MARGIN) * (126.5 / 127) >= t_value
+        return alpha * (1 - _SAMPLED_MARGIN) * ((QMAX - 0.5) / QMAX) >= t_value
 
     if not stands(a_s * 0.97):
         return None
