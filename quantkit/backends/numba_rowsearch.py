@@ -24,9 +24,9 @@ them.
 
        g(s) = -254 sum_clip (v/s - 127) + N_mid / 6 - 2 sum_low q (v/s - q),
 
-   one vectorised pass with int64 fixed-point sums.  Coarse scan of M (``model_g_error_clip``) from amax/127
-   down by 2^(-1/4) until its clip part (a lower bound of M at all smaller s) reaches the best M;
-   every local minimum (top end with g <= 0, or a - to + sign change of g; a finer scan where the
+   one vectorised pass with int64 fixed-point sums.  Coarse scan of M (``model_g_error_clip``)
+   from amax/127 down by 2^(-1/4) until its clip part (a lower bound of M at all smaller s)
+   reaches the best M; every local minimum (top end with g <= 0, or a - to + sign change of g; a finer scan where the
    lowest coarse point is unexplained: two roots within one step, multimodal data) near the best is
    refined by Illinois regula falsi on g in t = ln(s / s_top) to ``tol``; a runner-up within 3% of
    the best model error is swept too.  Measured: the brute-force optimum lies within +-2.4% of the
@@ -45,8 +45,9 @@ them.
    ceil(((k - 1/2)/v_i - u0)/du) on (difference arrays, then a prefix sum).  O(n + events + M);
    events per value ~ 2 W q_i (about 0.95 per value for W = 3% on the benchmark weight).
    A loop over each value's own events mispredicts about once per value on fresh rows, so
-   ``sweep`` runs the events in rounds over an in-place compacted list, branch-free.  All sums int64 fixed point (units powers of two
-   from amax or the window: exact, order-free, scale-invariant).  The sweep equals the float32
+   ``sweep`` runs the events in rounds over an in-place compacted list, branch-free.  All sums
+   int64 fixed point (units powers of two from amax or the window: exact, order-free,
+   scale-invariant).  The sweep equals the float32
    error to ~5e-6 relative near the minimum (tests/backends/test_numba_rowsearch.py), far below
    the 1e-3 goal.
 

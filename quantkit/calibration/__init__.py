@@ -17,7 +17,8 @@ exact to integer counts and moments) and yields alpha with the same methods.
 
 The package: ``_args`` (checked arguments), ``mse`` (the "mse" search of one flat array, one
 policy over a kernel set per device), ``entropy``, ``observer``, ``gpu`` (CUDA tensors on their
-device). How the "mse" search works, and how close it gets to the brute-force optimum: docs/CALIBRATION.md.
+device). How the "mse" search works, and how close it gets to the brute-force optimum:
+docs/CALIBRATION.md.
 """
 
 from __future__ import annotations

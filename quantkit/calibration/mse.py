@@ -381,7 +381,8 @@ def _search_sampled(k: FlatKernels, flat, n: int, sample: np.ndarray, nonfinite)
 
 
 def search_host_flat(flat: np.ndarray, x32=None, name="x") -> np.float32:
-    """search_flat of a host array; NaN/Inf are reported against ``x32``'s shape (flat's if None)."""
+    """search_flat of a host array; NaN/Inf are reported against ``x32``'s shape (``flat``'s
+    when x32 is None)."""
     shaped = flat if x32 is None else x32
     return search_flat(numba_kernels(), flat, flat.size,
                        lambda bad: _arrays.nonfinite_error(shaped, bad, name))

@@ -107,7 +107,7 @@ def cmd_inspect(args) -> int:
     from ..io import CheckpointReader
 
     path = Path(args.file)
-    source = SafetensorsSource(path)          # resolves shards, and gives clear errors for bad input
+    source = SafetensorsSource(path)  # resolves shards, and gives clear errors for bad input
     readers = {}
     for f in source.files:
         try:
@@ -214,8 +214,8 @@ def cmd_calibrate(args) -> int:
     if args.granularity.kind != "tensor":
         for info in chosen:
             if len(info.shape) < 1 or (args.granularity.kind == "channel" and len(info.shape) < 2):
-                raise _usage_error(f"tensor {info.name!r} ({shape_text(info.shape)}) has no channels; "
-                                   "use --granularity tensor")
+                raise _usage_error(f"tensor {info.name!r} ({shape_text(info.shape)}) has no "
+                                   "channels; use --granularity tensor")
     plot_path = Path(args.plot) if args.plot else None
     if plot_path is not None:
         _require_matplotlib()

@@ -72,7 +72,8 @@ def synthetic_demo(stdout=None) -> int:
         dst = Path(tmp) / "synthetic-int8.safetensors"
         print("$ quantkit quantize synthetic.safetensors -o synthetic-int8.safetensors "
               "--method mse --granularity channel --skip 'embeddings.*'", file=stdout)
-        run_quantize(SafetensorsSource(src), dst, method="mse", stdout=stdout, skip=["embeddings.*"])
+        run_quantize(SafetensorsSource(src), dst, method="mse", stdout=stdout,
+                     skip=["embeddings.*"])
         rng = np.random.default_rng(1)
         tokens = weights["embeddings.weight"][rng.integers(0, 1000, 64)]
         reference = _synthetic_forward(weights, tokens)
