@@ -1,4 +1,4 @@
-"""``python -m quantkit``: the quantkit command (see quantkit/cli.py)."""
+"""``python -m quantkit``: the quantkit command (see quantkit/cli/)."""
 
 from .cli import main
 

@@ -10,3 +10,11 @@ MAX_BLOCK_SIZE = 4096
 #: Smallest positive alpha: below it ``float32(127 / alpha)`` overflows float32. alpha is either 0 or
 #: at least this (float32(127) / FLT_MAX, rounded up to float32).
 MIN_POSITIVE_ALPHA = 3.7321948e-37
+
+#: Log histogram of |x| (numba and CUDA): bin = (float32 bits of |x|) >> HIST_SHIFT, the exponent and
+#: the top 7 mantissa bits; every finite float32 has a bin below HIST_BINS.
+HIST_SHIFT = 16
+HIST_BINS = 255 << 7
+
+#: Elements per chunk of the parallel numba kernels (one task's share, kept in cache).
+CHUNK = 1 << 16

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calibration import METHODS, _prepare, calibrate, quantization_mse
+from .calibration import METHODS, calibrate, quantization_mse
+from .calibration._args import prepare as _prepare
 
 _COLORS = {"max": "#d62728", "percentile": "#9467bd", "entropy": "#ff7f0e", "mse": "#2ca02c"}
 

@@ -261,7 +261,7 @@ def test_mse_sampled_path_reaches_dense_optimum(name):
 
 
 def test_exact_search_follows_a_sharp_minimum():
-    from quantkit.calibration import _exact_search
+    from quantkit.calibration.mse import _exact_search
 
     calls = []
 

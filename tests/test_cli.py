@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quantkit import QTensor, cli, load
+from quantkit import QTensor, cli, convert, load
 from quantkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,8 +251,8 @@ def test_quantize_interrupted_leaves_no_output(checkpoint, tmp_path, capsys, mon
         calls.append(1)
         return real(*args, **kwargs)
 
-    real = cli.quantize_tensor
-    monkeypatch.setattr(cli, "quantize_tensor", interrupted)
+    real = convert.quantize_tensor
+    monkeypatch.setattr(convert, "quantize_tensor", interrupted)
     out = tmp_path / "out.safetensors"
     assert main(["quantize", str(checkpoint), "-o", str(out)]) == 130
     assert "interrupted" in capsys.readouterr().err

@@ -87,7 +87,7 @@ def _backend_of(module: str):
 def test_the_graph_sees_the_known_arrows():
     graph = import_graph()
     assert "quantkit.qtensor" in graph["quantkit.ops"]
-    assert "quantkit.backends.numba_calib" in graph["quantkit.calibration"]  # deferred import
+    assert "quantkit.backends.numba_calib" in graph["quantkit.calibration._args"]  # deferred
     assert "quantkit.backends.cuda" in graph["quantkit.ops"] | graph["quantkit._dispatch"]
 
 
@@ -115,3 +115,13 @@ def test_leaves_import_nothing_above_them():
     graph = import_graph()
     for leaf in LEAVES:
         assert graph[leaf] <= LEAVES, leaf
+
+
+def test_only_the_command_imports_the_command():
+    """cli prints; nothing it calls (convert, calibration, io, ...) imports it back."""
+    graph = import_graph()
+    users = sorted(m for m, edges in graph.items()
+                   if any(t.startswith("quantkit.cli") for t in edges)
+                   and not m.startswith("quantkit.cli") and m != "quantkit.__main__")
+    assert users == []
+    assert "quantkit.convert" in graph["quantkit.cli.commands"]

@@ -6,7 +6,7 @@
 # 1. environment: nvidia-smi, nvcc, torch and its CUDA build;
 # 2. build csrc/ with this machine's nvcc (warnings as errors) into quantkit/_libquantkit_cuda.so;
 #    without nvcc, an already built library there is used as it is;
-# 3. the CUDA tests: tests/test_cuda_backend.py and tests/test_torch_ops.py in full, then every
+# 3. the CUDA tests: tests/test_cuda_*.py and tests/test_torch_ops.py in full, then every
 #    test marked gpu under tests/ (pytest --gpu);
 # 4. the CUDA benchmarks: pytest benchmarks/ --gpu -k cuda (full size: 256M elements);
 # 5. if time is left, the whole of pytest tests/ --gpu.
@@ -87,7 +87,8 @@ else
 fi
 
 step cuda-tests 180 python3 -m pytest -q -rs --gpu \
-  tests/test_cuda_backend.py tests/test_cuda_optim.py tests/test_torch_ops.py \
+  tests/test_cuda_header.py tests/test_cuda_loader.py tests/test_cuda_gpu.py \
+  tests/test_cuda_emulated.py tests/test_cuda_optim.py tests/test_torch_ops.py \
   --junitxml="$OUT/cuda_tests.xml"
 
 step gpu-tests 90 python3 -m pytest -q -rs --gpu -m gpu tests/ --junitxml="$OUT/gpu_tests.xml"

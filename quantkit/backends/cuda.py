@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 from .. import _arrays, reference
-from .._constants import MIN_POSITIVE_ALPHA, QMAX
+from .._constants import HIST_BINS, MIN_POSITIVE_ALPHA, QMAX
 
 #: Must equal QK_ABI_VERSION in csrc/quantkit.h.
 ABI_VERSION = 1
 #: Largest bin count of :func:`abs_histogram` (QK_MAX_HISTOGRAM_BINS in csrc/quantkit.h).
 MAX_HISTOGRAM_BINS = 1 << 20
-#: Bins of :func:`abs_histogram_log` (QK_LOG_HISTOGRAM_BINS; numba_calib.HIST_BINS).
-LOG_HISTOGRAM_BINS = 255 << 7
+#: Bins of :func:`abs_histogram_log` (QK_LOG_HISTOGRAM_BINS; the numba kernels' HIST_BINS).
+LOG_HISTOGRAM_BINS = HIST_BINS
 #: Candidates per pass of :func:`sse_fixed_many` (QK_MAX_SSE_CANDIDATES).
 MAX_SSE_CANDIDATES = 16
 
@@ -279,6 +279,15 @@ def _read_count(counter) -> int:
     return int(counter.item())  # synchronises with the stream
 
 
+def _check_finite(code: int, what: str, counter, x32) -> None:
+    """After a launch that counts non-finite inputs: its error code, then the count (ValueError
+    naming the first NaN/Inf of ``x32`` when there are any)."""
+    _check(code, what)
+    bad = _read_count(counter)
+    if bad:
+        raise nonfinite_error(x32, bad)
+
+
 # ------------------------------------------------------------------------------ public API
 
 
@@ -311,10 +320,7 @@ def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> tuple:
         else:
             code = lib.qk_quantize_int8_f32(dense.data_ptr(), codes.data_ptr(), n,
                                             inv_d.data_ptr(), *args)
-        _check(code, "quantize")
-        bad = _read_count(counter)
-        if bad:
-            raise nonfinite_error(x32, bad)
+        _check_finite(code, "quantize", counter, x32)
     data = out if out is not None else codes.permute(_inverse(perm))
     return data, torch.from_numpy(scale).to(device)
 
@@ -378,10 +384,7 @@ def absmax(x, *, axis=None, block_size=None):
         code = lib.qk_absmax_blockwise_f32(dense.data_ptr(), n, block_size, *args)
     else:
         code = lib.qk_absmax_f32(dense.data_ptr(), n, *args)
-    _check(code, "absmax")
-    bad = _read_count(counter)
-    if bad:
-        raise nonfinite_error(x32, bad)
+    _check_finite(code, "absmax", counter, x32)
     return result.reshape(out_shape)
 
 
@@ -425,10 +428,7 @@ def abs_histogram(x, bins: int, hi):
     code = lib.qk_abs_histogram_f32(dense.data_ptr(), dense.numel(), bins, float(inv_width),
                                     counts.data_ptr(), sums.data_ptr(), sumsq.data_ptr(),
                                     counter.data_ptr(), _index(device), _stream(device))
-    _check(code, "histogram")
-    bad = _read_count(counter)
-    if bad:
-        raise nonfinite_error(x32, bad)
+    _check_finite(code, "histogram", counter, x32)
     return counts, sums, sumsq
 
 
@@ -456,10 +456,7 @@ def abs_histogram_log(x):
     code = lib.qk_abs_histogram_log_f32(dense.data_ptr(), dense.numel(), counts.data_ptr(),
                                         sum_res.data_ptr(), sum_res2.data_ptr(),
                                         counter.data_ptr(), _index(device), _stream(device))
-    _check(code, "log histogram")
-    bad = _read_count(counter)
-    if bad:
-        raise nonfinite_error(x32, bad)
+    _check_finite(code, "log histogram", counter, x32)
     return counts, sum_res, sum_res2
 
 
@@ -506,10 +503,7 @@ def sse_fixed_many(x, alphas, unit_inv: float) -> np.ndarray:
                                          scale_d[lo:].data_ptr(), inv_d[lo:].data_ptr(), k,
                                          unit_inv, sums[lo:].data_ptr(), counter.data_ptr(),
                                          _index(device), _stream(device))
-        _check(code, "error sums")
-        bad = _read_count(counter)
-        if bad:
-            raise nonfinite_error(x32, bad)
+        _check_finite(code, "error sums", counter, x32)
     return sums[: scale.size].cpu().numpy()
 
 

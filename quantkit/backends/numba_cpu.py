@@ -24,9 +24,8 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _buffers
-from .._constants import QMAX
+from .._constants import CHUNK, QMAX
 
-_CHUNK = 1 << 16  # elements per parallel work item: 256 KiB of float32
 _LOW = np.float32(-QMAX)
 _HIGH = np.float32(QMAX)
 
@@ -38,11 +37,11 @@ _HIGH = np.float32(QMAX)
 def _quantize_flat(x, inv, out):
     """out[i] = clamp(rint(x[i] * inv)); returns the number of non-finite x[i]."""
     n = x.size
-    n_chunks = (n + _CHUNK - 1) // _CHUNK
+    n_chunks = (n + CHUNK - 1) // CHUNK
     bad = np.zeros(n_chunks, np.int64)
     for c in prange(n_chunks):
-        lo = c * _CHUNK
-        hi = min(lo + _CHUNK, n)
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, n)
         xs = x[lo:hi]
         qs = out[lo:hi]
         count = 0
@@ -59,10 +58,10 @@ def _quantize_flat(x, inv, out):
 def _dequantize_flat(q, scale, out):
     """out[i] = float32(q[i]) * scale."""
     n = q.size
-    n_chunks = (n + _CHUNK - 1) // _CHUNK
+    n_chunks = (n + CHUNK - 1) // CHUNK
     for c in prange(n_chunks):
-        lo = c * _CHUNK
-        hi = min(lo + _CHUNK, n)
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, n)
         qs = q[lo:hi]
         xs = out[lo:hi]
         for i in range(hi - lo):
@@ -136,7 +135,7 @@ def _quantize_blocks(x, inv, block_size, out):
     """Flat x; block b = x[b*block_size : (b+1)*block_size] uses inv[b]. Returns non-finite count."""
     n = x.size
     n_blocks = inv.size
-    per_task = max(1, _CHUNK // block_size)
+    per_task = max(1, CHUNK // block_size)
     n_tasks = (n_blocks + per_task - 1) // per_task
     bad = np.zeros(n_tasks, np.int64)
     for t in prange(n_tasks):
@@ -161,7 +160,7 @@ def _dequantize_blocks(q, scale, block_size, out):
     """Flat q; block b uses scale[b]."""
     n = q.size
     n_blocks = scale.size
-    per_task = max(1, _CHUNK // block_size)
+    per_task = max(1, CHUNK // block_size)
     n_tasks = (n_blocks + per_task - 1) // per_task
     for t in prange(n_tasks):
         for b in range(t * per_task, min((t + 1) * per_task, n_blocks)):

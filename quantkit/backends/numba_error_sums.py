@@ -3,7 +3,8 @@
 The arithmetic of :mod:`quantkit.reference` for one float32 alpha (``scale_inv``), the exact
 truncation to int64 that keeps fixed-point loops vectorised (``trunc_i64``), the fixed-point units
 (``unit_inverse``, ``search_unit``), the search's error sum ``sse_search`` and the tie rule
-``better``. This module imports no other kernel module, so every kernel module can import it.
+``better``, and the float32 constants they compare in. This module imports no other kernel
+module, so every kernel module can import it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .._constants import QMAX
+from .._constants import MIN_POSITIVE_ALPHA, QMAX
 
-_Q = np.float32(QMAX)
-_ZERO = np.float32(0.0)
+#: float32 forms of the constants every kernel compares in.
+Q = np.float32(QMAX)
+Q64 = float(QMAX)  # the float64 form
+ZERO = np.float32(0.0)
+MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)  # smaller positive alphas are not legal
+ABS_MASK = np.int32(0x7FFFFFFF)  # the float32 bits of |x|: x's bits & ABS_MASK
+#: Ratio between the points of the coarse geometric scans from amax down (the small-array search
+#: and the histogram model's search).
+COARSE_RATIO = 2.0 ** (-1.0 / 8.0)
 _MAGIC = 6755399441055744.0  # 1.5 * 2^52: its ulp is 1
 _MAGIC_BITS = 0x4338000000000000
 
@@ -45,8 +53,8 @@ def trunc_i64(d):
 def scale_inv(alpha):
     """(scale, inv_scale) of reference.py for one float32 alpha: 0 or >= MIN_POSITIVE_ALPHA."""
     a = np.float32(alpha)
-    scale = np.float32(a / _Q)
-    inv = np.float32(_Q / a) if a > _ZERO else _ZERO
+    scale = np.float32(a / Q)
+    inv = np.float32(Q / a) if a > ZERO else ZERO
     return scale, inv
 
 
@@ -54,7 +62,7 @@ def scale_inv(alpha):
 def quantization_error(v, scale, inv):
     """The exact float32 error ``v - min(rint(v * inv), 127) * scale`` of one |x| value ``v``
     (``scale``, ``inv`` from scale_inv): the expression of every error-sum kernel."""
-    return v - min(np.rint(v * inv), _Q) * scale
+    return v - min(np.rint(v * inv), Q) * scale
 
 
 @njit(cache=True)

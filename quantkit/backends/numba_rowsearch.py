@@ -24,9 +24,9 @@ them.
 
        g(s) = -254 sum_clip (v/s - 127) + N_mid / 6 - 2 sum_low q (v/s - q),
 
-   one vectorised pass with int64 fixed-point sums.  Coarse scan of M (``model_gm``) from amax/127
-   down by 2^(-1/4) until its clip part (a lower bound of M at all smaller s) reaches the best M;
-   every local minimum (top end with g <= 0, or a - to + sign change of g; a finer scan where the
+   one vectorised pass with int64 fixed-point sums.  Coarse scan of M (``model_g_error_clip``)
+   from amax/127 down by 2^(-1/4) until its clip part (a lower bound of M at all smaller s)
+   reaches the best M; every local minimum (top end with g <= 0, or a - to + sign change of g; a finer scan where the
    lowest coarse point is unexplained: two roots within one step, multimodal data) near the best is
    refined by Illinois regula falsi on g in t = ln(s / s_top) to ``tol``; a runner-up within 3% of
    the best model error is swept too.  Measured: the brute-force optimum lies within +-2.4% of the
@@ -44,11 +44,12 @@ them.
    changes ("events") in the window: event (i, k) adds v_i to B and 2k - 1 to C from grid index
    ceil(((k - 1/2)/v_i - u0)/du) on (difference arrays, then a prefix sum).  O(n + events + M);
    events per value ~ 2 W q_i (about 0.95 per value for W = 3% on the benchmark weight).
-   The per-value loop over its events mispredicted about once per value on fresh rows (the real
-   cost, hidden by micro-benchmarks that repeat one row); ``sweep`` runs the events in rounds over
-   an in-place compacted list instead, branch-free.  All sums int64 fixed point (units powers of two
-   from amax or the window: exact, order-free, scale-invariant).  The sweep equals the float32
-   error to ~5e-6 relative near the minimum (tested), far below the 1e-3 goal.
+   A loop over each value's own events mispredicts about once per value on fresh rows, so
+   ``sweep`` runs the events in rounds over an in-place compacted list, branch-free.  All sums
+   int64 fixed point (units powers of two from amax or the window: exact, order-free,
+   scale-invariant).  The sweep equals the float32
+   error to ~5e-6 relative near the minimum (tests/backends/test_numba_rowsearch.py), far below
+   the 1e-3 goal.
 
 3. **Exact decision.**  The K lowest grid points are evaluated with quantkit's exact float32
    ``sse_search``; the lowest exact error wins, ties to the larger alpha.
@@ -66,15 +67,12 @@ import math
 import numpy as np
 from numba import njit
 
-from .._constants import MIN_POSITIVE_ALPHA
-from .numba_error_sums import better, search_unit, sse_search, trunc_i64
+from .numba_error_sums import MIN_ALPHA, Q, Q64, better, search_unit, sse_search, trunc_i64
 
-_Q = np.float32(127.0)
-_MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)
-_MIN_ALPHA_F64 = float(_MIN_ALPHA)
+_MIN_ALPHA_F64 = float(MIN_ALPHA)
 _C = 0.28867513459481287  # 1/sqrt(12): where the exact error of a value equals s^2/12
 _T_EXACT = 8.0 + _C  # values below this many steps enter the trend model exactly
-_T_CLIP = 127.0 + _C  # values above this many steps enter it as clipped
+_T_CLIP = Q64 + _C  # values above this many steps enter it as clipped
 _WIDTH = 0.04   # the sweep covers alpha_t / 1.04 .. alpha_t * 1.04 (module docstring, step 1)
 _POINTS = 534   # grid points of the sweep, equally spaced in 1 / alpha (about 0.015% apart)
 _EXACT = 2      # lowest sweep points checked with the exact float32 error
@@ -119,19 +117,19 @@ def model_g(v, s, p1):
         y = x * u
         q = np.rint(y)
         low += trunc_i64(np.float64(q * (y - q) * f20)) if x <= lo else np.int64(0)
-    g = -254.0 * (s1 / p1 / s - 127.0 * ncl) + nmid / 6.0 - 2.0 * low / 1048576.0
+    g = -2.0 * Q64 * (s1 / p1 / s - Q64 * ncl) + nmid / 6.0 - 2.0 * low / 1048576.0
     return g, ncl, nmid
 
 
 @njit(cache=True)
-def model_gm(v, s, p1):
+def model_g_error_clip(v, s, p1):
     """(g, M, clip) of the smooth model at s in one vectorised pass: g as model_g, the model
     error M(s) itself and its clip part sum_{v > (127 + c) s} (v - 127 s)^2 (a lower bound of M
     at every smaller s, since clipping only grows).  Squares in int64 units of (2^-20 p1)^-2."""
     hi = np.float32(min(_T_CLIP * s, 3.0e38))
     lo = np.float32(min(_T_EXACT * s, 3.0e38))
     u = np.float32(1.0 / s)
-    top = np.float64(127.0 * s)
+    top = np.float64(Q64 * s)
     sq = p1 * 2.0 ** -20
     sf = np.float32(s)
     sqf = np.float32(sq)
@@ -157,7 +155,7 @@ def model_gm(v, s, p1):
         low += trunc_i64(np.float64(q * (y - q) * f20)) if isl else np.int64(0)
         e = (x - q * sf) * sqf
         lowsq += trunc_i64(np.float64(e * e)) if isl else np.int64(0)
-    g = -254.0 * (s1 / p1 / s - 127.0 * ncl) + nmid / 6.0 - 2.0 * low / 1048576.0
+    g = -2.0 * Q64 * (s1 / p1 / s - Q64 * ncl) + nmid / 6.0 - 2.0 * low / 1048576.0
     clip = s2 / (sq * sq)
     m = clip + nmid * s * s / 12.0 + lowsq / (sq * sq)
     return g, m, clip
@@ -167,7 +165,7 @@ def model_gm(v, s, p1):
 def trend_global(v, amax, p1, tol):
     """Global minimum of the smooth model (robust to several local minima: multimodal data).
 
-    Coarse scan of M from s_top = amax/127 down by 2^(-1/4) (one pass each, ``model_gm``),
+    Coarse scan of M from s_top = amax/127 down by 2^(-1/4) (one pass each, ``model_g_error_clip``),
     stopped when the clip part (a lower bound of M at every smaller s) reaches the best M seen.
     Local minima: the top end if g(s_top) <= 0, and every coarse interval where g changes sign
     from - (below) to + (above).  The interval next to the lowest coarse M (and any other whose
@@ -175,7 +173,7 @@ def trend_global(v, amax, p1, tol):
     the refined minimum with the lowest M wins.  Returns (alpha float64, second alpha or
     -1: a runner-up minimum within 3% of the best model error, which the caller may sweep too).
     """
-    s_top = np.float64(amax) / 127.0
+    s_top = np.float64(amax) / Q64
     step = -0.25 * np.log(2.0)
     ts = np.empty(400)
     gs = np.empty(400)
@@ -185,9 +183,9 @@ def trend_global(v, amax, p1, tol):
     for k in range(400):
         t = k * step
         s = s_top * np.exp(t)
-        if s * 127.0 < _MIN_ALPHA_F64:
+        if s * Q64 < _MIN_ALPHA_F64:
             break
-        g, m, clip = model_gm(v, s, p1)
+        g, m, clip = model_g_error_clip(v, s, p1)
         ts[nk] = t
         gs[nk] = g
         ms[nk] = m
@@ -215,9 +213,9 @@ def trend_global(v, amax, p1, tol):
             t = t_a + i * fine
             if t >= 0.0 or (i == 8 and kb > 0) or (i == 8 and kb == 0):
                 continue
-            if np.abs(t - ts[kb]) < 1e-12 or s_top * np.exp(t) * 127.0 < _MIN_ALPHA_F64:
+            if np.abs(t - ts[kb]) < 1e-12 or s_top * np.exp(t) * Q64 < _MIN_ALPHA_F64:
                 continue
-            g, m, clip = model_gm(v, s_top * np.exp(t), p1)
+            g, m, clip = model_g_error_clip(v, s_top * np.exp(t), p1)
             tt[nk + extra] = t
             gg[nk + extra] = g
             mm[nk + extra] = m
@@ -273,44 +271,46 @@ def trend_global(v, amax, p1, tol):
             nc_ += 1
     if nc_ == 0:  # no sign change seen (should not happen): the lowest coarse point
         j = np.argmin(ms[:nk])
-        return min(127.0 * (s_top * np.exp(ts[j])), np.float64(amax)), -1.0
+        return min(Q64 * (s_top * np.exp(ts[j])), np.float64(amax)), -1.0
     if nc_ > 1:  # several local minima: compare the model error at each (rare)
         for i in range(nc_):
             if cand_t[i] < 0.0:
-                _, cand_m[i], _ = model_gm(v, s_top * np.exp(cand_t[i]), p1)
+                _, cand_m[i], _ = model_g_error_clip(v, s_top * np.exp(cand_t[i]), p1)
     j = np.argmin(cand_m[:nc_])
-    a1 = min(127.0 * (s_top * np.exp(cand_t[j])), np.float64(amax))
+    a1 = min(Q64 * (s_top * np.exp(cand_t[j])), np.float64(amax))
     a2 = -1.0
     m2 = np.inf
     for i in range(nc_):
         if i != j and cand_m[i] <= 1.03 * cand_m[j] and cand_m[i] < m2:
             m2 = cand_m[i]
-            a2 = min(127.0 * (s_top * np.exp(cand_t[i])), np.float64(amax))
+            a2 = min(Q64 * (s_top * np.exp(cand_t[i])), np.float64(amax))
     return a1, a2
 
 
 @njit(cache=True, error_model="numpy")  # no zero-division branch: lets pass 1 vectorise
-def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
-    """The exact error (real arithmetic, see the module docstring, step 2) at m grid points over
-    [a_lo, a_hi], equally spaced in 127 / alpha; returns the sse (float64 [m]) minus sum v^2.
+def sweep(v, a_lo, a_hi, points, p1, next_event, event_step, packed, events_left):
+    """The exact error (real arithmetic, see the module docstring, step 2) at ``points`` grid points
+    over [a_lo, a_hi], equally spaced in 127 / alpha; returns the sse (float64 [points]) minus
+    sum v^2 (``p1``: the fixed-point unit of _pow2_units).
 
     Each event (i, k) adds v_i to B and 2k - 1 to C; both go into ONE int64 per grid cell,
     ``(round(v_i * pb) << 24) + (2k - 1)``: a cell receives at most one event per value (a value's
-    breakpoints are ~(m - 1) / events_i cells apart), so its C part stays below n * 253 < 2^24
+    breakpoints are ~(points - 1) / events_i cells apart), so its C part stays below n * 253 < 2^24
     (n <= 65536) and its B part below 2^39 with pb = 2^(38 - E - ceil(log2 n)), amax < 2^(E+1).
     Events are processed in rounds over a compacted list of the values that still have events
     left (no data-dependent branches: a loop over each value's own events mispredicts about once
     per value, which costs more than the events themselves on fresh rows).
-    T, Wt: float64 scratch, PK: int64, REM: int32 scratch (n entries at least; separate arrays, so
-    that the compiler sees they do not alias and vectorises pass 1).
+    next_event, event_step: float64 scratch (each value's next event position in cells, and the
+    cells between its events), packed: int64 (its packed increment), events_left: int32 (n entries
+    at least; separate arrays, so that the compiler sees they do not alias and vectorises pass 1).
 
     Returns (sse, B, C): with B[j] = sum q v and C[j] = sum q^2 at grid point j, the error of the
     codes of point j is lowest at s = B[j] / C[j] (the vertex of their parabola).
     """
     n = v.size
-    u0 = 127.0 / a_hi
-    u1 = 127.0 / a_lo
-    du = (u1 - u0) / (m - 1)
+    u0 = Q64 / a_hi
+    u1 = Q64 / a_lo
+    du = (u1 - u0) / (points - 1)
     inv_du = 1.0 / du
     c = u0 * inv_du
     e_hi = np.int64(math.frexp(a_hi)[1])  # a_hi < 2^e_hi
@@ -324,49 +324,49 @@ def sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM):
     # increment and the number of events left
     for i in range(n):
         x = v[i]
-        qa = min(np.rint(x * u0f), _Q)
-        qb = min(np.rint(x * u1f), _Q)
+        qa = min(np.rint(x * u0f), Q)
+        qb = min(np.rint(x * u1f), Q)
         x64 = np.float64(x)
         b0 += trunc_i64(qa * (x64 * p1))
         c0 += trunc_i64(np.float64(qa * qa))
         ne = np.int32(qb - qa)
-        REM[i] = ne
+        events_left[i] = ne
         w = inv_du / x64
-        Wt[i] = w
+        event_step[i] = w
         # values without events: a spare cell beyond the grid (spread over 64: no chain of
         # read-modify-writes on one cell), so the first round needs no branch
-        T[i] = (qa + 0.5) * w - c if ne > 0 else np.float64(m + 1 + (i & 63))
-        PK[i] = (trunc_i64(np.rint(x64 * pb)) << 24) + np.int64(2 * qa + 1)
+        next_event[i] = (qa + 0.5) * w - c if ne > 0 else np.float64(points + 1 + (i & 63))
+        packed[i] = (trunc_i64(np.rint(x64 * pb)) << 24) + np.int64(2 * qa + 1)
     cnt = n
     # rounds: every value with events left adds its next event; the list is compacted in place
-    db = np.zeros(m + 65, np.int64)
-    dc = np.zeros(m + 65, np.int64)
+    db = np.zeros(points + 65, np.int64)
+    dc = np.zeros(points + 65, np.int64)
     mask = (1 << 24) - 1
     while cnt > 0:
         new = 0
         for e in range(cnt):
-            t = T[e]
-            j = min(max(np.int64(np.ceil(t)), 0), m + 64)
-            pk = PK[e]
+            t = next_event[e]
+            j = min(max(np.int64(np.ceil(t)), 0), points + 64)
+            pk = packed[e]
             db[j] += pk >> 24
             dc[j] += pk & mask
-            rem = REM[e] - 1
-            T[new] = t + Wt[e]
-            Wt[new] = Wt[e]
-            PK[new] = pk + 2
-            REM[new] = rem
+            rem = events_left[e] - 1
+            next_event[new] = t + event_step[e]
+            event_step[new] = event_step[e]
+            packed[new] = pk + 2
+            events_left[new] = rem
             new += np.int64(rem > 0)
         cnt = new
-    S = np.empty(m)
-    for j in range(m):
+    S = np.empty(points)
+    for j in range(points):
         S[j] = 1.0 / (u0 + j * du)
-    sse = np.empty(m)
-    bq = np.empty(m)
-    cq = np.empty(m)
+    sse = np.empty(points)
+    bq = np.empty(points)
+    cq = np.empty(points)
     bb = np.float64(b0) / p1
     bc = 0
     cc = c0
-    for j in range(m):
+    for j in range(points):
         cc += dc[j]
         bc += db[j]
         s = S[j]
@@ -440,7 +440,7 @@ def clustered(ax):
     integers with noise of 0.01 about 0.4. On clustered data the exact error has deep dips where
     the rounding grid meets the clusters, which can lie beyond the sweep window around the smooth
     model's minimum (10% lower error at 3.5% below max|x| on such a row), so those rows take the
-    exact scan of numba_calib._search_continuous instead (numba_calib decides).
+    exact scan of numba_small_search._search_continuous instead (numba_small_search decides).
     """
     m = min(ax.size, 1024)
     count = _distinct_keys(ax.view(np.int32), m, 12)
@@ -462,10 +462,10 @@ def search_row(v, amax):
     k_exact = _EXACT
     tol = _TOL
     n = v.size
-    T = np.empty(n)
-    Wt = np.empty(n)
-    PK = np.empty(n, np.int64)
-    REM = np.empty(n, np.int32)
+    next_event = np.empty(n)
+    event_step = np.empty(n)
+    packed = np.empty(n, np.int64)
+    events_left = np.empty(n, np.int32)
     p1 = _pow2_units(amax)
     a_t, a_2 = trend_global(v, amax, p1, tol)
     unit = search_unit(amax, n)
@@ -480,19 +480,19 @@ def search_row(v, amax):
         a_lo = max(centre / (1.0 + width), _MIN_ALPHA_F64)
         if a_lo >= a_hi:
             a_lo = a_hi * 0.5
-        sse, bq, cq = sweep(v, a_lo, a_hi, m, p1, T, Wt, PK, REM)
+        sse, bq, cq = sweep(v, a_lo, a_hi, m, p1, next_event, event_step, packed, events_left)
         idx = _lowest(sse, k_exact)
-        u0 = 127.0 / a_hi
-        du = (127.0 / a_lo - u0) / (m - 1)
+        u0 = Q64 / a_hi
+        du = (Q64 / a_lo - u0) / (m - 1)
         for t in range(idx.size):
             j = idx[t]
-            a = np.float32(a_hi) if j == 0 else np.float32(127.0 / (u0 + j * du))
+            a = np.float32(a_hi) if j == 0 else np.float32(Q64 / (u0 + j * du))
             # the vertex of the parabola of point j's codes (their lowest error), when it lies
             # within the window: on short rows a piece of constant codes spans several points
-            a_v = np.float32(min(max(127.0 * bq[j] / cq[j], a_lo), a_hi)) if cq[j] > 0 else a
+            a_v = np.float32(min(max(Q64 * bq[j] / cq[j], a_lo), a_hi)) if cq[j] > 0 else a
             for c in range(2):
                 a_c = a if c == 0 else a_v
-                if not a_c >= _MIN_ALPHA or (c == 1 and a_v == a):
+                if not a_c >= MIN_ALPHA or (c == 1 and a_v == a):
                     continue
                 s = sse_search(v, a_c, unit)
                 if better(s, a_c, best_s, best_a):

@@ -1,0 +1,216 @@
+"""numba model of the quantization error of a histogram: each bin's values spread uniformly with
+the bin's exact mean and variance (or a point mass), the error integrated exactly over the rounding
+cells; its minimum over alpha (model_search) is the "mse" search's model alpha for large arrays
+and for the Observer.
+
+No kernel uses fast-math. Importing this module compiles nothing; kernels are cached on disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .numba_error_sums import COARSE_RATIO, MIN_ALPHA, scale_inv
+
+
+@njit(cache=True)
+def count_moments(counts, point_masses):
+    """Non-empty bins of a count histogram as (count, mean, variance): each bin uniform over its
+    range (mean at the centre, variance width^2 / 12), or a point mass at its lowest value when
+    ``point_masses`` (every value has 7 mantissa bits or fewer, so it is its bin's lowest value)."""
+    nz = np.nonzero(counts)[0]
+    m = nz.size
+    cnt = np.empty(m)
+    mean = np.empty(m)
+    var = np.empty(m)
+    for j in range(m):
+        lo, ulp = _bin_geometry(nz[j])
+        width = 65536.0 * ulp
+        cnt[j] = counts[nz[j]]
+        if point_masses:
+            mean[j] = lo
+            var[j] = 0.0
+        else:
+            mean[j] = lo + 0.5 * width
+            var[j] = width * width / 12.0
+    return cnt, mean, var
+
+
+@njit(cache=True)
+def _bin_geometry(k):
+    """(lo, ulp) of histogram bin k: its smallest value and the value of one residual step."""
+    e = k >> 7
+    mant7 = k & 127
+    if e == 0:  # subnormals
+        ulp = np.ldexp(1.0, -149)
+        return mant7 * 65536.0 * ulp, ulp
+    ulp = np.ldexp(1.0, e - 150)
+    return np.ldexp(1.0 + mant7 / 128.0, e - 127), ulp
+
+
+@njit(cache=True)
+def histogram_moments(counts, sum_res, sum_res2):
+    """Non-empty bins as (index, count, mean, variance, lo, hi) float64 arrays (exact moments)."""
+    nz = np.nonzero(counts)[0]
+    m = nz.size
+    cnt = np.empty(m)
+    mean = np.empty(m)
+    var = np.empty(m)
+    blo = np.empty(m)
+    bhi = np.empty(m)
+    for j in range(m):
+        k = nz[j]
+        lo, ulp = _bin_geometry(k)
+        c = np.float64(counts[k])
+        mr = sum_res[k] / c
+        vr = max(sum_res2[k] / c - mr * mr, 0.0)
+        cnt[j] = c
+        mean[j] = lo + mr * ulp
+        var[j] = vr * ulp * ulp
+        blo[j] = lo
+        bhi[j] = lo + 65536.0 * ulp
+    return nz, cnt, mean, var, blo, bhi
+
+
+@njit(cache=True)
+def _cell_integral(p, q, level, s):
+    """integral over [p, q] of (x - level*s)^2 dx."""
+    c = level * s
+    return ((q - c) ** 3 - (p - c) ** 3) / 3.0
+
+
+@njit(cache=True)
+def model_tables(cnt, mean, var):
+    """Tables that let model_sse skip the bins a rounding step does not split.
+
+    ``h = sqrt(3 var)`` (bin j is uniform over [mean - h, mean + h]); ``hi_run[j]`` the largest
+    upper end among bins <= j and ``lo_min[j]`` the smallest lower end among bins >= j (both
+    non-decreasing, so a binary search finds the bins wholly in cell 0 and the bins wholly clipped);
+    prefix sums ``p0, p1, p2`` of ``cnt``, ``cnt * mean`` and ``cnt * (mean^2 + var)``.
+    """
+    m = cnt.size
+    h = np.sqrt(3.0 * var)
+    hi_run = np.empty(m)
+    lo_min = np.empty(m)
+    run = -np.inf
+    for j in range(m):
+        run = max(run, mean[j] + h[j])
+        hi_run[j] = run
+    run = np.inf
+    for j in range(m - 1, -1, -1):
+        run = min(run, mean[j] - h[j])
+        lo_min[j] = run
+    p0 = np.zeros(m + 1)
+    p1 = np.zeros(m + 1)
+    p2 = np.zeros(m + 1)
+    for j in range(m):
+        p0[j + 1] = p0[j] + cnt[j]
+        p1[j + 1] = p1[j] + cnt[j] * mean[j]
+        p2[j + 1] = p2[j] + cnt[j] * (mean[j] * mean[j] + var[j])
+    return h, hi_run, lo_min, p0, p1, p2
+
+
+@njit(cache=True)
+def _model_sse(cnt, mean, var, tables, alpha, smooth_below):
+    """model_sse with the tables of model_tables (see there); bins with mean < ``smooth_below``
+    that a rounding step splits count s^2 / 12 per value (a smooth density, see model_search)."""
+    h, hi_run, lo_min, p0, p1, p2 = tables
+    m = cnt.size
+    scale, inv = scale_inv(alpha)
+    s = np.float64(scale)
+    if s == 0.0:
+        return p2[m]
+    top = 127.0
+    # bins wholly below s/2 keep code 0: error x, sum cnt * (mean^2 + var)
+    a = np.searchsorted(hi_run, 0.5 * s)
+    # bins wholly at or above 126.5 s are clipped to code 127: error x - 127 s
+    b = max(np.searchsorted(lo_min, 126.5 * s), a)
+    c = top * s
+    total = p2[a] + (p2[m] - p2[b]) - 2.0 * c * (p1[m] - p1[b]) + c * c * (p0[m] - p0[b])
+    # bins below smooth_below that a step splits: s^2 / 12 per value
+    d = min(max(np.searchsorted(mean, smooth_below), a), b)
+    total += (p0[d] - p0[a]) * s * s / 12.0
+    for j in range(d, b):
+        hj = h[j]
+        mj = mean[j]
+        if hj <= 1e-9 * s:
+            level = min(np.floor(mj / s + 0.5), top)
+            e = mj - level * s
+            total += cnt[j] * e * e
+            continue
+        p = mj - hj
+        q = mj + hj
+        k0 = min(np.floor(p / s + 0.5), top)
+        k1 = min(np.floor(q / s + 0.5), top)
+        if k0 == k1:  # one cell: the second moment about its level
+            e = mj - k0 * s
+            total += cnt[j] * (e * e + var[j])
+            continue
+        if k1 - k0 > 8:  # many cells: the classic s^2 / 12 per value
+            if q <= (top + 0.5) * s:
+                total += cnt[j] * s * s / 12.0
+                continue
+        acc = 0.0
+        k = k0
+        while k <= k1:
+            cell_lo = max(p, (k - 0.5) * s)
+            cell_hi = q if k == top else min(q, (k + 0.5) * s)
+            if cell_hi > cell_lo:
+                acc += _cell_integral(cell_lo, cell_hi, k, s)
+            k += 1.0
+        total += cnt[j] * acc / (2.0 * hj)
+    return total
+
+
+@njit(cache=True)
+def model_sse(cnt, mean, var, alpha):
+    """Expected sum of e^2 for binned data: each bin is spread uniformly over [m - h, m + h] with
+    h = sqrt(3 var) (matching the bin's exact mean and variance; a point mass when var = 0) and the
+    error integrated exactly over the rounding cells that interval meets (cell 127 is unbounded).
+
+    Bins wholly in cell 0 (error x) or wholly clipped (error x - 127 s) are added in closed form
+    from prefix sums; only the bins between are visited."""
+    return _model_sse(cnt, mean, var, model_tables(cnt, mean, var), alpha, 0.0)
+
+
+@njit(cache=True)
+def model_search(cnt, mean, var, amax, smooth_below=0.0):
+    """The alpha in (0, amax] minimising model_sse: coarse geometric scan from amax (pruned once the
+    error has grown 16x past the best), then geometric refinements around the best.
+
+    With ``smooth_below > 0`` the bins below it are a sample of a smooth density: one that meets a
+    rounding step (neither wholly in cell 0 nor wholly clipped) counts s^2 / 12 per value, the
+    average over the phase of the step, instead of the exact integral over its narrow range, whose
+    dependence on the step's phase would mirror the sample's count noise (a wiggle of about
+    1 / sqrt(sample size) that would move the minimum)."""
+    tables = model_tables(cnt, mean, var)
+    a64 = np.float64(amax)
+    best_a = np.float32(amax)
+    best_s = _model_sse(cnt, mean, var, tables, best_a, smooth_below)
+    a = a64
+    for _ in range(8 * 40):
+        a *= COARSE_RATIO
+        af = np.float32(a)
+        if not af >= MIN_ALPHA:
+            break
+        s = _model_sse(cnt, mean, var, tables, af, smooth_below)
+        if s < best_s:
+            best_s = s
+            best_a = af
+        elif s > 16.0 * best_s:
+            break
+    step = 1.0 / COARSE_RATIO
+    for _ in range(4):
+        lo = np.float64(best_a) / step
+        hi = min(np.float64(best_a) * step, a64)
+        for k in range(17):
+            af = np.float32(lo * (hi / lo) ** (k / 16.0))
+            if not af >= MIN_ALPHA:
+                continue
+            s = _model_sse(cnt, mean, var, tables, af, smooth_below)
+            if s < best_s:
+                best_s = s
+                best_a = af
+        step = (hi / lo) ** (1.0 / 16.0)
+    return best_a

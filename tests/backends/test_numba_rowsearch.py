@@ -1,0 +1,72 @@
+"""The row sweep (quantkit.backends.numba_rowsearch) against the errors it claims to compute."""
+
+import numpy as np
+import pytest
+
+from quantkit import reference
+from quantkit.backends import numba_rowsearch as rs
+
+
+def _row(kind: str, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n) if kind == "normal" else rng.standard_t(3, n)
+    v = np.abs(x).astype(np.float32)
+    return v[v > 0]
+
+
+def _exact_sse(v: np.ndarray, alpha) -> float:
+    """The exact float32 quantization error of |x| values v at alpha (quantkit.reference's
+    arithmetic), squared and summed in float64."""
+    scale = reference.scale_from_alpha(np.float32(alpha))
+    inv = reference.inv_scale_from_alpha(np.float32(alpha))
+    q = np.minimum(np.rint(v * inv), np.float32(127))
+    e = (v - q * scale).astype(np.float64)
+    return float(np.dot(e, e))
+
+
+@pytest.mark.parametrize("kind", ["normal", "student_t3"])
+@pytest.mark.parametrize("n", [40, 700, 4096])
+def test_sweep_equals_the_real_arithmetic_error_at_its_grid(kind, n):
+    v = _row(kind, n, seed=n)
+    amax = np.float32(v.max())
+    a_lo, a_hi, points = float(amax) * 0.8, float(amax), 101
+    scratch = (np.empty(v.size), np.empty(v.size), np.empty(v.size, np.int64),
+               np.empty(v.size, np.int32))
+    sse, bq, cq = rs.sweep(v, a_lo, a_hi, points, rs._pow2_units(amax), *scratch)
+    u = 127.0 / a_hi + np.arange(points) * ((127.0 / a_lo - 127.0 / a_hi) / (points - 1))
+    v64 = v.astype(np.float64)
+    total = float(np.dot(v64, v64))
+    for j in range(points):
+        s = 1.0 / u[j]
+        q = np.minimum(np.rint(v64 * u[j]), 127.0)
+        want = float(np.sum((v64 - q * s) ** 2))
+        assert abs(sse[j] + total - want) <= 1e-6 * total, j
+        assert bq[j] == pytest.approx(float(np.dot(q, v64)), rel=1e-9)
+        assert cq[j] == float(np.dot(q, q))
+    # near the minimum the sweep's real-arithmetic error is the float32 error to ~5e-6 relative
+    j = int(np.argmin(sse))
+    exact = _exact_sse(v, np.float32(127.0 / u[j]))
+    assert abs(sse[j] + total - exact) <= 5e-6 * exact
+
+
+@pytest.mark.parametrize("kind", ["normal", "student_t3"])
+@pytest.mark.parametrize("n", [600, 4096, 65536])
+def test_search_row_is_within_a_tenth_of_a_percent_of_brute_force(kind, n):
+    v = _row(kind, n, seed=7 + n)
+    amax = np.float32(v.max())
+    alpha = rs.search_row(v, amax)
+    assert 0 < alpha <= amax
+    grid = np.linspace(0.3, 1.0, 3001, dtype=np.float64) * float(amax)
+    best = min(_exact_sse(v, np.float32(a)) for a in grid)
+    assert _exact_sse(v, alpha) <= best * 1.001
+
+
+def test_clustered_and_distinct_exceeds():
+    rng = np.random.default_rng(3)
+    smooth = np.abs(rng.standard_normal(2000)).astype(np.float32)
+    lattice = (np.abs(np.round(rng.standard_normal(2000) * 20)) + 1
+               + rng.standard_normal(2000) * 0.001).astype(np.float32)
+    assert not rs.clustered(smooth)
+    assert rs.clustered(lattice)
+    assert rs.distinct_exceeds(smooth, 512)
+    assert not rs.distinct_exceeds(np.repeat(np.float32([1.0, 2.0]), 1000), 512)

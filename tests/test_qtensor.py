@@ -1,0 +1,53 @@
+"""quantkit.qtensor.QTensor: the checks of its fields, its properties and dequantize."""
+
+import numpy as np
+import pytest
+import torch
+
+from quantkit import QTensor
+
+
+def test_fields_are_checked():
+    codes = np.zeros((4, 130), np.int8)
+    QTensor(codes, np.array(0.5, np.float32))
+    QTensor(codes, np.ones(4, np.float32), axis=0)
+    QTensor(codes, np.ones(9, np.float32), block_size=64)
+    with pytest.raises(TypeError, match="int8"):
+        QTensor(codes.astype(np.int16), np.array(1, np.float32))
+    with pytest.raises(TypeError, match="same kind"):
+        QTensor(codes, torch.tensor(1.0))
+    with pytest.raises(TypeError, match="float32"):
+        QTensor(codes, np.array(1.0))
+    with pytest.raises(ValueError, match="not both"):
+        QTensor(codes, np.ones(4, np.float32), axis=0, block_size=64)
+    with pytest.raises(ValueError, match=r"shape \(130,\)"):
+        QTensor(codes, np.ones(4, np.float32), axis=-1)
+
+
+def test_properties_and_repr():
+    q = QTensor(torch.zeros(3, 128, dtype=torch.int8), torch.ones(3), axis=-2)
+    assert q.axis == 0 and q.shape == (3, 128) and q.granularity == "channel"
+    assert q.nbytes == 3 * 128 + 4 * 3
+    assert repr(q) == "QTensor(shape=(3, 128), granularity='channel', axis=0, torch)"
+    b = QTensor(np.zeros(100, np.int8), np.ones(2, np.float32), block_size=64)
+    assert b.granularity == "block" and "block_size=64" in repr(b) and "numpy" in repr(b)
+    assert QTensor(np.zeros(5, np.int8), np.array(2, np.float32)).granularity == "tensor"
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_dequantize_is_codes_times_scale(kind):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (3, 70)).astype(np.int8)
+    channel = rng.random(3).astype(np.float32)
+    blocks = rng.random(4).astype(np.float32)
+    wrap = torch.from_numpy if kind == "torch" else (lambda a: a)
+    cases = [(dict(), np.float32(0.25), codes * np.float32(0.25)),
+             (dict(axis=0), channel, codes * channel[:, None]),
+             (dict(block_size=64), blocks,
+              (codes.reshape(-1) * np.repeat(blocks, 64)[:210]).reshape(3, 70))]
+    for kw, scale, want in cases:
+        scale = np.asarray(scale, np.float32)
+        got = QTensor(wrap(codes), wrap(scale), **kw).dequantize()
+        got = got.numpy() if kind == "torch" else got
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want.astype(np.float32))
