@@ -56,8 +56,10 @@ class SmoothLinear(nn.Linear):
         if not (bool(torch.isfinite(s).all()) and bool((s > 0).all())):
             raise ValueError("smoothing factors must be finite and > 0")
         old = getattr(linear, "input_scale", None)     # an already smoothed layer composes
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
+        # skip_init: no random initialisation of a weight that is overwritten below
+        layer = nn.utils.skip_init(cls, linear.in_features, linear.out_features,
+                                   bias=linear.bias is not None, device=linear.weight.device,
+                                   dtype=linear.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(linear.weight * s.to(linear.weight.dtype)[None, :])
             if linear.bias is not None:
