@@ -1,7 +1,9 @@
 """SmolLM2-135M-Instruct on held-out Shakespeare: perplexity and greedy tokens/s, float vs int8.
 
-Full mode: 4096 held-out tokens, window 512, stride 256, mse weights, 32 generated tokens.
-``--quick``: 512 tokens, window 128, max weights, 4 generated tokens (a smoke run for CI).
+Full mode: 4096 held-out tokens, window 512, stride 256, mse weights, 32 generated tokens; the
+smoothed and static W8A8 variants calibrate on 8 training windows of 512 tokens.
+``--quick``: 512 tokens, window 128, max weights, 4 generated tokens, 2 calibration windows of 128
+(a smoke run for CI). torchao's row says why it did not run where torchao does not import.
 Skipped without the llm extra and the two data packages (quantkit.llm.INSTALL_HINT).
 """
 
@@ -25,8 +27,9 @@ def test_llm_perplexity_table(bench, tmp_path_factory):
     ids = llm.tokenize(tok, llm.read_texts(llm.shakespeare_split()[1]),
                        bench.size(4096, 512))
     window, stride = bench.size(512, 128), bench.size(256, 64)
+    calib = llm.calibration_batches(tok, windows=bench.size(8, 2), window=bench.size(512, 128))
     rows, result, base = [], {}, None
-    for name, m, seconds in llm.variants(model, llm.VARIANTS, bench.size("mse", "max")):
+    for name, m, seconds in llm.variants(model, llm.VARIANTS, bench.size("mse", "max"), calib):
         ppl = llm.perplexity(m, ids, window=window, stride=stride)
         base = ppl if name == "float32" else base
         speed = llm.generation_speed(m, tok, new_tokens=bench.size(32, 4))
@@ -34,6 +37,14 @@ def test_llm_perplexity_table(bench, tmp_path_factory):
                         "gen_tokens_per_s": speed}
         rows.append([name, ppl, f"{(ppl / base - 1) * 100:+.2f}%", seconds, speed])
         assert ppl == ppl and ppl > 1
+    if "torchao-int8-weight-only" not in llm.VARIANTS:
+        try:
+            import torchao  # noqa: F401
+            reason = "torchao imports but is not in llm.VARIANTS"
+        except Exception as exc:   # ImportError, or a torchao built for another torch
+            reason = f"{type(exc).__name__}: {exc}"
+        result["torchao-int8-weight-only"] = {"not_run": reason}
+        rows.append(["torchao-int8-weight-only", f"not run: {reason}", "-", "-", "-"])
     result["load_average"] = os.getloadavg()
     md = (f"## SmolLM2-135M-Instruct, held-out Shakespeare ({ids.numel()} tokens, window "
           f"{window}, stride {stride})\n\n{cpu_line()} Load average {result['load_average']}.\n\n"

@@ -27,6 +27,11 @@ one path. Every W8A8 path gives the same bits.
   ``input_alpha``, the clipping range; ``s_x = float32(alpha / 127)``, multiplier
   ``float32(127 / alpha)``; inputs beyond +-alpha clip to +-127).
 
+- smoothed (a layer built from a :class:`quantkit.smooth.SmoothLinear`): a float32 buffer
+  ``input_scale`` (``(in_features,)``, ``float32(1 / s)``) multiplies x first, in float32, and
+  every formula above applies to ``x * input_scale``; W's codes are those of ``W * s``. The
+  product stays int8 x int8 -> int32 (DESIGN.md section 8).
+
 On the CPU the activation codes come from the numba kernels (the row maxima through
 ``calibrate(x, "max", axis=0)``); the product and its rescale are :mod:`quantkit.matmul`'s
 (fused in quantkit's CPU kernels, one numba pass after the torch-based products); elsewhere the
@@ -55,6 +60,7 @@ from . import matmul
 from ._constants import MIN_POSITIVE_ALPHA, QMAX
 from .ops import quantize
 from .qtensor import QTensor
+from .smooth import run_batch as _call
 
 ACTIVATION_MODES = (None, "dynamic", "static")
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -208,7 +214,7 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 activations: Optional[str] = None, device=None):
+                 activations: Optional[str] = None, input_scale: bool = False, device=None):
         super().__init__()
         _check_mode(activations)
         self.in_features = int(in_features)
@@ -225,6 +231,8 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self.register_buffer("input_alpha", torch.zeros((), dtype=torch.float32, device=device)
                              if activations == "static" else None)
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32,
+                                                       device=device) if input_scale else None)
         #: Figures from :meth:`from_float` (alpha range, SQNR, bytes); {} for a loaded layer.
         self.quant_stats = {}
 
@@ -258,8 +266,11 @@ class QuantLinear(nn.Module):
         w = linear.weight.detach().to(device="cpu", dtype=torch.float32)
         alpha = _weight_alpha(w, weight_method)
         q = quantize(w, alpha, axis=0)
+        input_scale = getattr(linear, "input_scale", None)    # a SmoothLinear's multiplier
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    activations=activations)
+                    activations=activations, input_scale=input_scale is not None)
+        if input_scale is not None:
+            layer.input_scale.copy_(input_scale.detach().to(device="cpu", dtype=torch.float32))
         layer.weight.copy_(q.data)
         layer.weight_scale.copy_(q.scale)
         if linear.bias is not None:
@@ -291,6 +302,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear expects input of shape (..., {self.in_features}), got "
                              f"{tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x2 = x2 * self.input_scale
         if self.activations is None:
             y = linear_w8(x2, self.weight, self.weight_scale, self.bias)
         else:
@@ -298,8 +311,10 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """``float32(weight) * weight_scale[:, None]``: the float weight this layer stands for."""
-        return self.weight.to(torch.float32) * self.weight_scale[:, None]
+        """``float32(weight) * weight_scale[:, None]`` (times ``input_scale[None, :]`` for a
+        smoothed layer): the float weight this layer stands for."""
+        w = self.weight.to(torch.float32) * self.weight_scale[:, None]
+        return w if self.input_scale is None else w * self.input_scale[None, :]
 
     def qtensor(self) -> QTensor:
         """The weight as a QTensor (per channel, axis 0), sharing this layer's buffers."""
@@ -307,13 +322,17 @@ class QuantLinear(nn.Module):
 
     def checkpoint_entry(self) -> dict:
         """What a checkpoint records to rebuild this layer (``"quantkit.modules"``)."""
-        return {"type": "QuantLinear", "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None,
-                "activations": self.activations}
+        entry = {"type": "QuantLinear", "in_features": self.in_features,
+                 "out_features": self.out_features, "bias": self.bias is not None,
+                 "activations": self.activations}
+        if self.input_scale is not None:
+            entry["input_scale"] = True
+        return entry
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, activations={self.activations!r}")
+                f"bias={self.bias is not None}, activations={self.activations!r}"
+                + (", smoothed" if self.input_scale is not None else ""))
 
 
 def _weight_stats(w: torch.Tensor, q: QTensor, alpha: np.ndarray, element_size: int) -> dict:
@@ -363,15 +382,6 @@ class QuantReport(list):
         return "\n".join([line(header), *map(line, cells)]) + f"  ({t['ratio']:.2f}x smaller)"
 
 
-def _call(model, batch):
-    """Run one calibration batch: a tuple/list is unpacked, a dict passed as keywords."""
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    if isinstance(batch, dict):
-        return model(**batch)
-    return model(batch)
-
-
 def _observe_inputs(model, names, calib_data, method):
     """The activation alpha of each named Linear's input over ``calib_data`` (an Observer each)."""
     from .calibration import Observer   # deferred: calibration is a sibling layer
@@ -386,6 +396,9 @@ def _observe_inputs(model, names, calib_data, method):
     def hook_for(name):
         def hook(module, args):
             x = args[0].detach()
+            scale = getattr(module, "input_scale", None)     # a SmoothLinear quantizes x * scale
+            if scale is not None:
+                x = x * scale
             try:
                 observers[name].update(x.to(device="cpu", dtype=torch.float32).reshape(-1))
             except ValueError as exc:
@@ -410,7 +423,7 @@ def _observe_inputs(model, names, calib_data, method):
 
 
 def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optional[str] = None,
-                   calib_data=None, skip=(), act_method: str = "mse",
+                   calib_data=None, skip=(), act_method: str = "mse", smooth=None,
                    inplace: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by a :class:`QuantLinear`; return the model.
 
@@ -423,6 +436,9 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
             through the float model with an ``Observer(act_method)`` on each Linear's input.
         skip: fnmatch patterns of module names (as in ``named_modules()``) to leave in float.
         act_method: calibration method of the activation Observers ("static" only).
+        smooth: None, or the SmoothQuant migration strength alpha in [0, 1]: the model is first
+            passed through :func:`quantkit.smooth.smooth_model` with ``calib_data`` (observed on
+            the float model; needed then for any ``activations``) and the same ``skip``.
         inplace: modify ``model`` itself instead of a copy.
 
     The returned model has ``quantkit_report``, a :class:`QuantReport` with one entry per replaced
@@ -437,6 +453,15 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
         raise TypeError(f"quantize_model expects an nn.Module, got {type(model).__name__}")
     if activations == "static" and calib_data is None:
         raise ValueError("activations='static' needs calib_data: an iterable of model inputs")
+    if smooth is not None:
+        from .smooth import smooth_model
+
+        if calib_data is None:
+            raise ValueError("smooth= needs calib_data: an iterable of model inputs")
+        if not isinstance(calib_data, (list, tuple)):
+            calib_data = list(calib_data)        # read twice: smoothing and static observers
+        model = smooth_model(model, calib_data, alpha=smooth, skip=skip, inplace=inplace)
+        inplace = True                           # smooth_model already copied unless inplace
     if not inplace:
         model = copy.deepcopy(model)
     names = [name for name, m in model.named_modules()
@@ -499,6 +524,7 @@ def load_quantized(model: nn.Module, source) -> nn.Module:
             continue
         replacements[name] = QuantLinear(old.in_features, old.out_features, old.bias is not None,
                                          activations=entry.get("activations"),
+                                         input_scale=bool(entry.get("input_scale", False)),
                                          device=old.weight.device)
     # The state the model will have once the layers are swapped, checked before any change.
     expected = {}
