@@ -60,7 +60,7 @@ from . import matmul
 from ._constants import MIN_POSITIVE_ALPHA, QMAX
 from .ops import quantize
 from .qtensor import QTensor
-from .smooth import run_batch as _call
+from .smooth import run_with_input_hooks
 
 ACTIVATION_MODES = (None, "dynamic", "static")
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -407,14 +407,7 @@ def _observe_inputs(model, names, calib_data, method):
             seen[name] += 1
         return hook
 
-    handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in names]
-    try:
-        with torch.no_grad():
-            for batch in calib_data:
-                _call(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_input_hooks(model, calib_data, modules, names, hook_for)
     unseen = [name for name, count in seen.items() if count == 0]
     if unseen:
         raise ValueError(f"calibration data never reached layer {unseen[0]!r} "

@@ -75,6 +75,19 @@ class SmoothLinear(nn.Linear):
         return nn.functional.linear(x * self.input_scale.to(x.dtype), self.weight, self.bias)
 
 
+def run_with_input_hooks(model: nn.Module, calib_data, modules: dict, names, hook_for) -> None:
+    """Run every calibration batch through ``model`` (no grad) with ``hook_for(name)`` as a
+    forward pre-hook on ``modules[name]`` for each name; the hooks are removed afterwards."""
+    handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for batch in calib_data:
+                run_batch(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_batch(model: nn.Module, batch):
     """Run one calibration batch: a tuple/list is unpacked, a dict passed as keywords."""
     if isinstance(batch, (tuple, list)):
@@ -118,14 +131,7 @@ def input_absmax(model: nn.Module, names, calib_data) -> dict:
             amax[name] = m if name not in amax else torch.maximum(amax[name], m)
         return hook
 
-    handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for batch in calib_data:
-                run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_input_hooks(model, calib_data, modules, names, hook_for)
     unseen = [n for n in names if n not in amax]
     if unseen:
         raise ValueError(f"calibration data never reached layer {unseen[0]!r} "

@@ -10,7 +10,7 @@ import torch
 
 import quantkit
 from quantkit import _arrays
-from quantkit.backends import cuda
+from quantkit.backends import cuda, cuda_optim
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / "csrc" / "quantkit.h"
@@ -157,3 +157,22 @@ def _quantize(x, alpha, **kwargs):
 def _dequantize(q, out=None):
     """The CUDA backend's dequantize of a QTensor's fields."""
     return cuda.dequantize(q.data, q.scale, axis=q.axis, block_size=q.block_size, out=out)
+
+
+def emulated_library(folder: Path):
+    """csrc/*.cu built against csrc/host_emulation.h into ``folder`` (g++, no GPU), loaded with
+    every entry point declared; pytest.skip without g++."""
+    import ctypes
+    import importlib.util
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed")
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("quantkit_csrc_build", root / "csrc" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    lib = ctypes.CDLL(str(build.build_emulation(folder / "emulated.so", quiet=True)))
+    cuda._declare(lib)
+    cuda_optim.declare(lib)
+    return lib

@@ -2,8 +2,6 @@
 ``python3 csrc/build.py --emulate``), the Python wrappers over them, and calibrate_cuda through
 them."""
 
-import ctypes
-import shutil
 
 import numpy as np
 import pytest
@@ -13,8 +11,8 @@ from strategies import alphas
 import quantkit
 from quantkit import _arrays, ops, reference
 from quantkit.backends import cuda
-from cuda_cases import (MSE_CASES, ROOT, UNSUPPORTED, _calibration_data, _cpu, _dequantize,
-                        _histogram_reference, _quantize, _random, _same)
+from cuda_cases import (MSE_CASES, UNSUPPORTED, _calibration_data, _cpu, _dequantize,
+                        _histogram_reference, _quantize, _random, _same, emulated_library)
 
 
 # ======================================================= the kernels, emulated on the CPU
@@ -26,17 +24,7 @@ from cuda_cases import (MSE_CASES, ROOT, UNSUPPORTED, _calibration_data, _cpu, _
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quantkit_csrc_build", ROOT / "csrc" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    path = build.build_emulation(tmp_path_factory.mktemp("emu") / "emulated.so", quiet=True)
-    lib = ctypes.CDLL(str(path))
-    cuda._declare(lib)
-    return lib
+    return emulated_library(tmp_path_factory.mktemp("emu"))
 
 
 def _buffer(n, dtype, offset_bytes=0):

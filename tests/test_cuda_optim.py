@@ -6,11 +6,6 @@ the indexing, the two passes, the block reductions and the arithmetic. ``--gpu``
 comparison on a real device and the optimizer end to end on CUDA parameters.
 """
 
-import ctypes
-import importlib.util
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -18,23 +13,15 @@ import torch
 from quantkit import reference as R
 from quantkit.backends import cuda_optim
 from quantkit.optim import AdamW8bit
+from cuda_cases import emulated_library
 
-ROOT = Path(__file__).resolve().parent.parent
 SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "step_size",
            "bc2_sqrt")
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed")
-    spec = importlib.util.spec_from_file_location("quantkit_csrc_build", ROOT / "csrc" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    path = build.build_emulation(tmp_path_factory.mktemp("emu") / "emulated.so", quiet=True)
-    lib = ctypes.CDLL(str(path))
-    cuda_optim.declare(lib)
-    return lib
+    return emulated_library(tmp_path_factory.mktemp("emu"))
 
 
 def _scalars(t, lr=1e-3, wd=1e-2, betas=(0.9, 0.999)):
