@@ -331,17 +331,17 @@ def _collect(obj):
     if isinstance(obj, torch.nn.Module):
         state = obj.state_dict()
         tensors = {}
-        quantized_prefixes = []
         for prefix, module in obj.named_modules():
             # A quantized module describes itself (QuantLinear does): checkpoint_entry() gives
-            # its "quantkit.modules" entry; its codes are ``weight``, per channel along axis 0.
+            # its "quantkit.modules" entry, qtensor() its weight (``weight`` and ``weight_scale``)
+            # as a QTensor of its granularity.
             describe = getattr(module, "checkpoint_entry", None)
             if callable(describe):
                 modules[prefix] = describe()
-                quantized_prefixes.append(prefix + "." if prefix else "")
-        for p in quantized_prefixes:
-            w = p + "weight"
-            tensors[w] = QTensor(state[w], state[w + SCALE_SUFFIX], axis=0)
+                q = module.qtensor()
+                w = (prefix + "." if prefix else "") + "weight"
+                tensors[w] = QTensor(state[w], state[w + SCALE_SUFFIX], axis=q.axis,
+                                     block_size=q.block_size)
         for name, value in state.items():
             if name not in tensors and not (name.endswith(SCALE_SUFFIX) and
                                             name[: -len(SCALE_SUFFIX)] in tensors):

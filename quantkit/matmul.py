@@ -33,6 +33,12 @@ weight-only takes the fused AVX2 kernel up to :data:`FUSED_W8_MAX_ROWS_AVX512` r
 always take ``int_mm`` and dense. The CPU's features are read once, from the library's cpuid
 check (or ``/proc/cpuinfo`` without it).
 
+Block-scaled weights (``block_size`` B: one scale per B consecutive weights of a row, scales
+(N, K / B)) take the same choice for weight-only (the fused kernel dequantizes each weight before
+its multiply-add), and for W8A8 quantkit's kernel of the CPU's best path (``vnni``, ``avx2``) for
+every shape, one exact int32 product per block; the torch paths (``int_mm``, ``float``) loop
+over the blocks in torch ops with the same float32 operations, so every path gives the same bits.
+
 A forced path this CPU cannot run raises RuntimeError naming the path and what it needs; an
 unknown ``QUANTKIT_MATMUL`` value is a ValueError listing the choices.
 """
@@ -59,6 +65,9 @@ VNNI_MAX_ROWS = 32
 VNNI_MIN_K = 2048
 #: auto on an AVX-512 CPU: the fused weight-only kernel up to this many rows, dense above.
 FUSED_W8_MAX_ROWS_AVX512 = 4
+#: Block-scaled weights: quantkit's fused weight-only kernel (eight-lane order only) below this
+#: many rows on AVX2 CPUs (the per-row kernel's own switch to its packed order), dense above.
+FUSED_W8_BLOCKS_MAX_ROWS = 31
 #: Bytes of one float32 chunk of the weight on the dense paths: it stays in cache until the
 #: matmul reads it.
 CHUNK_BYTES = 4 << 20
@@ -150,8 +159,21 @@ def _int8_path_cpu(rows: int, k: int) -> str:
     return "float"
 
 
-def _weight_only_path_cpu(rows: int) -> str:
-    """"avx2" / "generic" (fused kernels) or "dense"."""
+def _int8_blocks_path_cpu() -> str:
+    """The W8A8 path for block-scaled weights on the CPU (any shape)."""
+    forced = _forced()
+    if forced != "auto":
+        if forced in NATIVE_PATHS:
+            _require(forced)
+        return forced
+    info = cpu_info()
+    if info["native"] is None and info["avx2"] and info["fma"]:
+        return "vnni" if info["avx512"] and info["avx512_vnni"] else "avx2"
+    return "float"
+
+
+def _weight_only_path_cpu(rows: int, blocks: bool = False) -> str:
+    """"avx2" / "generic" (fused kernels) or "dense"; ``blocks``: block-scaled weights."""
     forced = _forced()
     if forced in NATIVE_PATHS:
         _require(forced)
@@ -162,6 +184,8 @@ def _weight_only_path_cpu(rows: int) -> str:
     if info["native"] is not None or not (info["avx2"] and info["fma"]):
         return "dense"
     if info["avx512"] and rows > FUSED_W8_MAX_ROWS_AVX512:
+        return "dense"
+    if blocks and rows > FUSED_W8_BLOCKS_MAX_ROWS:
         return "dense"
     return "avx2"
 
@@ -196,14 +220,16 @@ def int8_product(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def w8a8_linear(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
-                weight_scale: torch.Tensor, bias) -> torch.Tensor:
+                weight_scale: torch.Tensor, bias, block_size=None) -> torch.Tensor:
     """``float32(codes @ weight.T) * (s_x[:, None] * weight_scale[None, :]) + bias``.
 
     The int32 product is exact on every path; each float32 operation of the rescale is rounded
     once, in that order, so every path gives the same bits. quantkit's kernels rescale each tile
     as it is computed; the other paths rescale the int32 result in one fused numba pass (CPU) or
-    in torch ops.
+    in torch ops. With ``block_size`` (weight_scale (N, K / B)), see :func:`w8a8_linear_blocks`.
     """
+    if block_size is not None:
+        return w8a8_linear_blocks(codes, s_x, weight, weight_scale, bias, block_size)
     m, n = codes.shape[0], weight.shape[0]
     if codes.device.type == "cpu" and m and n:
         path = _int8_path_cpu(m, codes.shape[1])
@@ -226,6 +252,30 @@ def w8a8_linear(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
     return y
 
 
+def w8a8_linear_blocks(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
+                       weight_scale: torch.Tensor, bias, block_size: int) -> torch.Tensor:
+    """W8A8 with block-scaled weights (:func:`quantkit.reference.linear_w8a8_blocks`):
+    ``t = sum_g float32(C_g) * S[:, g]`` in block order from 0, then ``t * s_x[:, None] + bias``,
+    ``C_g`` the exact int32 product over block g; the same bits on every path."""
+    m, n = codes.shape[0], weight.shape[0]
+    if codes.device.type == "cpu" and m and n:
+        path = _int8_blocks_path_cpu()
+        if path in NATIVE_PATHS:
+            from .backends import native_cpu
+
+            return torch.from_numpy(native_cpu.linear_w8a8_f32(
+                codes.numpy(), weight.numpy(), s_x.numpy(), weight_scale.numpy(),
+                None if bias is None else bias.detach().numpy(), block_size=block_size,
+                path=path, threads=_threads()))
+    t = torch.zeros((m, n), dtype=torch.float32, device=codes.device)
+    for g in range(weight_scale.shape[1]):
+        cols = slice(g * block_size, (g + 1) * block_size)
+        acc = int8_product(codes[:, cols].contiguous(), weight[:, cols].contiguous())
+        t = t + acc.to(torch.float32) * weight_scale[:, g]
+    y = t * s_x[:, None]
+    return y if bias is None else y + bias
+
+
 def _int8_product_float(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """int8_product from float32 matmuls of at most EXACT_FLOAT_K terms, summed in int32."""
     m, k = codes.shape
@@ -241,43 +291,64 @@ def _int8_product_float(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tens
 
 
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                       bias) -> torch.Tensor:
-    """``float32(x @ float32(weight).T) * weight_scale + bias`` for 2-D float32 x (row-major)."""
+                       bias, block_size=None) -> torch.Tensor:
+    """``float32(x @ float32(weight).T) * weight_scale + bias`` for 2-D float32 x (row-major).
+
+    With ``block_size`` B (weight_scale (N, K / B)): ``x @ W_hat.T + bias``, ``W_hat`` the weight
+    dequantized per block (:func:`quantkit.reference.linear_w8_blocks`).
+    """
     if x.device.type == "cpu" and x.shape[0] and weight.shape[0]:
-        path = _weight_only_path_cpu(x.shape[0])
+        path = _weight_only_path_cpu(x.shape[0], blocks=block_size is not None)
         if path != "dense":
             from .backends import native_cpu
 
             return torch.from_numpy(native_cpu.linear_w8_f32(
                 x.detach().numpy(), weight.numpy(), weight_scale.numpy(),
-                None if bias is None else bias.detach().numpy(), path=path,
-                threads=_threads()))
-    y = _dense_product(x, weight)
-    y = y.mul_(weight_scale) if y.is_contiguous() else torch.mul(y, weight_scale)
+                None if bias is None else bias.detach().numpy(), block_size=block_size,
+                path=path, threads=_threads()))
+    y = _dense_product(x, weight, weight_scale if block_size is not None else None, block_size)
+    if block_size is None:
+        y = y.mul_(weight_scale) if y.is_contiguous() else torch.mul(y, weight_scale)
     if bias is not None:
-        y.add_(bias)
+        y = y.add_(bias) if y.is_contiguous() else torch.add(y, bias)
     return y
 
 
-def _dense_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ float32(weight).T``: one product when the float32 weight fits in CHUNK_BYTES, else
-    the weight converted in cache-sized chunks of rows (the result is then a transposed view)."""
+def _float_rows(weight: torch.Tensor, start: int, stop: int, block_scale, block_size):
+    """Rows [start, stop) of the weight in float32: the codes, or with block scales (N, K / B) the
+    dequantized weight ``float32(codes) * S[:, k // B]``."""
+    rows = weight[start:stop].to(torch.float32)
+    if block_scale is None:
+        return rows
+    per_weight = block_scale[start:stop].repeat_interleave(block_size, dim=1)
+    return rows.mul_(per_weight)
+
+
+def _dense_product(x: torch.Tensor, weight: torch.Tensor, block_scale=None,
+                   block_size=None) -> torch.Tensor:
+    """``x @ float32(weight).T`` (with block scales: ``x @ W_hat.T``): one product when the float32
+    weight fits in CHUNK_BYTES, else the weight converted in cache-sized chunks of rows (the result
+    is then a transposed view)."""
     n, k = weight.shape
     if 4 * n * k <= CHUNK_BYTES:
-        return torch.mm(x, weight.to(torch.float32).t())
+        return torch.mm(x, _float_rows(weight, 0, n, block_scale, block_size).t())
     out = torch.empty((n, x.shape[0]), dtype=torch.float32, device=x.device)   # y transposed
     rows = _rows_per_chunk(k)
     for start in range(0, n, rows):
-        chunk = weight[start:start + rows].to(torch.float32)
+        chunk = _float_rows(weight, start, start + rows, block_scale, block_size)
         torch.mm(chunk, x.t(), out=out[start:start + rows])
     return out.t()
 
 
-def grad_input(grad: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor):
-    """``(grad * s_w) @ float32(W)``, the weight converted in cache-sized chunks of rows."""
-    g = grad * weight_scale
+def grad_input(grad: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               block_size=None):
+    """``(grad * s_w) @ float32(W)`` (with block scales: ``grad @ W_hat``), the weight converted in
+    cache-sized chunks of rows."""
+    blocks = weight_scale if block_size is not None else None
+    g = grad if block_size is not None else grad * weight_scale
     out = torch.zeros((grad.shape[0], weight.shape[1]), dtype=torch.float32, device=grad.device)
     rows = _rows_per_chunk(weight.shape[1])
     for start in range(0, weight.shape[0], rows):
-        out.addmm_(g[:, start:start + rows], weight[start:start + rows].to(torch.float32))
+        out.addmm_(g[:, start:start + rows],
+                   _float_rows(weight, start, start + rows, blocks, block_size))
     return out

@@ -27,6 +27,15 @@ one path. Every W8A8 path gives the same bits.
   ``input_alpha``, the clipping range; ``s_x = float32(alpha / 127)``, multiplier
   ``float32(127 / alpha)``; inputs beyond +-alpha clip to +-127).
 
+- block-scaled weights (``block_size=B``, a power of two in [64, 4096] dividing in_features):
+  ``weight_scale`` holds one scale per block of B consecutive weights of a row (flat, row-major:
+  ``(out_features * in_features / B,)``, the layout of a blockwise :class:`QTensor`; S is its
+  ``(out_features, in_features / B)`` view). Weight-only computes ``y = x @ W_hat.T + b`` with
+  ``W_hat = float32(W) * S[:, k // B]``; W8A8 sums one exact int32 product per block,
+  ``t = sum_g float32(q_x[:, g] @ W[:, g].T) * S[:, g]`` (in block order, float32), then
+  ``y = t * s_x[:, None] + b`` (:func:`quantkit.reference.linear_w8a8_blocks`). Finer scales
+  follow the weight's local range: the error is that of per-block quantization.
+
 - smoothed (a layer built from a :class:`quantkit.smooth.SmoothLinear`): a float32 buffer
   ``input_scale`` (``(in_features,)``, ``float32(1 / s)``) multiplies x first, in float32, and
   every formula above applies to ``x * input_scale``; W's codes are those of ``W * s``. The
@@ -111,15 +120,22 @@ def _quantize_rows_torch(x: torch.Tensor, alpha: torch.Tensor):
     return codes, alpha / torch.full_like(alpha, 127.0)
 
 
+def _block_size(weight: torch.Tensor, weight_scale: torch.Tensor):
+    """None for per-row scales ``(N,)``; B for block scales ``(N, K / B)``."""
+    return None if weight_scale.dim() == 1 else weight.shape[1] // weight_scale.shape[1]
+
+
 def _linear_w8(x, weight, weight_scale, bias):
-    """Weight-only: ``(x @ float32(W).T) * s_w + b`` (row-major output)."""
-    return matmul.weight_only_linear(x, weight, weight_scale, bias)
+    """Weight-only: ``(x @ float32(W).T) * s_w + b`` (block scales: ``x @ W_hat.T + b``)."""
+    return matmul.weight_only_linear(x, weight, weight_scale, bias,
+                                     _block_size(weight, weight_scale))
 
 
 def _linear_w8a8(x, weight, weight_scale, bias, input_alpha):
     """W8A8: quantize the rows of x, exact int32 ``q_x @ W.T``, then ``acc * (s_x * s_w) + b``."""
     codes, s_x = quantize_rows(x, input_alpha)
-    return matmul.w8a8_linear(codes, s_x, weight, weight_scale, bias)
+    return matmul.w8a8_linear(codes, s_x, weight, weight_scale, bias,
+                              _block_size(weight, weight_scale))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +145,9 @@ def _linear_w8a8(x, weight, weight_scale, bias, input_alpha):
 @torch.library.custom_op("quantkit::linear_w8", mutates_args=())
 def linear_w8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Weight-only int8 linear on 2-D float32 ``x``: ``(x @ float32(W).T) * s_w + b``."""
+    """Weight-only int8 linear on 2-D float32 ``x``: ``(x @ float32(W).T) * s_w + b``.
+
+    ``weight_scale`` is ``(N,)`` (per row) or ``(N, K / B)`` (per block of B weights of a row)."""
     return _linear_w8(x, weight, weight_scale, bias)
 
 
@@ -143,8 +161,9 @@ def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 @torch.library.custom_op("quantkit::linear_int8_grad_input", mutates_args=())
 def linear_int8_grad_input(grad: torch.Tensor, weight: torch.Tensor,
                            weight_scale: torch.Tensor) -> torch.Tensor:
-    """``(grad * s_w) @ float32(W)``: the gradient of an int8 linear with respect to its input."""
-    return matmul.grad_input(grad, weight, weight_scale)
+    """``(grad * s_w) @ float32(W)`` (block scales: ``grad @ W_hat``): the gradient of an int8
+    linear with respect to its input."""
+    return matmul.grad_input(grad, weight, weight_scale, _block_size(weight, weight_scale))
 
 
 @linear_w8.register_fake
@@ -188,13 +207,29 @@ linear_w8a8.register_autograd(_backward_w8a8, setup_context=_setup_context)
 # QuantLinear
 # --------------------------------------------------------------------------------------------------
 
-def _weight_alpha(w: torch.Tensor, method: str) -> np.ndarray:
-    """One alpha per output channel (row) of a Linear weight, from :func:`quantkit.calibrate`."""
+def _weight_alpha(w: torch.Tensor, method: str, block_size=None) -> np.ndarray:
+    """One alpha per output channel (row) of a Linear weight, or per block of ``block_size``
+    weights of a row, from :func:`quantkit.calibrate`."""
     if not isinstance(method, str):
         raise TypeError(f"weight_method must be a calibration method name, got {method!r}")
     from .calibration import calibrate   # deferred: calibration is a sibling layer, loaded on use
 
-    return np.asarray(calibrate(w, method, axis=0), dtype=np.float32)
+    if block_size is None:
+        return np.asarray(calibrate(w, method, axis=0), dtype=np.float32)
+    return np.asarray(calibrate(w, method, block_size=block_size), dtype=np.float32)
+
+
+def _check_layer_block_size(block_size, in_features: int):
+    """None, or a power of two in [64, 4096] dividing ``in_features`` (ValueError otherwise)."""
+    if block_size is None:
+        return None
+    from ._arrays import check_block_size
+
+    block_size = check_block_size(block_size)
+    if in_features % block_size:
+        raise ValueError(f"block_size={block_size} does not divide in_features={in_features}: "
+                         f"a block of weights must lie within one row")
+    return block_size
 
 
 def _check_mode(activations):
@@ -206,7 +241,8 @@ class QuantLinear(nn.Module):
     """An int8 replacement for ``nn.Linear``; see the module docstring for the arithmetic.
 
     Buffers: ``weight`` (int8, ``(out_features, in_features)``), ``weight_scale`` (float32,
-    ``(out_features,)``), and for ``activations="static"`` ``input_alpha`` (float32, 0-d, the
+    ``(out_features,)``, or ``(out_features * in_features / block_size,)`` with ``block_size``), and
+    for ``activations="static"`` ``input_alpha`` (float32, 0-d, the
     activation clipping range). ``bias`` (float32) is a Parameter that does not require grad.
     Build one with :meth:`from_float`; the constructor makes an all-zero layer for
     ``load_state_dict``. Inputs must be float32 with last dimension ``in_features``; the output is
@@ -214,15 +250,18 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 activations: Optional[str] = None, input_scale: bool = False, device=None):
+                 activations: Optional[str] = None, input_scale: bool = False,
+                 block_size: Optional[int] = None, device=None):
         super().__init__()
         _check_mode(activations)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.activations = activations
+        self.block_size = _check_layer_block_size(block_size, self.in_features)
+        scales = out_features if block_size is None else out_features * (in_features // block_size)
         self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.int8,
                                                    device=device))
-        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32,
+        self.register_buffer("weight_scale", torch.zeros(scales, dtype=torch.float32,
                                                          device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device),
@@ -238,7 +277,8 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, *, weight_method: str = "mse",
-                   activations: Optional[str] = None, act_alpha=None) -> "QuantLinear":
+                   activations: Optional[str] = None, act_alpha=None,
+                   block_size: Optional[int] = None) -> "QuantLinear":
         """Quantize an ``nn.Linear`` (which is left unchanged).
 
         Args:
@@ -249,6 +289,9 @@ class QuantLinear(nn.Module):
                 "static" (one alpha, ``act_alpha``, for every row).
             act_alpha: the activation clipping range for "static" (finite, > 0); see
                 :func:`quantize_model` to find it from calibration data.
+            block_size: None (one scale per output channel) or B, a power of two in [64, 4096]
+                dividing ``in_features``: one scale per block of B consecutive weights of a row,
+                calibrated per block (``calibrate(weight, weight_method, block_size=B)``).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
@@ -263,12 +306,15 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"act_alpha must be finite and > 0, got {act_alpha}")
         elif act_alpha is not None:
             raise ValueError("act_alpha is only used with activations='static'")
+        block_size = _check_layer_block_size(block_size, linear.in_features)
         w = linear.weight.detach().to(device="cpu", dtype=torch.float32)
-        alpha = _weight_alpha(w, weight_method)
-        q = quantize(w, alpha, axis=0)
+        alpha = _weight_alpha(w, weight_method, block_size)
+        q = (quantize(w, alpha, axis=0) if block_size is None
+             else quantize(w, alpha, block_size=block_size))
         input_scale = getattr(linear, "input_scale", None)    # a SmoothLinear's multiplier
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    activations=activations, input_scale=input_scale is not None)
+                    activations=activations, input_scale=input_scale is not None,
+                    block_size=block_size)
         if input_scale is not None:
             layer.input_scale.copy_(input_scale.detach().to(device="cpu", dtype=torch.float32))
         layer.weight.copy_(q.data)
@@ -304,21 +350,35 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.input_scale is not None:
             x2 = x2 * self.input_scale
+        scale = self._scale_matrix()
         if self.activations is None:
-            y = linear_w8(x2, self.weight, self.weight_scale, self.bias)
+            y = linear_w8(x2, self.weight, scale, self.bias)
         else:
-            y = linear_w8a8(x2, self.weight, self.weight_scale, self.bias, self.input_alpha)
+            y = linear_w8a8(x2, self.weight, scale, self.bias, self.input_alpha)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _scale_matrix(self) -> torch.Tensor:
+        """``weight_scale`` as the products take it: ``(N,)`` per row, ``(N, K / B)`` per block."""
+        if self.block_size is None:
+            return self.weight_scale
+        return self.weight_scale.view(self.out_features, self.in_features // self.block_size)
+
     def dequantized_weight(self) -> torch.Tensor:
-        """``float32(weight) * weight_scale[:, None]`` (times ``input_scale[None, :]`` for a
-        smoothed layer): the float weight this layer stands for."""
-        w = self.weight.to(torch.float32) * self.weight_scale[:, None]
+        """``float32(weight) * scale`` (per row, or per block of ``block_size`` weights; times
+        ``input_scale[None, :]`` for a smoothed layer): the float weight this layer stands for."""
+        scale = self._scale_matrix()
+        if self.block_size is None:
+            w = self.weight.to(torch.float32) * scale[:, None]
+        else:
+            w = self.weight.to(torch.float32) * scale.repeat_interleave(self.block_size, dim=1)
         return w if self.input_scale is None else w * self.input_scale[None, :]
 
     def qtensor(self) -> QTensor:
-        """The weight as a QTensor (per channel, axis 0), sharing this layer's buffers."""
-        return QTensor(self.weight, self.weight_scale, axis=0)
+        """The weight as a QTensor (per channel along axis 0, or blockwise with ``block_size``),
+        sharing this layer's buffers."""
+        if self.block_size is None:
+            return QTensor(self.weight, self.weight_scale, axis=0)
+        return QTensor(self.weight, self.weight_scale, block_size=self.block_size)
 
     def checkpoint_entry(self) -> dict:
         """What a checkpoint records to rebuild this layer (``"quantkit.modules"``)."""
@@ -327,11 +387,14 @@ class QuantLinear(nn.Module):
                  "activations": self.activations}
         if self.input_scale is not None:
             entry["input_scale"] = True
+        if self.block_size is not None:
+            entry["block_size"] = self.block_size
         return entry
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, activations={self.activations!r}"
+                + ("" if self.block_size is None else f", block_size={self.block_size}")
                 + (", smoothed" if self.input_scale is not None else ""))
 
 
@@ -347,7 +410,7 @@ def _weight_stats(w: torch.Tensor, q: QTensor, alpha: np.ndarray, element_size: 
     return {"alpha_min": float(alpha.min()) if alpha.size else 0.0,
             "alpha_max": float(alpha.max()) if alpha.size else 0.0,
             "sqnr_db": sqnr, "bytes_before": int(w.numel()) * int(element_size),
-            "bytes_after": int(q.nbytes)}
+            "bytes_after": int(q.nbytes), "block_size": q.block_size}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,7 +480,7 @@ def _observe_inputs(model, names, calib_data, method):
 
 def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optional[str] = None,
                    calib_data=None, skip=(), act_method: str = "mse", smooth=None,
-                   inplace: bool = False) -> nn.Module:
+                   block_size: Optional[int] = None, inplace: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by a :class:`QuantLinear`; return the model.
 
     Args:
@@ -432,6 +495,10 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
         smooth: None, or the SmoothQuant migration strength alpha in [0, 1]: the model is first
             passed through :func:`quantkit.smooth.smooth_model` with ``calib_data`` (observed on
             the float model; needed then for any ``activations``) and the same ``skip``.
+        block_size: None (one weight scale per output channel) or B, a power of two in
+            [64, 4096]: one scale per block of B weights of a row (see :class:`QuantLinear`).
+            Layers whose ``in_features`` B does not divide keep per-channel scales (a warning
+            names them; the report's ``block_size`` is None for them).
         inplace: modify ``model`` itself instead of a copy.
 
     The returned model has ``quantkit_report``, a :class:`QuantReport` with one entry per replaced
@@ -440,6 +507,10 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
     import copy
 
     _check_mode(activations)
+    if block_size is not None:
+        from ._arrays import check_block_size
+
+        block_size = check_block_size(block_size)
     if isinstance(skip, str):
         skip = (skip,)
     if not isinstance(model, nn.Module):
@@ -467,10 +538,19 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
     act_alphas = (_observe_inputs(model, names, calib_data, act_method)
                   if activations == "static" else {})
     modules = dict(model.named_modules())
+    per_channel = [name for name in names
+                   if block_size is not None and modules[name].in_features % block_size]
+    if per_channel:
+        warnings.warn(f"quantize_model: block_size={block_size} does not divide in_features of "
+                      f"{len(per_channel)} layer(s) ({', '.join(per_channel[:3])}"
+                      f"{', ...' if len(per_channel) > 3 else ''}); they keep per-channel weight "
+                      f"scales", stacklevel=2)
     for name in names:
         linear = modules[name]
-        layer = QuantLinear.from_float(linear, weight_method=weights, activations=activations,
-                                       act_alpha=act_alphas.get(name))
+        layer = QuantLinear.from_float(
+            linear, weight_method=weights, activations=activations,
+            act_alpha=act_alphas.get(name),
+            block_size=None if name in per_channel else block_size)
         if name == "":
             model = layer           # the model is itself a Linear
         else:
@@ -515,10 +595,15 @@ def load_quantized(model: nn.Module, source) -> nn.Module:
                 raise ValueError("the checkpoint holds a single QuantLinear: load it into a "
                                  "QuantLinear built with the same activations mode")
             continue
-        replacements[name] = QuantLinear(old.in_features, old.out_features, old.bias is not None,
-                                         activations=entry.get("activations"),
-                                         input_scale=bool(entry.get("input_scale", False)),
-                                         device=old.weight.device)
+        try:
+            replacements[name] = QuantLinear(old.in_features, old.out_features,
+                                             old.bias is not None,
+                                             activations=entry.get("activations"),
+                                             input_scale=bool(entry.get("input_scale", False)),
+                                             block_size=entry.get("block_size"),
+                                             device=old.weight.device)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"module {name!r}: bad checkpoint entry {entry!r}: {exc}") from None
     # The state the model will have once the layers are swapped, checked before any change.
     expected = {}
     for key, value in model.state_dict().items():

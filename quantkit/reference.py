@@ -119,6 +119,44 @@ def absmax_per_block(x: np.ndarray, block_size: int) -> np.ndarray:
     return np.abs(_blocks(x.reshape(-1), block_size)).max(axis=1).astype(np.float32)
 
 
+# --------------------------------------------------------- the int8 Linear with weight blocks
+#
+# A weight W (N, K) quantized in blocks of B consecutive values of each row (B divides K, so the
+# blocks of the C-order flattening are row blocks): codes (N, K) and scales S (N, K / B), block g
+# of row j covering k in [g * B, (g + 1) * B).
+
+
+def linear_w8a8_blocks(q_x: np.ndarray, s_x: np.ndarray, codes: np.ndarray, scale: np.ndarray,
+                       block_size: int, bias=None) -> np.ndarray:
+    """W8A8 with block-scaled weights: ``y = t * s_x[:, None] + bias`` where ``t = 0`` and, for each
+    block g in order, ``t = t + float32(C_g) * S[:, g]``, ``C_g = q_x[:, g] @ codes[:, g].T`` the
+    exact integer product over block g (every float32 operation rounded once)."""
+    q_x, codes = np.asarray(q_x), np.asarray(codes)
+    scale = np.asarray(scale, dtype=np.float32)
+    m, k = q_x.shape
+    t = np.zeros((m, codes.shape[0]), np.float32)
+    for g in range(k // block_size):
+        cols = slice(g * block_size, (g + 1) * block_size)
+        exact = q_x[:, cols].astype(np.int64) @ codes[:, cols].astype(np.int64).T
+        t = t + exact.astype(np.float32) * scale[None, :, g]
+    y = t * np.asarray(s_x, dtype=np.float32)[:, None]
+    return y if bias is None else y + np.asarray(bias, dtype=np.float32)
+
+
+def linear_w8_blocks(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, block_size: int,
+                     bias=None) -> np.ndarray:
+    """Weight-only with block-scaled weights: ``y = x @ W_hat.T + bias`` with the dequantized weight
+    ``W_hat = float32(codes) * S[:, k // B]`` (one rounding per weight). The sum is taken in float64
+    and rounded to float32 once: kernels agree with it to float32 summation error, not bit for
+    bit (their order is docs/DESIGN.md section 6's)."""
+    scale = np.asarray(scale, dtype=np.float32)
+    w_hat = np.asarray(codes).astype(np.float32) * np.repeat(scale, block_size, axis=1)
+    y = np.asarray(x, dtype=np.float64) @ w_hat.astype(np.float64).T
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64)
+    return y.astype(np.float32)
+
+
 # ------------------------------------------------------------------- 8-bit optimizer states
 #
 # AdamW keeps two moments per parameter: m (signed) and v (non-negative). quantkit stores each

@@ -453,3 +453,131 @@ def test_no_warnings_in_normal_use():
         warnings.simplefilter("error")
         q = quantize_model(_mlp(), activations="dynamic")
         q(torch.randn(2, 16))
+
+
+# ----------------------------------------------------------------------- block-scaled weights
+
+def _block_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 96), nn.ReLU(),
+                         nn.Linear(96, 8))
+
+
+@pytest.mark.parametrize("method", ["mse", "max", "percentile"])
+def test_block_weights_are_calibrated_per_block(method):
+    lin = _linear(256, 12, seed=3)
+    layer = QuantLinear.from_float(lin, weight_method=method, block_size=64)
+    w = lin.weight.detach()
+    alpha = quantkit.calibrate(w, method, block_size=64)
+    q = quantkit.quantize(w, alpha, block_size=64)
+    assert layer.block_size == 64 and layer.weight_scale.shape == (12 * 4,)
+    assert torch.equal(layer.weight, q.data) and torch.equal(layer.weight_scale, q.scale)
+    want = reference.dequantize_blockwise(q.data.numpy(), q.scale.numpy(), 64)
+    assert np.array_equal(layer.dequantized_weight().numpy(), want)
+    assert layer.qtensor().block_size == 64
+    assert torch.equal(layer.qtensor().dequantize(), layer.dequantized_weight())
+    per_row = QuantLinear.from_float(lin, weight_method=method)
+    err = lambda m: float(((m.dequantized_weight() - w) ** 2).sum())   # noqa: E731
+    assert err(layer) < err(per_row)              # finer scales: smaller weight error
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_block_forward(mode):
+    lin = _linear(192, 20, seed=4)
+    layer = _from_float(lin, mode, block_size=64)
+    x = torch.randn(3, 5, 192)
+    y = layer(x)
+    assert y.shape == (3, 5, 20)
+    w_hat = layer.dequantized_weight()
+    x2 = x.reshape(-1, 192)
+    if mode is None:
+        want = reference.linear_w8_blocks(x2.numpy(), layer.weight.numpy(),
+                                          layer.weight_scale.view(20, 3).numpy(), 64,
+                                          layer.bias.detach().numpy())
+        assert np.allclose(y.reshape(-1, 20).numpy(), want, rtol=1e-5, atol=1e-5)
+    else:
+        codes, s_x = quantize_rows(x2, layer.input_alpha)
+        want = reference.linear_w8a8_blocks(codes.numpy(), s_x.numpy(), layer.weight.numpy(),
+                                            layer.weight_scale.view(20, 3).numpy(), 64,
+                                            layer.bias.detach().numpy())
+        assert np.array_equal(y.reshape(-1, 20).numpy(), want)
+    close = torch.nn.functional.linear(x, w_hat, layer.bias)
+    atol = {None: 1e-5, "dynamic": 0.05, "static": 0.2}[mode]     # static clips beyond 3.0
+    assert torch.allclose(y, close, atol=atol)
+
+
+@pytest.mark.parametrize("mode", [None, "dynamic"])
+def test_block_backward_is_the_dequantized_linear(mode):
+    layer = _from_float(_linear(128, 16, seed=5), mode, block_size=64)
+    x = torch.randn(6, 128, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    y = layer(xr.detach())           # the same forward values for the chain rule
+    torch.nn.functional.linear(xr, layer.dequantized_weight()).mul(2 * y).sum().backward()
+    assert torch.allclose(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_block_size_errors():
+    with pytest.raises(ValueError, match="block_size=64 does not divide in_features=100"):
+        QuantLinear(100, 4, block_size=64)
+    with pytest.raises(ValueError, match="power of two"):
+        QuantLinear(96, 4, block_size=48)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        QuantLinear.from_float(_linear(128, 4), block_size=64.0)
+    with pytest.raises(ValueError, match="power of two"):
+        quantize_model(_block_mlp(), block_size=3)
+
+
+def test_quantize_model_block_size_keeps_per_channel_where_it_cannot():
+    with pytest.warns(UserWarning, match=r"does not divide in_features of 1 layer\(s\) \(4\)"):
+        q = quantize_model(_block_mlp(), block_size=64)
+    assert (q[0].block_size, q[2].block_size, q[4].block_size) == (64, 64, None)
+    assert [r["block_size"] for r in q.quantkit_report] == [64, 64, None]
+    t = q.quantkit_report.totals()
+    assert t["bytes_after"] == sum(m.weight.numel() + 4 * m.weight_scale.numel()
+                                   for m in (q[0], q[2], q[4]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_block_save_load_round_trip(tmp_path, mode):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize_model(_block_mlp(), activations=mode, block_size=64,
+                           calib_data=[torch.randn(8, 128)])
+    path = tmp_path / "q.safetensors"
+    quantkit.save(q, path)
+    ckpt = quantkit.load(path)
+    assert ckpt["0.weight"].block_size == 64 and ckpt["4.weight"].axis == 0
+    assert ckpt.modules["0"]["block_size"] == 64 and "block_size" not in ckpt.modules["4"]
+    fresh = load_quantized(_block_mlp(1), path)
+    x = torch.randn(5, 128)
+    assert torch.equal(fresh(x), q(x))
+    assert fresh[2].block_size == 64 and fresh[4].block_size is None
+
+
+def test_load_quantized_refuses_a_bad_block_size_entry(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize_model(_block_mlp(), block_size=64)
+    path = tmp_path / "q.safetensors"
+    quantkit.save(q, path)
+    ckpt = quantkit.load(path)
+    ckpt.modules["0"]["block_size"] = 48
+    model = _block_mlp(1)
+    with pytest.raises(ValueError, match="module '0': bad checkpoint entry"):
+        load_quantized(model, ckpt)
+    assert isinstance(model[0], nn.Linear)
+
+
+def test_block_weights_with_smoothing():
+    calib = [torch.randn(16, 128) * torch.linspace(0.1, 8, 128)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize_model(_block_mlp(), activations="dynamic", smooth=0.5, calib_data=calib,
+                           block_size=64)
+    with torch.no_grad():
+        float_y = _block_mlp()(calib[0])
+    assert q[0].block_size == 64 and q[0].input_scale is not None
+    with torch.no_grad():
+        rel = float((q(calib[0]) - float_y).norm() / float_y.norm())
+    assert rel < 0.05

@@ -33,6 +33,17 @@
  *         s = fma(x[k], w[k], s) for k = 0, 1, ..., K - 1 from s = 0.
  *       The scale product and the bias add are each rounded once (no contraction).
  *
+ *   Block-scaled weights (one scale per block of `block` consecutive weights of a row, S[j][g] for
+ *   k in [g * block, (g + 1) * block); block a multiple of 8 dividing K):
+ *
+ *   qk_cpu_linear_w8b_f32: Y[i][j] = float32(dot_k(X[i][k], float32(W[j][k]) * S[j][k / block]))
+ *       + bias[j], the weight dequantized (one rounding) before its fused multiply-add, in the
+ *       eight-lane order above for every M.
+ *
+ *   qk_cpu_linear_w8a8b_f32: Y[i][j] = t[i][j] * sx[i] + bias[j] with t = 0 and, for g = 0, 1, ...,
+ *       t = t + float32(C_g[i][j]) * S[j][g], C_g the exact int32 product over block g (every
+ *       float32 operation rounded once, in that order).
+ *
  * Work is split over the N outputs (rows of B / W) between `threads` OpenMP threads.
  */
 #include <stdint.h>
@@ -41,7 +52,7 @@
 #include <stdlib.h>
 #include <immintrin.h>
 
-#define QK_CPU_ABI_VERSION 2
+#define QK_CPU_ABI_VERSION 3
 #define QK_PATH_GENERIC 0
 #define QK_PATH_AVX2 1
 #define QK_PATH_VNNI 2
@@ -140,6 +151,30 @@ static void w8_generic_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const
                                                  : dot_w8_generic(X + i * ldx, W + j * ldw, K);
             float y = d * scale[j];
             Y[i * ldy + j] = bias ? y + bias[j] : y;
+        }
+}
+
+/* dot_k(x[k], float32(w[k]) * s[k / block]) in the eight-lane order (K a multiple of 8). */
+static float dot_w8b_generic(const float *x, const int8_t *w, const float *s, int64_t K,
+                             int64_t block) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t k = 0; k < K; k += 8) {
+        float sk = s[k / block];
+        for (int l = 0; l < 8; l++) lane[l] = fmaf(x[k + l], (float)w[k + l] * sk, lane[l]);
+    }
+    float lo = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+    float hi = (lane[4] + lane[5]) + (lane[6] + lane[7]);
+    return lo + hi;
+}
+
+static void w8b_generic_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const float *X,
+                              int64_t ldx, const int8_t *W, int64_t ldw, const float *S,
+                              int64_t block, const float *bias, float *Y, int64_t ldy) {
+    int64_t groups = K / block;
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = j0; j < j1; j++) {
+            float d = dot_w8b_generic(X + i * ldx, W + j * ldw, S + j * groups, K, block);
+            Y[i * ldy + j] = bias ? d + bias[j] : d;
         }
 }
 
@@ -359,6 +394,59 @@ AVX2 static void w8_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, con
                          x1 ? Y + (i + 1) * ldy + j : NULL);
         }
     if (j4 < j1) w8_generic_block(M, j4, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
+}
+
+/* Y[i][j0..j0+3] for rows i and i + 1 (x1 may be NULL) of the block-scaled product. */
+AVX2 static void w8b_avx2_tile(const float *x0, const float *x1, const int8_t *w0, int64_t ldw,
+                               const float *s0, int64_t groups, int64_t block,
+                               const float *bias, float *y0, float *y1) {
+    const int8_t *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+    const float *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    for (int64_t g = 0; g < groups; g++) {
+        __m256 c0 = _mm256_set1_ps(s0[g]), c1 = _mm256_set1_ps(s1[g]);
+        __m256 c2 = _mm256_set1_ps(s2[g]), c3 = _mm256_set1_ps(s3[g]);
+        for (int64_t k = g * block; k < (g + 1) * block; k += 8) {
+            __m256 f0 = _mm256_mul_ps(widen8(w0 + k), c0), f1 = _mm256_mul_ps(widen8(w1 + k), c1);
+            __m256 f2 = _mm256_mul_ps(widen8(w2 + k), c2), f3 = _mm256_mul_ps(widen8(w3 + k), c3);
+            __m256 x = _mm256_loadu_ps(x0 + k);
+            a00 = _mm256_fmadd_ps(x, f0, a00);
+            a01 = _mm256_fmadd_ps(x, f1, a01);
+            a02 = _mm256_fmadd_ps(x, f2, a02);
+            a03 = _mm256_fmadd_ps(x, f3, a03);
+            if (x1) {
+                x = _mm256_loadu_ps(x1 + k);
+                a10 = _mm256_fmadd_ps(x, f0, a10);
+                a11 = _mm256_fmadd_ps(x, f1, a11);
+                a12 = _mm256_fmadd_ps(x, f2, a12);
+                a13 = _mm256_fmadd_ps(x, f3, a13);
+            }
+        }
+    }
+    __m256 r0[4] = {a00, a01, a02, a03}, r1[4] = {a10, a11, a12, a13};
+    for (int q = 0; q < 4; q++) {
+        float d = hsum8_ps(r0[q]);
+        y0[q] = bias ? d + bias[q] : d;
+        if (x1) {
+            d = hsum8_ps(r1[q]);
+            y1[q] = bias ? d + bias[q] : d;
+        }
+    }
+}
+
+AVX2 static void w8b_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const float *X,
+                                int64_t ldx, const int8_t *W, int64_t ldw, const float *S,
+                                int64_t block, const float *bias, float *Y, int64_t ldy) {
+    int64_t groups = K / block, j4 = j0 + (j1 - j0) / 4 * 4;
+    for (int64_t j = j0; j < j4; j += 4)
+        for (int64_t i = 0; i < M; i += 2) {
+            const float *x1 = i + 1 < M ? X + (i + 1) * ldx : NULL;
+            w8b_avx2_tile(X + i * ldx, x1, W + j * ldw, ldw, S + j * groups, groups, block,
+                          bias ? bias + j : NULL, Y + i * ldy + j,
+                          x1 ? Y + (i + 1) * ldy + j : NULL);
+        }
+    if (j4 < j1) w8b_generic_block(M, j4, j1, K, X, ldx, W, ldw, S, block, bias, Y, ldy);
 }
 
 /* ------------------------------------------------------------------------------- VNNI */
@@ -590,6 +678,96 @@ EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, con
                 }
         }
         free(acc);
+    }
+    free(ap);
+    return failed ? QK_ERR_MEMORY : QK_OK;
+}
+
+static int check_block(int64_t K, int64_t block, int64_t multiple) {
+    return block > 0 && block % multiple == 0 && K % block == 0;
+}
+
+EXPORT int qk_cpu_linear_w8b_f32(int path, int64_t M, int64_t N, int64_t K, const float *X,
+                                 int64_t ldx, const int8_t *W, int64_t ldw, const float *S,
+                                 int64_t block, const float *bias, float *Y, int64_t ldy,
+                                 int threads) {
+    if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
+    if (!check_shapes(M, N, K, ldx, ldw, ldy) || !check_block(K, block, 8)) return QK_ERR_ARGUMENT;
+    if (M == 0 || N == 0) return QK_OK;
+    int64_t blocks = (N + N_BLOCK - 1) / N_BLOCK;
+    if (threads < 1) threads = 1;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t j0 = b * N_BLOCK, j1 = j0 + N_BLOCK < N ? j0 + N_BLOCK : N;
+#if defined(__x86_64__)
+        if (path != QK_PATH_GENERIC) {
+            w8b_avx2_block(M, j0, j1, K, X, ldx, W, ldw, S, block, bias, Y, ldy);
+            continue;
+        }
+#endif
+        w8b_generic_block(M, j0, j1, K, X, ldx, W, ldw, S, block, bias, Y, ldy);
+    }
+    return QK_OK;
+}
+
+EXPORT int qk_cpu_linear_w8a8b_f32(int path, int64_t M, int64_t N, int64_t K, const int8_t *A,
+                                   int64_t lda, const int8_t *B, int64_t ldb, const float *sx,
+                                   const float *S, int64_t block, const float *bias, float *Y,
+                                   int64_t ldy, int threads) {
+    if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
+    if (!check_shapes(M, N, K, lda, ldb, ldy) || !check_block(K, block, 1)) return QK_ERR_ARGUMENT;
+    if (M == 0 || N == 0) return QK_OK;
+    int64_t blocks = (N + INT8_N_BLOCK - 1) / INT8_N_BLOCK, groups = K / block;
+    if (threads < 1) threads = 1;
+    uint8_t *ap = NULL;
+    if (path == QK_PATH_VNNI && !(ap = offset_copy(M, K, A, lda))) return QK_ERR_MEMORY;
+    int failed = 0;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1) \
+        reduction(| : failed)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t j0 = b * INT8_N_BLOCK;
+        int64_t j1 = j0 + INT8_N_BLOCK < N ? j0 + INT8_N_BLOCK : N, nc = j1 - j0;
+        int32_t *acc = malloc(sizeof(int32_t) * M_BLOCK * INT8_N_BLOCK);
+        float *t = malloc(sizeof(float) * M_BLOCK * INT8_N_BLOCK);
+        if (!acc || !t) {
+            failed = 1;
+            free(acc);
+            free(t);
+            continue;
+        }
+        const int8_t *Bj = B + j0 * ldb;
+        for (int64_t i0 = 0; i0 < M; i0 += M_BLOCK) {
+            int64_t mc = M - i0 < M_BLOCK ? M - i0 : M_BLOCK;
+            const int8_t *Ai = A + i0 * lda;
+            for (int64_t e = 0; e < M_BLOCK * INT8_N_BLOCK; e++) t[e] = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {   /* one exact int32 product per block of K */
+                int64_t k0 = g * block;
+#if defined(__x86_64__)
+                if (path == QK_PATH_VNNI)
+                    gemm_vnni_block(mc, 0, nc, block, Ai + k0, lda, ap + i0 * K + k0, K, Bj + k0,
+                                    ldb, acc, INT8_N_BLOCK);
+                else if (path == QK_PATH_AVX2)
+                    gemm_avx2_block(mc, 0, nc, block, Ai + k0, lda, Bj + k0, ldb, acc,
+                                    INT8_N_BLOCK);
+                else
+#endif
+                    gemm_generic_block(mc, 0, nc, block, Ai + k0, lda, Bj + k0, ldb, acc,
+                                       INT8_N_BLOCK);
+                for (int64_t i = 0; i < mc; i++)
+                    for (int64_t c = 0; c < nc; c++) {
+                        int64_t e = i * INT8_N_BLOCK + c;
+                        float term = (float)acc[e] * S[(j0 + c) * groups + g];
+                        t[e] = t[e] + term;
+                    }
+            }
+            for (int64_t i = 0; i < mc; i++)
+                for (int64_t c = 0; c < nc; c++) {
+                    float y = t[i * INT8_N_BLOCK + c] * sx[i0 + i];
+                    Y[(i0 + i) * ldy + j0 + c] = bias ? y + bias[j0 + c] : y;
+                }
+        }
+        free(acc);
+        free(t);
     }
     free(ap);
     return failed ? QK_ERR_MEMORY : QK_OK;

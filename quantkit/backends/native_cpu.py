@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 LIBRARY_PATH = Path(__file__).resolve().parent.parent / "_libquantkit_cpu.so"
 BUILD_HINT = ("Reinstall quantkit with a C compiler present (pip install -e .) or run "
               "`python3 csrc/build.py --cpu` in its source tree.")
@@ -63,6 +63,12 @@ def _declare(lib) -> None:
     lib.qk_cpu_linear_w8a8_f32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, p, p, p, i64,
                                            i32]
     lib.qk_cpu_linear_w8a8_f32.restype = i32
+    lib.qk_cpu_linear_w8b_f32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, i64, p, p, i64,
+                                          i32]
+    lib.qk_cpu_linear_w8b_f32.restype = i32
+    lib.qk_cpu_linear_w8a8b_f32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, p, i64, p, p,
+                                            i64, i32]
+    lib.qk_cpu_linear_w8a8b_f32.restype = i32
 
 
 def _load():
@@ -183,48 +189,85 @@ def _vector(v, n: int, name: str) -> np.ndarray:
     return v
 
 
+def _block_scales(scale, n: int, k: int, block_size: int, name: str) -> np.ndarray:
+    """``scale`` as a C-contiguous float32 (n, k / block_size) array of per-block scales."""
+    if block_size <= 0 or k % block_size:
+        raise ValueError(f"block_size must be a positive divisor of K = {k}, got {block_size}")
+    scale = np.ascontiguousarray(scale, np.float32)
+    if scale.shape != (n, k // block_size):
+        raise ValueError(f"{name} must have shape {(n, k // block_size)} (one scale per block of "
+                         f"{block_size} weights of each row), got {scale.shape}")
+    return scale
+
+
 def linear_w8a8_f32(a: np.ndarray, b: np.ndarray, s_a: np.ndarray, s_b: np.ndarray, bias=None,
-                    *, path: str = "avx2", threads: int = 1) -> np.ndarray:
+                    *, block_size: int | None = None, path: str = "avx2",
+                    threads: int = 1) -> np.ndarray:
     """``float32(a @ b.T) * (s_a[:, None] * s_b[None, :]) + bias`` with the product exact in int32.
 
     a (M, K) and b (N, K) int8 codes in [-127, 127]; s_a float32 (M,), s_b and bias float32 (N,),
     bias None adds nothing. Each float32 operation is rounded once, in that order. Returns a
     C-contiguous float32 (M, N) array.
+
+    With ``block_size`` B (a divisor of K), ``s_b`` is (N, K / B), one scale per block of B weights
+    of a row, and ``y = t * s_a[:, None] + bias`` with ``t = sum_g float32(C_g) * s_b[:, g]``
+    accumulated in float32 from 0 in block order, ``C_g`` the exact int32 product over block g.
     """
     a = _rows_view(a, np.int8, "a")
     b = _rows_view(b, np.int8, "b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a is {a.shape} and b is {b.shape}: their second dimensions differ")
     m, n = a.shape[0], b.shape[0]
-    s_a, s_b = _vector(s_a, m, "s_a"), _vector(s_b, n, "s_b")
+    s_a = _vector(s_a, m, "s_a")
     bias = None if bias is None else _vector(bias, n, "bias")
     out = np.empty((m, n), np.float32)
-    code = library().qk_cpu_linear_w8a8_f32(
-        PATHS[path], m, n, a.shape[1], a.ctypes.data, _ld(a), b.ctypes.data, _ld(b),
-        s_a.ctypes.data, s_b.ctypes.data, None if bias is None else bias.ctypes.data,
-        out.ctypes.data, n, int(threads))
+    bias_ptr = None if bias is None else bias.ctypes.data
+    if block_size is None:
+        s_b = _vector(s_b, n, "s_b")
+        code = library().qk_cpu_linear_w8a8_f32(
+            PATHS[path], m, n, a.shape[1], a.ctypes.data, _ld(a), b.ctypes.data, _ld(b),
+            s_a.ctypes.data, s_b.ctypes.data, bias_ptr, out.ctypes.data, n, int(threads))
+    else:
+        s_b = _block_scales(s_b, n, a.shape[1], int(block_size), "s_b")
+        code = library().qk_cpu_linear_w8a8b_f32(
+            PATHS[path], m, n, a.shape[1], a.ctypes.data, _ld(a), b.ctypes.data, _ld(b),
+            s_a.ctypes.data, s_b.ctypes.data, int(block_size), bias_ptr, out.ctypes.data, n,
+            int(threads))
     _check(code, path)
     return out
 
 
 def linear_w8_f32(x: np.ndarray, w: np.ndarray, scale: np.ndarray, bias=None, *,
-                  path: str = "avx2", threads: int = 1) -> np.ndarray:
+                  block_size: int | None = None, path: str = "avx2",
+                  threads: int = 1) -> np.ndarray:
     """``float32(x @ float32(w).T) * scale + bias`` with w (N, K) int8, x (M, K) float32.
 
     ``scale`` and ``bias`` are float32 (N,); bias None adds nothing. Returns a C-contiguous float32
     (M, N) array.
+
+    With ``block_size`` B (a multiple of 8 dividing K), ``scale`` is (N, K / B), one scale per block
+    of B weights of a row, and ``y = x @ (float32(w) * scale_per_weight).T + bias``: each weight is
+    dequantized (one rounding) before it enters the sum.
     """
     x = _rows_view(x, np.float32, "x")
     w = _rows_view(w, np.int8, "w")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"x is {x.shape} and w is {w.shape}: their second dimensions differ")
     m, n = x.shape[0], w.shape[0]
-    scale = _vector(scale, n, "scale")
     bias = None if bias is None else _vector(bias, n, "bias")
     out = np.empty((m, n), np.float32)
-    code = library().qk_cpu_linear_w8_f32(
-        PATHS[path], m, n, x.shape[1], x.ctypes.data, _ld(x), w.ctypes.data, _ld(w),
-        scale.ctypes.data, None if bias is None else bias.ctypes.data, out.ctypes.data, n,
-        int(threads))
+    bias_ptr = None if bias is None else bias.ctypes.data
+    if block_size is None:
+        scale = _vector(scale, n, "scale")
+        code = library().qk_cpu_linear_w8_f32(
+            PATHS[path], m, n, x.shape[1], x.ctypes.data, _ld(x), w.ctypes.data, _ld(w),
+            scale.ctypes.data, bias_ptr, out.ctypes.data, n, int(threads))
+    else:
+        if int(block_size) % 8:
+            raise ValueError(f"block_size must be a multiple of 8, got {block_size}")
+        scale = _block_scales(scale, n, x.shape[1], int(block_size), "scale")
+        code = library().qk_cpu_linear_w8b_f32(
+            PATHS[path], m, n, x.shape[1], x.ctypes.data, _ld(x), w.ctypes.data, _ld(w),
+            scale.ctypes.data, int(block_size), bias_ptr, out.ctypes.data, n, int(threads))
     _check(code, path)
     return out
