@@ -142,12 +142,20 @@ def _require(path: str) -> None:
                            "AVX-512 BW/VL or AVX-512 VNNI; use avx2, generic, int_mm or float")
 
 
+def _forced_int8_path():
+    """The W8A8 path ``QUANTKIT_MATMUL`` forces (checked runnable here), or None for auto."""
+    forced = _forced()
+    if forced == "auto":
+        return None
+    if forced in NATIVE_PATHS:
+        _require(forced)
+    return forced
+
+
 def _int8_path_cpu(rows: int, k: int) -> str:
     """The W8A8 path for a (rows, k) x (k, n) product on the CPU."""
-    forced = _forced()
-    if forced != "auto":
-        if forced in NATIVE_PATHS:
-            _require(forced)
+    forced = _forced_int8_path()
+    if forced is not None:
         return forced
     info = cpu_info()
     if info["avx512_vnni"]:
@@ -161,10 +169,8 @@ def _int8_path_cpu(rows: int, k: int) -> str:
 
 def _int8_blocks_path_cpu() -> str:
     """The W8A8 path for block-scaled weights on the CPU (any shape)."""
-    forced = _forced()
-    if forced != "auto":
-        if forced in NATIVE_PATHS:
-            _require(forced)
+    forced = _forced_int8_path()
+    if forced is not None:
         return forced
     info = cpu_info()
     if info["native"] is None and info["avx2"] and info["fma"]:

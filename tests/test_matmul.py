@@ -18,19 +18,8 @@ from quantkit import matmul
 from quantkit.backends import native_cpu
 from quantkit.nn import QuantLinear
 
-INT8_PATHS = ("vnni", "avx2", "generic", "int_mm", "float")
-FUSED_PATHS = ("vnni", "avx2", "generic")
+from matmul_cases import FUSED_PATHS, INT8_PATHS, skip_unless_runnable
 
-
-def _runnable(path: str):
-    """pytest.skip unless this machine can run ``path`` (the reason names what is missing)."""
-    if path in FUSED_PATHS:
-        reason = native_cpu.unavailable_reason()
-        if reason is not None:
-            pytest.skip(reason)
-        if not native_cpu.path_supported(path):
-            need = "AVX-512 BW/VL and VNNI" if path == "vnni" else "AVX2/FMA"
-            pytest.skip(f"this CPU ({matmul.cpu_info()['model']}) lacks {need} for {path!r}")
 
 
 def _codes(rng, shape, extremes=False):
@@ -51,7 +40,7 @@ SHAPES = [(1, 1, 1), (1, 37, 5), (2, 31, 4), (3, 32, 16), (5, 33, 17), (7, 100, 
 @pytest.mark.parametrize("path", INT8_PATHS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int8_product_is_exact(monkeypatch, path, shape):
-    _runnable(path)
+    skip_unless_runnable(path)
     monkeypatch.setenv(matmul.ENV, path)
     rng = np.random.default_rng(sum(shape))
     m, k, n = shape
@@ -65,7 +54,7 @@ def test_int8_product_is_exact(monkeypatch, path, shape):
 @pytest.mark.parametrize("path", INT8_PATHS)
 def test_int8_product_worst_case_sums(monkeypatch, path):
     """All +127 against all -127: the largest |sum| (127^2 K), no int16 pair saturates."""
-    _runnable(path)
+    skip_unless_runnable(path)
     monkeypatch.setenv(matmul.ENV, path)
     for k in (2, 64, 1040, 1041, 8192, 70001):   # 70001: the VNNI a + 128 sums wrap int32
         a = np.full((3, k), 127, np.int8)
@@ -76,7 +65,7 @@ def test_int8_product_worst_case_sums(monkeypatch, path):
 
 @pytest.mark.parametrize("path", INT8_PATHS)
 def test_int8_product_empty(monkeypatch, path):
-    _runnable(path)
+    skip_unless_runnable(path)
     monkeypatch.setenv(matmul.ENV, path)
     for m, k, n in [(0, 8, 4), (3, 0, 4), (3, 8, 0)]:
         acc = matmul.int8_product(torch.zeros((m, k), dtype=torch.int8),
@@ -168,7 +157,7 @@ def test_fused_weight_only_paths_agree_bit_for_bit(shape):
 
 @pytest.mark.parametrize("path", ("avx2", "generic", "float"))
 def test_weight_only_linear_every_path(monkeypatch, path):
-    _runnable(path)
+    skip_unless_runnable(path)
     monkeypatch.setenv(matmul.ENV, path)
     rng = np.random.default_rng(7)
     for m, k, n in [(1, 4096, 20), (3, 37, 5), (64, 384, 100)]:
@@ -327,7 +316,7 @@ def test_load_refuses_weight_code_minus_128():
 @pytest.mark.parametrize("shape", [(1, 5, 3), (7, 100, 17), (40, 1041, 33), (3, 0, 4)])
 def test_w8a8_linear_rescale_is_the_reference(monkeypatch, path, shape):
     """float32(acc) * (s_x * s_w) + bias, each operation rounded once, on every path."""
-    _runnable(path)
+    skip_unless_runnable(path)
     monkeypatch.setenv(matmul.ENV, path)
     m, k, n = shape
     rng = np.random.default_rng(k + 1)
@@ -348,7 +337,7 @@ def test_w8a8_linear_rescale_is_the_reference(monkeypatch, path, shape):
 @pytest.mark.parametrize("path", INT8_PATHS)
 def test_int8_product_exact_at_model_sizes(monkeypatch, path):
     """Sizes of real layers (and K = 16384, sums near 2^28): exact on every path."""
-    _runnable(path)
+    skip_unless_runnable(path)
     monkeypatch.setenv(matmul.ENV, path)
     rng = np.random.default_rng(11)
     for m, k, n in [(300, 4096, 1024), (33, 16384, 64), (1088, 384, 1536)]:

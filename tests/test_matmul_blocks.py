@@ -16,21 +16,11 @@ import torch
 from quantkit import matmul, reference
 from quantkit.backends import native_cpu
 
-INT8_PATHS = ("vnni", "avx2", "generic", "int_mm", "float")
-FUSED_PATHS = ("vnni", "avx2", "generic")
+from matmul_cases import INT8_PATHS, skip_unless_runnable
+
 # (M, K, N, B): one block per row, many blocks, the largest block, N past the kernels' tiles.
 SHAPES = [(1, 64, 3, 64), (2, 128, 5, 64), (7, 576, 17, 64), (40, 1024, 33, 128),
           (5, 4096, 8, 4096), (33, 256, 70, 256), (70, 1152, 65, 64)]
-
-
-def _runnable(path: str):
-    if path in FUSED_PATHS:
-        reason = native_cpu.unavailable_reason()
-        if reason is not None:
-            pytest.skip(reason)
-        if not native_cpu.path_supported(path):
-            need = "AVX-512 BW/VL and VNNI" if path == "vnni" else "AVX2/FMA"
-            pytest.skip(f"this CPU ({matmul.cpu_info()['model']}) lacks {need} for {path!r}")
 
 
 def _problem(rng, m, k, n, b, extremes=False):
@@ -50,7 +40,7 @@ def _problem(rng, m, k, n, b, extremes=False):
 @pytest.mark.parametrize("path", INT8_PATHS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_w8a8_blocks_every_path_is_the_reference(monkeypatch, path, shape):
-    _runnable(path)
+    skip_unless_runnable(path)
     monkeypatch.setenv(matmul.ENV, path)
     m, k, n, b = shape
     rng = np.random.default_rng(k + n)
@@ -111,7 +101,7 @@ def test_weight_only_blocks_fused_kernels_agree(shape):
 @pytest.mark.parametrize("shape", [(1, 576, 17, 64), (40, 1024, 33, 128), (300, 512, 9, 64)])
 def test_weight_only_blocks_every_path_close_to_reference(monkeypatch, path, shape):
     if path != "auto":
-        _runnable(path)
+        skip_unless_runnable(path)
     monkeypatch.setenv(matmul.ENV, path)
     m, k, n, b = shape
     rng = np.random.default_rng(k)

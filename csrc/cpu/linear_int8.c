@@ -282,6 +282,25 @@ AVX2 static inline __m256 widen8(const int8_t *w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
+/* a0q += x0[k..k+7] * fq and, when x1 is not NULL, a1q += x1[k..k+7] * fq (one FMA each). */
+AVX2 static inline __attribute__((always_inline)) void fma_4x2(
+        const float *x0, const float *x1, int64_t k, __m256 f0, __m256 f1, __m256 f2, __m256 f3,
+        __m256 *a00, __m256 *a01, __m256 *a02, __m256 *a03, __m256 *a10, __m256 *a11,
+        __m256 *a12, __m256 *a13) {
+    __m256 x = _mm256_loadu_ps(x0 + k);
+    *a00 = _mm256_fmadd_ps(x, f0, *a00);
+    *a01 = _mm256_fmadd_ps(x, f1, *a01);
+    *a02 = _mm256_fmadd_ps(x, f2, *a02);
+    *a03 = _mm256_fmadd_ps(x, f3, *a03);
+    if (x1) {
+        x = _mm256_loadu_ps(x1 + k);
+        *a10 = _mm256_fmadd_ps(x, f0, *a10);
+        *a11 = _mm256_fmadd_ps(x, f1, *a11);
+        *a12 = _mm256_fmadd_ps(x, f2, *a12);
+        *a13 = _mm256_fmadd_ps(x, f3, *a13);
+    }
+}
+
 static inline float dot_w8_tail(const float *x, const int8_t *w, int64_t k0, int64_t K, float s) {
     for (int64_t k = k0; k < K; k++) s = fmaf(x[k], (float)w[k], s);
     return s;
@@ -296,19 +315,8 @@ AVX2 static void w8_avx2_tile(const float *x0, const float *x1, const int8_t *w0
     __m256 s10 = s00, s11 = s00, s12 = s00, s13 = s00;
     int64_t k8 = K - K % 8;
     for (int64_t k = 0; k < k8; k += 8) {
-        __m256 f0 = widen8(w0 + k), f1 = widen8(w1 + k), f2 = widen8(w2 + k), f3 = widen8(w3 + k);
-        __m256 x = _mm256_loadu_ps(x0 + k);
-        s00 = _mm256_fmadd_ps(x, f0, s00);
-        s01 = _mm256_fmadd_ps(x, f1, s01);
-        s02 = _mm256_fmadd_ps(x, f2, s02);
-        s03 = _mm256_fmadd_ps(x, f3, s03);
-        if (x1) {
-            x = _mm256_loadu_ps(x1 + k);
-            s10 = _mm256_fmadd_ps(x, f0, s10);
-            s11 = _mm256_fmadd_ps(x, f1, s11);
-            s12 = _mm256_fmadd_ps(x, f2, s12);
-            s13 = _mm256_fmadd_ps(x, f3, s13);
-        }
+        fma_4x2(x0, x1, k, widen8(w0 + k), widen8(w1 + k), widen8(w2 + k), widen8(w3 + k),
+                &s00, &s01, &s02, &s03, &s10, &s11, &s12, &s13);
     }
     const int8_t *ws[4] = {w0, w1, w2, w3};
     __m256 r0[4] = {s00, s01, s02, s03}, r1[4] = {s10, s11, s12, s13};
@@ -408,20 +416,10 @@ AVX2 static void w8b_avx2_tile(const float *x0, const float *x1, const int8_t *w
         __m256 c0 = _mm256_set1_ps(s0[g]), c1 = _mm256_set1_ps(s1[g]);
         __m256 c2 = _mm256_set1_ps(s2[g]), c3 = _mm256_set1_ps(s3[g]);
         for (int64_t k = g * block; k < (g + 1) * block; k += 8) {
-            __m256 f0 = _mm256_mul_ps(widen8(w0 + k), c0), f1 = _mm256_mul_ps(widen8(w1 + k), c1);
-            __m256 f2 = _mm256_mul_ps(widen8(w2 + k), c2), f3 = _mm256_mul_ps(widen8(w3 + k), c3);
-            __m256 x = _mm256_loadu_ps(x0 + k);
-            a00 = _mm256_fmadd_ps(x, f0, a00);
-            a01 = _mm256_fmadd_ps(x, f1, a01);
-            a02 = _mm256_fmadd_ps(x, f2, a02);
-            a03 = _mm256_fmadd_ps(x, f3, a03);
-            if (x1) {
-                x = _mm256_loadu_ps(x1 + k);
-                a10 = _mm256_fmadd_ps(x, f0, a10);
-                a11 = _mm256_fmadd_ps(x, f1, a11);
-                a12 = _mm256_fmadd_ps(x, f2, a12);
-                a13 = _mm256_fmadd_ps(x, f3, a13);
-            }
+            fma_4x2(x0, x1, k, _mm256_mul_ps(widen8(w0 + k), c0),
+                    _mm256_mul_ps(widen8(w1 + k), c1), _mm256_mul_ps(widen8(w2 + k), c2),
+                    _mm256_mul_ps(widen8(w3 + k), c3), &a00, &a01, &a02, &a03, &a10, &a11, &a12,
+                    &a13);
         }
     }
     __m256 r0[4] = {a00, a01, a02, a03}, r1[4] = {a10, a11, a12, a13};
