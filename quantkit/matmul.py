@@ -4,10 +4,11 @@ Two products (DESIGN.md section 6 has the arithmetic of each mode):
 
 * :func:`int8_product` (W8A8): ``acc = q_x @ W.T``, int8 codes in [-127, 127], exact in int32.
   Every path gives the same bits.
-* :func:`weight_only_linear`: ``y = float32(x @ float32(W).T) * s_w + b``. The fused kernels read
-  the int8 weight once and keep float32 lane sums in a fixed order (csrc/cpu/linear_int8.c); the
-  dense path lets torch's float32 matmul sum chunks of the weight converted to float32. Paths
-  agree to float32 rounding, not bit for bit.
+* :func:`weight_only_linear`: ``y = x @ W_hat.T + b``, ``W_hat = float32(W) * s_w``. The fused
+  kernels read the int8 weight once and keep float32 lane sums in a fixed order
+  (csrc/cpu/linear_int8.c), rescaling each sum by ``s_w``; the dense path gives torch's
+  ``addmm`` chunks of the dequantized weight with the bias. Paths agree to float32 rounding, not
+  bit for bit.
 
 Paths (``QUANTKIT_MATMUL`` forces one for every CPU tensor; unset or ``auto`` chooses):
 
@@ -49,6 +50,7 @@ import functools
 import os
 import platform
 
+import numpy as np
 import torch
 
 from ._constants import QMAX
@@ -298,10 +300,15 @@ def _int8_product_float(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tens
 
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                        bias, block_size=None) -> torch.Tensor:
-    """``float32(x @ float32(weight).T) * weight_scale + bias`` for 2-D float32 x (row-major).
+    """``x @ W_hat.T + bias`` for 2-D float32 x (row-major), ``W_hat`` the dequantized weight.
 
-    With ``block_size`` B (weight_scale (N, K / B)): ``x @ W_hat.T + bias``, ``W_hat`` the weight
-    dequantized per block (:func:`quantkit.reference.linear_w8_blocks`).
+    The fused kernels (few rows) read the int8 weight once and compute
+    ``float32(x @ float32(W).T) * s_w + b`` per row scale, or dequantize each weight before its
+    multiply-add with ``block_size`` B (weight_scale (N, K / B),
+    :func:`quantkit.reference.linear_w8_blocks`). The dense path (many rows: compute-bound)
+    dequantizes cache-sized chunks of rows, ``float32(W) * s_w[:, None]`` (or per block), and
+    gives each to one ``addmm`` with the bias, so it costs what float32 ``nn.Linear`` costs plus
+    one pass over the int8 weight. Paths agree to float32 rounding, not bit for bit.
     """
     if x.device.type == "cpu" and x.shape[0] and weight.shape[0]:
         path = _weight_only_path_cpu(x.shape[0], blocks=block_size is not None)
@@ -312,49 +319,53 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
                 x.detach().numpy(), weight.numpy(), weight_scale.numpy(),
                 None if bias is None else bias.detach().numpy(), block_size=block_size,
                 path=path, threads=_threads()))
-    y = _dense_product(x, weight, weight_scale if block_size is not None else None, block_size)
+    return _dense_linear(x, weight, weight_scale, bias, block_size)
+
+
+def _dequantized_rows(weight: torch.Tensor, weight_scale: torch.Tensor, start: int, stop: int,
+                      block_size):
+    """Rows [start, stop) of the dequantized weight in float32: ``float32(codes) * s_w[:, None]``
+    per row, or ``float32(codes) * S[:, k // B]`` with block scales (N, K / B). Written in one
+    pass into a reused buffer on the CPU (a fresh one would page-fault on every call)."""
+    codes = weight[start:stop]
     if block_size is None:
-        y = y.mul_(weight_scale) if y.is_contiguous() else torch.mul(y, weight_scale)
-    if bias is not None:
-        y = y.add_(bias) if y.is_contiguous() else torch.add(y, bias)
-    return y
+        scale = weight_scale[start:stop, None]
+    else:
+        scale = weight_scale[start:stop].repeat_interleave(block_size, dim=1)
+    if codes.device.type != "cpu":
+        return codes.to(torch.float32).mul_(scale)
+    from . import _buffers
+
+    out = torch.from_numpy(_buffers.empty(tuple(codes.shape), np.float32))
+    return torch.mul(codes, scale, out=out)
 
 
-def _float_rows(weight: torch.Tensor, start: int, stop: int, block_scale, block_size):
-    """Rows [start, stop) of the weight in float32: the codes, or with block scales (N, K / B) the
-    dequantized weight ``float32(codes) * S[:, k // B]``."""
-    rows = weight[start:stop].to(torch.float32)
-    if block_scale is None:
-        return rows
-    per_weight = block_scale[start:stop].repeat_interleave(block_size, dim=1)
-    return rows.mul_(per_weight)
-
-
-def _dense_product(x: torch.Tensor, weight: torch.Tensor, block_scale=None,
-                   block_size=None) -> torch.Tensor:
-    """``x @ float32(weight).T`` (with block scales: ``x @ W_hat.T``): one product when the float32
-    weight fits in CHUNK_BYTES, else the weight converted in cache-sized chunks of rows (the result
-    is then a transposed view)."""
+def _dense_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias,
+                  block_size) -> torch.Tensor:
+    """``x @ W_hat.T + bias``: one ``addmm`` when the float32 weight fits in CHUNK_BYTES, else the
+    weight dequantized in cache-sized chunks of rows, each an ``addmm`` into rows of the
+    transposed result (returned as a transposed view)."""
     n, k = weight.shape
     if 4 * n * k <= CHUNK_BYTES:
-        return torch.mm(x, _float_rows(weight, 0, n, block_scale, block_size).t())
+        w_hat = _dequantized_rows(weight, weight_scale, 0, n, block_size)
+        return torch.mm(x, w_hat.t()) if bias is None else torch.addmm(bias, x, w_hat.t())
     out = torch.empty((n, x.shape[0]), dtype=torch.float32, device=x.device)   # y transposed
     rows = _rows_per_chunk(k)
     for start in range(0, n, rows):
-        chunk = _float_rows(weight, start, start + rows, block_scale, block_size)
-        torch.mm(chunk, x.t(), out=out[start:start + rows])
+        chunk = _dequantized_rows(weight, weight_scale, start, start + rows, block_size)
+        if bias is None:
+            torch.mm(chunk, x.t(), out=out[start:start + rows])
+        else:
+            torch.addmm(bias[start:start + rows, None], chunk, x.t(), out=out[start:start + rows])
     return out.t()
 
 
 def grad_input(grad: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                block_size=None):
-    """``(grad * s_w) @ float32(W)`` (with block scales: ``grad @ W_hat``), the weight converted in
-    cache-sized chunks of rows."""
-    blocks = weight_scale if block_size is not None else None
-    g = grad if block_size is not None else grad * weight_scale
+    """``grad @ W_hat``, the weight dequantized in cache-sized chunks of rows."""
     out = torch.zeros((grad.shape[0], weight.shape[1]), dtype=torch.float32, device=grad.device)
     rows = _rows_per_chunk(weight.shape[1])
     for start in range(0, weight.shape[0], rows):
-        out.addmm_(g[:, start:start + rows],
-                   _float_rows(weight, start, start + rows, blocks, block_size))
+        out.addmm_(grad[:, start:start + rows],
+                   _dequantized_rows(weight, weight_scale, start, start + rows, block_size))
     return out

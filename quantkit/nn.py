@@ -7,10 +7,11 @@ row x:
 
 - weight-only (``activations=None``)::
 
-      y = (x @ float32(W).T) * s_w + b
+      y = x @ (float32(W) * s_w[:, None]).T + b
 
-  (the scale is applied to the output, not to a dequantized copy of the weight; no full-size
-  float32 weight is ever materialized).
+  (no float32 copy of the weight is kept: the fused kernels for few rows read the int8 codes
+  and scale each output's float32 sum; for many rows, chunks of at most 4 MiB of the weight are
+  dequantized into a reused buffer for torch's matmul).
 
 How each product is computed (quantkit's AVX2 or portable C kernels, ``torch._int_mm``, float32
 matmuls) is chosen by :mod:`quantkit.matmul` from the CPU's features; ``QUANTKIT_MATMUL`` forces
@@ -50,7 +51,7 @@ Both products are torch custom ops (``quantkit::linear_w8``, ``quantkit::linear_
 ``quantkit::linear_int8_grad_input`` for the backward) with fake implementations, so
 ``torch.compile`` treats them as opaque calls, and with an autograd formula so gradients reach the
 input (weights are frozen int8 buffers; the bias gets a gradient when it requires one). The gradient
-to the input is that of the dequantized linear, ``dL/dx = (dL/dy * s_w) @ float32(W)``, in every
+to the input is that of the dequantized linear, ``dL/dx = dL/dy @ W_hat``, in every
 mode (activation rounding and clipping are passed straight through).
 """
 
@@ -126,7 +127,7 @@ def _block_size(weight: torch.Tensor, weight_scale: torch.Tensor):
 
 
 def _linear_w8(x, weight, weight_scale, bias):
-    """Weight-only: ``(x @ float32(W).T) * s_w + b`` (block scales: ``x @ W_hat.T + b``)."""
+    """Weight-only: ``x @ W_hat.T + b``, ``W_hat`` the weight dequantized per row or per block."""
     return matmul.weight_only_linear(x, weight, weight_scale, bias,
                                      _block_size(weight, weight_scale))
 
@@ -145,7 +146,7 @@ def _linear_w8a8(x, weight, weight_scale, bias, input_alpha):
 @torch.library.custom_op("quantkit::linear_w8", mutates_args=())
 def linear_w8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Weight-only int8 linear on 2-D float32 ``x``: ``(x @ float32(W).T) * s_w + b``.
+    """Weight-only int8 linear on 2-D float32 ``x``: ``x @ W_hat.T + b``.
 
     ``weight_scale`` is ``(N,)`` (per row) or ``(N, K / B)`` (per block of B weights of a row)."""
     return _linear_w8(x, weight, weight_scale, bias)
@@ -161,8 +162,7 @@ def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 @torch.library.custom_op("quantkit::linear_int8_grad_input", mutates_args=())
 def linear_int8_grad_input(grad: torch.Tensor, weight: torch.Tensor,
                            weight_scale: torch.Tensor) -> torch.Tensor:
-    """``(grad * s_w) @ float32(W)`` (block scales: ``grad @ W_hat``): the gradient of an int8
-    linear with respect to its input."""
+    """``grad @ W_hat``: the gradient of an int8 linear with respect to its input."""
     return matmul.grad_input(grad, weight, weight_scale, _block_size(weight, weight_scale))
 
 
