@@ -7,7 +7,7 @@ Problem.  v_i = |x_i| > 0 (zeros removed), amax = max v.  For a float32 alpha,
     SSE(alpha) = sum e_i^2
 
 Find alpha in (0, amax] minimising SSE, within 0.1% of a dense brute force.  The entry point is
-``search_row(v, amax)``, for arrays that the lattice search (at most 512 distinct values) does not
+``search_row(v, amax)``, for arrays that the piecewise search (at most 512 distinct values) does not
 take; ``distinct_exceeds`` is a cheap proof of more than 512 distinct values that skips counting
 them.
 
@@ -450,7 +450,7 @@ def clustered(ax):
 @njit(cache=True)
 def search_row(v, amax):
     """The alpha in (0, amax] minimising the exact error of the |x| values ``v`` (> 0, finite, at
-    least one; continuous data: more than 512 distinct values, else the lattice search is exact).
+    least one; continuous data: more than 512 distinct values, else the piecewise search is exact).
 
     The smooth model's global minimum (trend_global), an event sweep over +-4% around it at 534
     points (and around a runner-up minimum of the model within 3%), then the exact float32 error

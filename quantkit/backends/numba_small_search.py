@@ -1,6 +1,6 @@
 """numba search of the MSE-optimal alpha of a small array (a tensor of at most 65536 values, a row,
 a block), on the exact errors of its values; the one place that chooses how to search them
-(_search_mse_normalized): the exhaustive lattice of few distinct values, the row sweep of
+(_search_mse_normalized): the exact piecewise search of few distinct values, the row sweep of
 numba_rowsearch for continuous values, or the exact scan of weighted and clustered values
 (docs/CALIBRATION.md).
 
@@ -14,15 +14,15 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .numba_error_sums import (ABS_MASK, COARSE_RATIO, MIN_ALPHA, Q, ZERO, better,
+from .numba_error_sums import (ABS_MASK, COARSE_RATIO, MIN_ALPHA, Q, Q64, ZERO, better,
                                quantization_error, scale_inv, search_unit, sse_search, trunc_i64)
 from .numba_rowsearch import clustered, distinct_exceeds, search_row
 from .numba_sse import sse_search_bound, sse_search_weighted
 
-LATTICE_MAX_DISTINCT = 512  # at most this many distinct |x|: exhaustive grid search
+LATTICE_MAX_DISTINCT = 512  # at most this many distinct |x|: the exact piecewise search
 _FINE_STEP = 1.001          # ratio between neighbours of the fine scan
-_LATTICE_WORK = 1 << 20     # element-evaluations for its grid (at least 2048 points)
 _ROW_MIN = 16               # from this many values, unclustered ones take the row sweep
+_ULPS = 8                   # float32 alphas tried on each side of a piece's minimum
 
 
 @njit(cache=True)
@@ -132,55 +132,123 @@ def _sse_bound(values, counts, alpha, unit):
 
 
 @njit(cache=True)
-def _scan(values, counts, lo, hi, npts, geometric, unit, best_a, best_s):
-    """Exact error at ``npts`` alphas spread over [lo, hi]; returns the updated best."""
-    for k in range(npts):
-        t = k / (npts - 1) if npts > 1 else 0.0
-        if geometric:
-            a = np.float32(lo * (hi / lo) ** t)
-        else:
-            a = np.float32(lo + (hi - lo) * t)
-        if not a >= MIN_ALPHA:
-            continue
-        s = _sse(values, counts, a, unit)
-        if better(s, a, best_s, best_a):
-            best_s = s
-            best_a = a
-    return best_a, best_s
+def _clip_window_low(values, counts, limit):
+    """The smallest alpha whose clip error ``sum_{v > alpha} c (v - alpha)^2`` (a lower bound of
+    the error at alpha and at every smaller alpha) is below ``limit``; 0 if there is none.
+
+    The clip error is a decreasing quadratic in alpha between consecutive values, so walking the
+    values from the largest down and solving one quadratic per interval finds it exactly."""
+    order = np.argsort(-values)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(order.size):
+        i = order[j]
+        c = np.float64(counts[i]) if counts.size else 1.0
+        v = np.float64(values[i])
+        s0 += c
+        s1 += c * v
+        s2 += c * v * v
+        below = np.float64(values[order[j + 1]]) if j + 1 < order.size else 0.0
+        # on [below, v_j]: clip(a) = s0 a^2 - 2 s1 a + s2, decreasing; root of clip(a) = limit
+        if s0 * below * below - 2.0 * s1 * below + s2 >= limit:
+            disc = max(s1 * s1 - s0 * (s2 - limit), 0.0)
+            return max((s1 - np.sqrt(disc)) / s0, below)
+    return 0.0
 
 
 @njit(cache=True)
-def _search_lattice(values, counts, amax, unit):
-    """Few distinct values: an exhaustive linear grid over (0, amax] (at least 2048 points, more
-    when there are fewer values), then +-1 grid step refined twice (65 points) around each of the
-    three lowest grid points."""
+def _search_pieces(values, counts, amax, unit):
+    """Few distinct values: the exact minimum over every alpha where it can lie.
+
+    In u = 1 / s (s = alpha / 127) each value's code min(rint(v u), 127) is constant between its
+    breakpoints u = (k - 1/2) / v, and with the codes fixed the error is a parabola in s,
+    ``E(s) = A - 2 s B + s^2 C`` (A = sum c v^2, B = sum c q v, C = sum c q^2), lowest at the
+    vertex s = B / C clamped to the piece. Only alphas between amax and the point where the clip
+    error (a lower bound of the error there and at every smaller alpha) reaches the error at amax
+    can win (_clip_window_low); the breakpoints there, sorted, cut that window into pieces, and
+    each event updates B and C. The four lowest pieces' minima (real arithmetic) and the
+    ``_ULPS`` float32 alphas on each side of each (float32 rounding of the scale and of
+    ``q * scale`` moves the exact error by up to ~1e-4 of itself where the values are few and
+    their errors small) are decided by the exact float32 error, on a tie the larger alpha; amax
+    itself is a candidate.
+    """
     a64 = np.float64(amax)
-    grid = min(max(_LATTICE_WORK // values.size, 2048), 16384)
-    alphas = np.empty(grid, np.float32)
-    errs = np.empty(grid, np.int64)
     best_a = np.float32(amax)
     best_s = _sse(values, counts, best_a, unit)
-    for g in range(grid):
-        a = np.float32(a64 * (g + 1) / grid)
-        alphas[g] = a
-        errs[g] = _sse(values, counts, a, unit) if a >= MIN_ALPHA else np.iinfo(np.int64).max
-        if better(errs[g], a, best_s, best_a):
-            best_s = errs[g]
-            best_a = a
-    order = np.argsort(errs)
-    for j in range(min(3, grid)):
-        center = np.float64(alphas[order[j]])
-        step = a64 / grid
-        for _ in range(2):
-            lo = max(center - step, step / 64)
-            hi = min(center + step, a64)
-            c_a, c_s = _scan(values, counts, lo, hi, 65, False, unit, np.float32(center),
-                             _sse(values, counts, np.float32(center), unit))
-            if better(c_s, c_a, best_s, best_a):
-                best_s = c_s
-                best_a = c_a
-            center = np.float64(c_a)
-            step = (hi - lo) / 64
+    e_top = np.float64(best_s) / (np.float64(unit) * np.float64(unit))
+    a_low = max(_clip_window_low(values, counts, 1.001 * e_top + 1e-30 * a64 * a64),
+                np.float64(MIN_ALPHA))
+    if a_low >= a64:
+        return best_a
+    u_top = Q64 / a64
+    u_end = Q64 / a_low
+    d = values.size
+    q0 = np.empty(d, np.int64)
+    events = 0
+    for i in range(d):
+        v = np.float64(values[i])
+        q0[i] = np.int64(min(np.rint(v * u_top), Q64))
+        events += np.int64(min(np.rint(v * u_end), Q64)) - q0[i]
+    ev_u = np.empty(events)
+    ev_i = np.empty(events, np.int64)
+    e = 0
+    a_sum = 0.0
+    b = 0.0
+    c = 0.0
+    for i in range(d):
+        v = np.float64(values[i])
+        w = np.float64(counts[i]) if counts.size else 1.0
+        a_sum += w * v * v
+        b += w * q0[i] * v
+        c += w * q0[i] * q0[i]
+        for k in range(q0[i] + 1, np.int64(min(np.rint(v * u_end), Q64)) + 1):
+            ev_u[e] = (k - 0.5) / v
+            ev_i[e] = i
+            e += 1
+    order = np.argsort(ev_u)
+    code = q0.copy()
+    keep = 4
+    cand_e = np.full(keep, np.inf)
+    cand_s = np.zeros(keep)
+    u_left = u_top
+    for j in range(events + 1):
+        u_right = ev_u[order[j]] if j < events else u_end
+        if u_right > u_left:
+            s_lo = 1.0 / u_right
+            s_hi = 1.0 / u_left
+            s = min(max(b / c, s_lo), s_hi) if c > 0.0 else s_hi
+            err = a_sum - 2.0 * s * b + s * s * c
+            if err < cand_e[keep - 1]:
+                p = keep - 1
+                while p > 0 and cand_e[p - 1] > err:
+                    cand_e[p] = cand_e[p - 1]
+                    cand_s[p] = cand_s[p - 1]
+                    p -= 1
+                cand_e[p] = err
+                cand_s[p] = s
+            u_left = u_right
+        if j < events:
+            i = ev_i[order[j]]
+            w = np.float64(counts[i]) if counts.size else 1.0
+            code[i] += 1
+            b += w * np.float64(values[i])
+            c += w * np.float64(2 * code[i] - 1)
+    bits = np.empty(1, np.float32)
+    for t in range(keep):
+        if cand_e[t] == np.inf:
+            break
+        bits[0] = np.float32(min(max(Q64 * cand_s[t], a_low), a64))
+        centre = bits.view(np.int32)[0]
+        for k in range(-_ULPS, _ULPS + 1):
+            bits.view(np.int32)[0] = centre + k
+            a = bits[0]
+            if not (a >= MIN_ALPHA and a <= amax):
+                continue
+            s_t = _sse(values, counts, a, unit)
+            if better(s_t, a, best_s, best_a):
+                best_s = s_t
+                best_a = a
     return best_a
 
 
@@ -288,10 +356,10 @@ def _search_mse_normalized(values, counts, amax):
     """search_mse_values on values scaled so that amax is in [1, 2):
 
     1. At most 512 distinct values (discrete or already-quantized data, rows and blocks of fewer
-       than 16 values or in tight clusters): an exhaustive linear grid over (0, amax], refined
-       around its three lowest points.
+       than 16 values or in tight clusters): the exact minimum over the pieces of constant codes
+       (_search_pieces).
     2. Otherwise, each value once (rows, blocks, small tensors; also 16..512 values that are not
-       clustered, numba_rowsearch.clustered, whose exhaustive grid would cost 2^20 evaluations):
+       clustered, numba_rowsearch.clustered):
        numba_rowsearch.search_row, the smooth model's minimum, an event sweep of the exact error
        over +-4% of it, the two lowest sweep points and the vertices of their pieces decided by
        the exact float32 error.
@@ -309,14 +377,14 @@ def _search_mse_normalized(values, counts, amax):
     unit = search_unit(amax, n)
     if counts.size:
         if values.size <= LATTICE_MAX_DISTINCT:
-            return _search_lattice(values, counts, amax, unit)
+            return _search_pieces(values, counts, amax, unit)
         return _search_continuous(values, counts, amax, unit)
     if _ROW_MIN <= values.size <= LATTICE_MAX_DISTINCT and not clustered(values):
         return search_row(values, amax)  # a short row of continuous values
     if not distinct_exceeds(values, LATTICE_MAX_DISTINCT):
         distinct, dcounts = _distinct(values, LATTICE_MAX_DISTINCT)
         if distinct.size:
-            return _search_lattice(distinct, dcounts, amax, unit)
+            return _search_pieces(distinct, dcounts, amax, unit)
     if clustered(values):  # tight clusters: dips that the smooth model cannot place
         return _search_continuous(values, counts, amax, unit)
     return search_row(values, amax)
@@ -325,7 +393,7 @@ def _search_mse_normalized(values, counts, amax):
 @njit(cache=True)
 def search_mse_discrete(x, amax):
     """search_mse_values on the distinct non-zero |x| of a flat array with counts, if there are at
-    most LATTICE_MAX_DISTINCT of them (the exhaustive search); else -1."""
+    most LATTICE_MAX_DISTINCT of them (the exact piecewise search); else -1."""
     values, counts = _distinct(x, LATTICE_MAX_DISTINCT + 1)
     if values.size == 0:
         return np.float32(-1.0)
