@@ -1,13 +1,16 @@
 """SmolLM2-135M-Instruct on held-out Shakespeare: perplexity and greedy tokens/s, float vs int8.
 
 Full mode: 4096 held-out tokens, window 512, stride 256, mse weights, 32 generated tokens; the
-smoothed and static W8A8 variants calibrate on 8 training windows of 512 tokens.
+smoothed and static W8A8 variants calibrate on 8 training windows of 512 tokens. The quantkit
+variants run twice: one weight scale per row, then one per ``llm.BLOCK_SIZE`` weights of a row
+(rows named ``.../b64``).
 ``--quick``: 512 tokens, window 128, max weights, 4 generated tokens, 2 calibration windows of 128
 (a smoke run for CI). torchao's row says why it did not run where torchao does not import.
 Skipped without the llm extra and the two data packages (quantkit.llm.INSTALL_HINT).
 """
 
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -29,7 +32,11 @@ def test_llm_perplexity_table(bench, tmp_path_factory):
     window, stride = bench.size(512, 128), bench.size(256, 64)
     calib = llm.calibration_batches(tok, windows=bench.size(8, 2), window=bench.size(512, 128))
     rows, result, base = [], {}, None
-    for name, m, seconds in llm.variants(model, llm.VARIANTS, bench.size("mse", "max"), calib):
+    weights = bench.size("mse", "max")
+    runs = itertools.chain(
+        llm.variants(model, llm.VARIANTS, weights, calib),
+        llm.variants(model, llm.BLOCK_VARIANTS, weights, calib, block_size=llm.BLOCK_SIZE))
+    for name, m, seconds in runs:
         ppl = llm.perplexity(m, ids, window=window, stride=stride)
         base = ppl if name == "float32" else base
         speed = llm.generation_speed(m, tok, new_tokens=bench.size(32, 4))
@@ -51,3 +58,4 @@ def test_llm_perplexity_table(bench, tmp_path_factory):
           + bench.table(["model", "perplexity", "vs float32", "convert s", "greedy tok/s"], rows))
     bench.record("llm", result, md)
     assert abs(result["quantkit-weight-only"]["vs_float32"]) < 0.05
+    assert abs(result[f"quantkit-weight-only/b{llm.BLOCK_SIZE}"]["vs_float32"]) < 0.05

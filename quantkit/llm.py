@@ -212,11 +212,13 @@ def calibration_batches(tokenizer, *, windows: int = 8, window: int = 512, gap: 
 SMOOTH_ALPHA = 0.5
 
 
-def variants(model, names, weights: str = "mse", calib=None):
+def variants(model, names, weights: str = "mse", calib=None, block_size: int | None = None):
     """(name, model, seconds to convert) for each named variant (see :data:`VARIANTS`).
 
     ``calib`` (a list of input batches, :func:`calibration_batches`) is needed by the smoothed and
-    static variants.
+    static variants. ``block_size`` gives the quantkit variants one weight scale per
+    ``block_size`` weights of a row (``quantize_model(block_size=...)``) instead of one per row;
+    their names then end in ``/b<block_size>``.
     """
     import torch
 
@@ -229,7 +231,8 @@ def variants(model, names, weights: str = "mse", calib=None):
             m = model
         elif name in ("quantkit-weight-only", "quantkit-w8a8-dynamic"):
             if weight_only is None:
-                weight_only = quantkit.quantize_model(model, weights=weights, skip=["lm_head"])
+                weight_only = quantkit.quantize_model(model, weights=weights, skip=["lm_head"],
+                                                      block_size=block_size)
             m = weight_only
             if name == "quantkit-w8a8-dynamic":
                 import copy
@@ -246,7 +249,8 @@ def variants(model, names, weights: str = "mse", calib=None):
             smooth = SMOOTH_ALPHA if name == "quantkit-w8a8-smooth" else None
             mode = "dynamic" if name == "quantkit-w8a8-smooth" else "static"
             m = quantkit.quantize_model(model, weights=weights, activations=mode, smooth=smooth,
-                                        calib_data=calib, skip=["lm_head"])
+                                        calib_data=calib, skip=["lm_head"],
+                                        block_size=block_size)
         elif name == "torch-quantize-dynamic":
             import copy
 
@@ -266,11 +270,15 @@ def variants(model, names, weights: str = "mse", calib=None):
                       and fqn != "lm_head")
         else:
             raise UsageError(f"unknown variant {name!r}")
-        yield name, m, time.perf_counter() - start
+        label = f"{name}/b{block_size}" if block_size and name.startswith("quantkit") else name
+        yield label, m, time.perf_counter() - start
 
 
 VARIANTS = ("float32", "quantkit-weight-only", "quantkit-w8a8-dynamic", "quantkit-w8a8-smooth",
             "torch-quantize-dynamic")
+#: The variants the benchmark also runs with block-scaled weights, and the block size it uses.
+BLOCK_VARIANTS = ("quantkit-weight-only", "quantkit-w8a8-dynamic", "quantkit-w8a8-smooth")
+BLOCK_SIZE = 64
 #: Selectable with ``--variants`` but not in the default table: one static mse range per layer
 #: input measured +55% perplexity on SmolLM2 (its outlier channels), and its Observers are slow.
 EXTRA_VARIANTS = ("quantkit-w8a8-static-mse",)
@@ -290,6 +298,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=8192,
                         help="score at most this many held-out tokens (default 8192)")
     parser.add_argument("--weights", default="mse", help="weight calibration method (default mse)")
+    parser.add_argument("--block-size", type=int, default=None, metavar="B",
+                        help="quantkit variants: one weight scale per B weights of a row (a power "
+                             "of two in [64, 4096]; default: one scale per row)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         choices=VARIANTS + EXTRA_VARIANTS)
     parser.add_argument("--gen-tokens", type=int, default=32,
@@ -301,6 +312,12 @@ def run(args) -> int:
         for name in ("window", "stride", "max_tokens"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if args.block_size is not None:
+            from ._arrays import check_block_size
+            try:
+                check_block_size(args.block_size)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"--block-size: {exc}") from None
         try:
             folder = Path(args.model) if args.model else smollm2_folder()
             texts = read_texts(args.text) if args.text else read_texts(shakespeare_split()[1])
@@ -323,7 +340,8 @@ def run(args) -> int:
     print(f"{folder}: {ids.numel()} held-out tokens, window {args.window}, stride {args.stride}")
     base = None
     print(f"{'model':26} {'ppl':>9} {'vs float32':>10} {'convert s':>9} {'gen tok/s':>9}")
-    for name, m, seconds in variants(model, args.variants, args.weights, calib):
+    for name, m, seconds in variants(model, args.variants, args.weights, calib,
+                                       args.block_size):
         ppl = perplexity(m, ids, window=args.window, stride=args.stride)
         base = ppl if name == "float32" else base
         rel = f"{(ppl / base - 1) * 100:+.2f}%" if base else "-"

@@ -65,6 +65,29 @@ def test_eval_ppl_bad_folder_is_one_line_exit_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no config.json" in err
 
 
+def test_eval_ppl_bad_block_size_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["eval-ppl", "--model", str(tmp_path), "--text", __file__,
+                 "--block-size", "100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--block-size" in err
+
+
+def test_block_variants_are_block_scaled_and_named_so():
+    model = tiny_llama()
+    x = torch.arange(12).reshape(1, 12)
+    got = {name: m for name, m, _ in llm.variants(
+        model, ("float32", "quantkit-weight-only", "quantkit-w8a8-dynamic"), "max",
+        block_size=64)}
+    assert set(got) == {"float32", "quantkit-weight-only/b64", "quantkit-w8a8-dynamic/b64"}
+    layers = [m for m in got["quantkit-w8a8-dynamic/b64"].modules()
+              if type(m).__name__ == "QuantLinear"]
+    assert layers and all(m.block_size == 64 for m in layers)
+    with torch.no_grad():
+        want = model(x).logits
+        for name in ("quantkit-weight-only/b64", "quantkit-w8a8-dynamic/b64"):
+            assert torch.allclose(got[name](x).logits, want, atol=0.1)
+
+
 @needs_data
 def test_shakespeare_split_is_fixed_and_by_work():
     train, held = llm.shakespeare_split()
