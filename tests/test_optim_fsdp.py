@@ -2,14 +2,11 @@
 127.0.0.1, give exactly the losses of one process, also across a save/load of the state.
 Marked slow (about a minute): `.ci/run` runs them."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from distributed_cases import run_ranks
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -17,37 +14,10 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 WORKER = Path(__file__).with_name("optim_fsdp_worker.py")
-TIMEOUT = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(mode, tmp_path, world=1):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               WORLD_SIZE=str(world), QK_TEST_DIR=str(tmp_path), OMP_NUM_THREADS="1",
-               GLOO_SOCKET_IFNAME="lo")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, str(WORKER), mode],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(world)]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            assert p.returncode == 0, err[-3000:]
-            outs.append((out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return json.loads(outs[0][0].strip().splitlines()[-1]), outs[0][1]
+    return run_ranks(WORKER, mode, tmp_path, world)
 
 
 @pytest.mark.slow
