@@ -83,7 +83,7 @@ setup(
         # --no-deps (their own dependencies are unrelated; .ci/run does so): an extra cannot say so.
         "llm": ["transformers>=5", "gguf", "accelerate", "peft", "safetensors>=0.4"],
         # Benchmark-only: the digits dataset and the side-by-side 8-bit optimizer.
-        "bench": ["scikit-learn", "bitsandbytes==0.50.2"],
+        "bench": ["scikit-learn", "bitsandbytes==0.50.2", "torchao==0.18.0"],
     },
     entry_points={"console_scripts": ["quantkit = quantkit.cli:main"]},
 )

@@ -1,7 +1,9 @@
 """SmolLM2-135M-Instruct on held-out Shakespeare: perplexity and greedy tokens/s, float vs int8.
 
-Full mode: 4096 held-out tokens, window 512, stride 256, mse weights, 32 generated tokens; the
-smoothed and static W8A8 variants calibrate on 8 training windows of 512 tokens. The quantkit
+Full mode: 4096 held-out tokens, window 512, stride 256, mse weights (the smoothed variant:
+``llm.SMOOTH_WEIGHTS``), 32 generated tokens; the smoothed and static W8A8 variants calibrate on
+8 training windows of 512 tokens. The goals (weight-only within +0.2% of float32's perplexity,
+W8A8 within +1.0%, weight-only generation faster than float32) are tabled for each weight layout. The quantkit
 variants run twice: one weight scale per row, then one per ``llm.BLOCK_SIZE`` weights of a row
 (rows named ``.../b64``).
 ``--quick``: 512 tokens, window 128, max weights, 4 generated tokens, 2 calibration windows of 128
@@ -56,6 +58,19 @@ def test_llm_perplexity_table(bench, tmp_path_factory):
     md = (f"## SmolLM2-135M-Instruct, held-out Shakespeare ({ids.numel()} tokens, window "
           f"{window}, stride {stride})\n\n{cpu_line()} Load average {result['load_average']}.\n\n"
           + bench.table(["model", "perplexity", "vs float32", "convert s", "greedy tok/s"], rows))
+    b = f"/b{llm.BLOCK_SIZE}"
+    goals = []
+    for suffix, layout in (("", "one scale per row"), (b, f"one scale per {llm.BLOCK_SIZE}")):
+        wo, sm = result[f"quantkit-weight-only{suffix}"], result[f"quantkit-w8a8-smooth{suffix}"]
+        goals += [[f"weight-only within +0.2% ({layout})", f"{wo['vs_float32'] * 100:+.2f}%",
+                   wo["vs_float32"] <= 0.002],
+                  [f"W8A8 (smoothed) within +1.0% ({layout})", f"{sm['vs_float32'] * 100:+.2f}%",
+                   sm["vs_float32"] <= 0.010],
+                  [f"weight-only greedy generation faster than float32 ({layout})",
+                   f"{wo['gen_tokens_per_s'] / result['float32']['gen_tokens_per_s']:.2f}x",
+                   wo["gen_tokens_per_s"] > result["float32"]["gen_tokens_per_s"]]]
+    result["goals"] = goals
+    md += "\n\nGoals:\n\n" + bench.table(["goal", "measured", "met"], goals)
     bench.record("llm", result, md)
     assert abs(result["quantkit-weight-only"]["vs_float32"]) < 0.05
     assert abs(result[f"quantkit-weight-only/b{llm.BLOCK_SIZE}"]["vs_float32"]) < 0.05
