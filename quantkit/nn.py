@@ -47,12 +47,13 @@ On the CPU the activation codes come from the numba kernels (the row maxima thro
 (fused in quantkit's CPU kernels, one numba pass after the torch-based products); elsewhere the
 same arithmetic runs as torch ops.
 
-Both products are torch custom ops (``quantkit::linear_w8``, ``quantkit::linear_w8a8``, and
-``quantkit::linear_int8_grad_input`` for the backward) with fake implementations, so
-``torch.compile`` treats them as opaque calls, and with an autograd formula so gradients reach the
-input (weights are frozen int8 buffers; the bias gets a gradient when it requires one). The gradient
-to the input is that of the dequantized linear, ``dL/dx = dL/dy @ W_hat``, in every
-mode (activation rounding and clipping are passed straight through).
+Both products are torch custom ops (:mod:`quantkit.linear_ops`: ``quantkit::linear_w8``,
+``quantkit::linear_w8a8``, and ``quantkit::linear_int8_grad_input`` for the backward) with fake
+implementations, so ``torch.compile`` treats them as opaque calls, and with an autograd formula
+so gradients reach the input (weights are frozen int8 buffers; the bias gets a gradient when it
+requires one). The gradient to the input is that of the dequantized linear,
+``dL/dx = dL/dy @ W_hat``, in every mode (activation rounding and clipping are passed straight
+through).
 """
 
 from __future__ import annotations
@@ -66,141 +67,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import matmul
-from ._constants import MIN_POSITIVE_ALPHA, QMAX
+from ._constants import QMAX
+from .linear_ops import int8_linear, linear_w8, linear_w8a8, quantize_rows  # noqa: F401
 from .ops import quantize
 from .qtensor import QTensor
 from .smooth import run_with_input_hooks
 
 ACTIVATION_MODES = (None, "dynamic", "static")
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
-# --------------------------------------------------------------------------------------------------
-# The int8 products, eager implementations (quantkit.matmul chooses how each product runs)
-# --------------------------------------------------------------------------------------------------
-
-def quantize_rows(x: torch.Tensor, alpha: Optional[torch.Tensor] = None):
-    """int8 codes of a 2-D float32 tensor, one alpha per row (``max|row|`` when ``alpha`` is None).
-
-    Returns ``(codes, scale)`` with ``codes = clamp(rint(x * float32(127 / alpha)), -127, 127)``
-    (0 where alpha == 0) and ``scale = float32(alpha / 127)`` (one per row), exactly
-    :func:`quantkit.reference.quantize_per_channel` with ``axis=0``. A given ``alpha`` is a 0-d
-    tensor, the same for every row. CPU tensors run on the numba kernels (``max|row|`` and the
-    codes in one fused pass, equal to ``calibrate(x, "max", axis=0)`` then ``quantize``); others
-    on torch ops with a true float32 division (``127.0 / t`` in torch computes
-    ``127 * (1 / t)``, rounded twice: not DESIGN.md's multiplier). Non-finite input raises ValueError.
-    """
-    rows = x.shape[0]
-    if x.device.type == "cpu":
-        if alpha is None:
-            from .backends.numba_nn import quantize_rows_absmax_numba
-
-            codes, scale, bad = quantize_rows_absmax_numba(x.detach().contiguous().numpy())
-            if bad:
-                from .calibration import calibrate   # raises, naming the first NaN/Inf
-
-                calibrate(x, "max", axis=0)
-            return torch.from_numpy(codes), torch.from_numpy(scale)
-        q = quantize(x, alpha.detach().cpu())     # per tensor: the same codes as per row
-        return q.data, q.scale.expand(rows).contiguous()
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("input has non-finite values (NaN or Inf)")
-    if alpha is None:
-        alpha = x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(rows)
-        # as calibrate(): a row max below MIN_POSITIVE_ALPHA (127 / alpha overflows) becomes 0
-        alpha = torch.where(alpha < MIN_POSITIVE_ALPHA, torch.zeros_like(alpha), alpha)
-    return _quantize_rows_torch(x, alpha.to(torch.float32).expand(rows).contiguous())
-
-
-def _quantize_rows_torch(x: torch.Tensor, alpha: torch.Tensor):
-    """:func:`quantize_rows` in torch ops (any device), ``alpha`` one float32 per row."""
-    inv = torch.where(alpha > 0, torch.full_like(alpha, 127.0) / alpha, torch.zeros_like(alpha))
-    inv = inv.clamp(max=_F32_MAX)
-    codes = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
-    return codes, alpha / torch.full_like(alpha, 127.0)
-
-
-def _block_size(weight: torch.Tensor, weight_scale: torch.Tensor):
-    """None for per-row scales ``(N,)``; B for block scales ``(N, K / B)``."""
-    return None if weight_scale.dim() == 1 else weight.shape[1] // weight_scale.shape[1]
-
-
-def _linear_w8(x, weight, weight_scale, bias):
-    """Weight-only: ``x @ W_hat.T + b``, ``W_hat`` the weight dequantized per row or per block."""
-    return matmul.weight_only_linear(x, weight, weight_scale, bias,
-                                     _block_size(weight, weight_scale))
-
-
-def _linear_w8a8(x, weight, weight_scale, bias, input_alpha):
-    """W8A8: quantize the rows of x, exact int32 ``q_x @ W.T``, then ``acc * (s_x * s_w) + b``."""
-    codes, s_x = quantize_rows(x, input_alpha)
-    return matmul.w8a8_linear(codes, s_x, weight, weight_scale, bias,
-                              _block_size(weight, weight_scale))
-
-
-# --------------------------------------------------------------------------------------------------
-# torch custom ops: opaque to torch.compile (fake implementations give the output shape)
-# --------------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("quantkit::linear_w8", mutates_args=())
-def linear_w8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Weight-only int8 linear on 2-D float32 ``x``: ``x @ W_hat.T + b``.
-
-    ``weight_scale`` is ``(N,)`` (per row) or ``(N, K / B)`` (per block of B weights of a row)."""
-    return _linear_w8(x, weight, weight_scale, bias)
-
-
-@torch.library.custom_op("quantkit::linear_w8a8", mutates_args=())
-def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                bias: Optional[torch.Tensor], input_alpha: Optional[torch.Tensor]) -> torch.Tensor:
-    """W8A8 int8 linear on 2-D float32 ``x``; per-row alpha when ``input_alpha`` is None."""
-    return _linear_w8a8(x, weight, weight_scale, bias, input_alpha)
-
-
-@torch.library.custom_op("quantkit::linear_int8_grad_input", mutates_args=())
-def linear_int8_grad_input(grad: torch.Tensor, weight: torch.Tensor,
-                           weight_scale: torch.Tensor) -> torch.Tensor:
-    """``grad @ W_hat``: the gradient of an int8 linear with respect to its input."""
-    return matmul.grad_input(grad, weight, weight_scale, _block_size(weight, weight_scale))
-
-
-@linear_w8.register_fake
-def _(x, weight, weight_scale, bias):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-@linear_w8a8.register_fake
-def _(x, weight, weight_scale, bias, input_alpha):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-@linear_int8_grad_input.register_fake
-def _(grad, weight, weight_scale):
-    return grad.new_empty((grad.shape[0], weight.shape[1]))
-
-
-def _setup_context(ctx, inputs, output):
-    _, weight, weight_scale, bias = inputs[:4]
-    ctx.save_for_backward(weight, weight_scale)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad):
-    weight, weight_scale = ctx.saved_tensors
-    grad = grad.contiguous()
-    grad_x = linear_int8_grad_input(grad, weight, weight_scale) if ctx.needs_input_grad[0] else None
-    grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return grad_x, None, None, grad_bias
-
-
-def _backward_w8a8(ctx, grad):
-    return (*_backward(ctx, grad), None)
-
-
-linear_w8.register_autograd(_backward, setup_context=_setup_context)
-linear_w8a8.register_autograd(_backward_w8a8, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,10 +224,8 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x2 = x2 * self.input_scale
         scale = self._scale_matrix()
-        if self.activations is None:
-            y = linear_w8(x2, self.weight, scale, self.bias)
-        else:
-            y = linear_w8a8(x2, self.weight, scale, self.bias, self.input_alpha)
+        y = int8_linear(x2, self.weight, scale, self.bias, self.input_alpha,
+                        w8a8=self.activations is not None)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _scale_matrix(self) -> torch.Tensor:

@@ -195,7 +195,7 @@ def test_fused_row_codes_refuse_non_finite_anywhere(bad):
 
 def test_torch_path_bit_exact_with_reference():
     """The torch-ops path (used off the CPU) gives the reference codes too, on CPU tensors."""
-    from quantkit.nn import _quantize_rows_torch
+    from quantkit.linear_ops import _quantize_rows_torch
 
     rng = np.random.default_rng(1)
     x = np.concatenate([_tie_rows(), rng.standard_normal((64, 256)).astype(np.float32) * 3])
