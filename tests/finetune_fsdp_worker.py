@@ -8,6 +8,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from optim_fsdp_worker import train
 
 
 def build():
@@ -32,15 +33,8 @@ def batches(steps):
     return [torch.randint(0, 96, (2, 24), generator=g) for _ in range(steps)]
 
 
-def train(model, opt, data):
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+def causal_lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
 
 
 def main():
@@ -58,7 +52,7 @@ def main():
         fully_shard(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = AdamW8bit(trainable, lr=1e-2, min_8bit_size=200)
-    losses = train(model, opt, data)
+    losses = train(model, opt, data, causal_lm_loss)
     if sys.argv[1] == "sharded":
         kinds = sorted({type(p).__name__ for p in trainable})
         eight_bit = sum("m_codes" in opt.state[p] for p in trainable)

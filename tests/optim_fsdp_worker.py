@@ -27,10 +27,16 @@ def batches(steps):
             for _ in range(steps)]
 
 
-def train(model, opt, data):
+def classification_loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def train(model, opt, data, loss_of=classification_loss):
+    """One optimizer step per batch of ``data``; the losses (``loss_of(model, batch)``)."""
     losses = []
-    for x, y in data:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+    for batch in data:
+        loss = loss_of(model, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

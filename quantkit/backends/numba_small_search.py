@@ -16,13 +16,14 @@ from numba import njit, prange
 
 from .numba_error_sums import (ABS_MASK, COARSE_RATIO, MIN_ALPHA, Q, Q64, ZERO, better,
                                quantization_error, scale_inv, search_unit, sse_search, trunc_i64)
-from .numba_rowsearch import clustered, distinct_exceeds, search_row
+from .numba_rowsearch import _lowest, clustered, distinct_exceeds, search_row
 from .numba_sse import sse_search_bound, sse_search_weighted
 
 LATTICE_MAX_DISTINCT = 512  # at most this many distinct |x|: the exact piecewise search
 _FINE_STEP = 1.001          # ratio between neighbours of the fine scan
 _ROW_MIN = 16               # from this many values, unclustered ones take the row sweep
 _ULPS = 8                   # float32 alphas tried on each side of a piece's minimum
+_PIECES = 4                 # pieces whose minima the exact float32 error decides between
 
 
 @njit(cache=True)
@@ -167,7 +168,7 @@ def _search_pieces(values, counts, amax, unit):
     vertex s = B / C clamped to the piece. Only alphas between amax and the point where the clip
     error (a lower bound of the error there and at every smaller alpha) reaches the error at amax
     can win (_clip_window_low); the breakpoints there, sorted, cut that window into pieces, and
-    each event updates B and C. The four lowest pieces' minima (real arithmetic) and the
+    each event updates B and C. The ``_PIECES`` lowest pieces' minima (real arithmetic) and the
     ``_ULPS`` float32 alphas on each side of each (float32 rounding of the scale and of
     ``q * scale`` moves the exact error by up to ~1e-4 of itself where the values are few and
     their errors small) are decided by the exact float32 error, on a tie the larger alpha; amax
@@ -208,9 +209,8 @@ def _search_pieces(values, counts, amax, unit):
             e += 1
     order = np.argsort(ev_u)
     code = q0.copy()
-    keep = 4
-    cand_e = np.full(keep, np.inf)
-    cand_s = np.zeros(keep)
+    piece_e = np.full(events + 1, np.inf)   # each piece's lowest error (real arithmetic), at s
+    piece_s = np.zeros(events + 1)
     u_left = u_top
     for j in range(events + 1):
         u_right = ev_u[order[j]] if j < events else u_end
@@ -218,15 +218,8 @@ def _search_pieces(values, counts, amax, unit):
             s_lo = 1.0 / u_right
             s_hi = 1.0 / u_left
             s = min(max(b / c, s_lo), s_hi) if c > 0.0 else s_hi
-            err = a_sum - 2.0 * s * b + s * s * c
-            if err < cand_e[keep - 1]:
-                p = keep - 1
-                while p > 0 and cand_e[p - 1] > err:
-                    cand_e[p] = cand_e[p - 1]
-                    cand_s[p] = cand_s[p - 1]
-                    p -= 1
-                cand_e[p] = err
-                cand_s[p] = s
+            piece_e[j] = a_sum - 2.0 * s * b + s * s * c
+            piece_s[j] = s
             u_left = u_right
         if j < events:
             i = ev_i[order[j]]
@@ -235,10 +228,10 @@ def _search_pieces(values, counts, amax, unit):
             b += w * np.float64(values[i])
             c += w * np.float64(2 * code[i] - 1)
     bits = np.empty(1, np.float32)
-    for t in range(keep):
-        if cand_e[t] == np.inf:
+    for j in _lowest(piece_e, _PIECES):
+        if j < 0 or piece_e[j] == np.inf:
             break
-        bits[0] = np.float32(min(max(Q64 * cand_s[t], a_low), a64))
+        bits[0] = np.float32(min(max(Q64 * piece_s[j], a_low), a64))
         centre = bits.view(np.int32)[0]
         for k in range(-_ULPS, _ULPS + 1):
             bits.view(np.int32)[0] = centre + k
