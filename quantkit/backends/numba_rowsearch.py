@@ -378,7 +378,7 @@ def sweep(v, a_lo, a_hi, points, p1, next_event, event_step, packed, events_left
 
 
 @njit(cache=True)
-def _lowest(vals, k):
+def lowest(vals, k):
     """Indices of the k lowest entries (ascending), by insertion: O(len * k)."""
     k = min(k, vals.size)
     idx = np.full(k, -1, np.int64)
@@ -481,7 +481,7 @@ def search_row(v, amax):
         if a_lo >= a_hi:
             a_lo = a_hi * 0.5
         sse, bq, cq = sweep(v, a_lo, a_hi, m, p1, next_event, event_step, packed, events_left)
-        idx = _lowest(sse, k_exact)
+        idx = lowest(sse, k_exact)
         u0 = Q64 / a_hi
         du = (Q64 / a_lo - u0) / (m - 1)
         for t in range(idx.size):

@@ -16,7 +16,7 @@ from numba import njit, prange
 
 from .numba_error_sums import (ABS_MASK, COARSE_RATIO, MIN_ALPHA, Q, Q64, ZERO, better,
                                quantization_error, scale_inv, search_unit, sse_search, trunc_i64)
-from .numba_rowsearch import _lowest, clustered, distinct_exceeds, search_row
+from .numba_rowsearch import clustered, distinct_exceeds, lowest, search_row
 from .numba_sse import sse_search_bound, sse_search_weighted
 
 LATTICE_MAX_DISTINCT = 512  # at most this many distinct |x|: the exact piecewise search
@@ -185,12 +185,13 @@ def _search_pieces(values, counts, amax, unit):
     u_top = Q64 / a64
     u_end = Q64 / a_low
     d = values.size
-    q0 = np.empty(d, np.int64)
-    events = 0
+    q0 = np.empty(d, np.int64)   # each value's code at amax and at the window's low end
+    q1 = np.empty(d, np.int64)
     for i in range(d):
         v = np.float64(values[i])
         q0[i] = np.int64(min(np.rint(v * u_top), Q64))
-        events += np.int64(min(np.rint(v * u_end), Q64)) - q0[i]
+        q1[i] = np.int64(min(np.rint(v * u_end), Q64))
+    events = np.int64((q1 - q0).sum())
     ev_u = np.empty(events)
     ev_i = np.empty(events, np.int64)
     e = 0
@@ -203,7 +204,7 @@ def _search_pieces(values, counts, amax, unit):
         a_sum += w * v * v
         b += w * q0[i] * v
         c += w * q0[i] * q0[i]
-        for k in range(q0[i] + 1, np.int64(min(np.rint(v * u_end), Q64)) + 1):
+        for k in range(q0[i] + 1, q1[i] + 1):
             ev_u[e] = (k - 0.5) / v
             ev_i[e] = i
             e += 1
@@ -228,7 +229,7 @@ def _search_pieces(values, counts, amax, unit):
             b += w * np.float64(values[i])
             c += w * np.float64(2 * code[i] - 1)
     bits = np.empty(1, np.float32)
-    for j in _lowest(piece_e, _PIECES):
+    for j in lowest(piece_e, _PIECES):
         if j < 0 or piece_e[j] == np.inf:
             break
         bits[0] = np.float32(min(max(Q64 * piece_s[j], a_low), a64))
