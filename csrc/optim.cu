@@ -5,7 +5,8 @@
 // (rows, L) view; the last block of a row takes the remainder, so it holds up to
 // 2 * block_size - 1 values), grid-stride over the blocks. Two passes over a block, each thread
 // on the same elements in both:
-//   1. decode m and r = sqrt(v) from their codes and the block's old absmax, update them and p,
+//   1. decode m and r = sqrt(v) from their codes (magnitude * absmax / top, the quotient once per
+//      block), update them and p,
 //      write p, and reduce the block's new max |m| and max r (integer maxima of the float bits:
 //      the values are finite and non-negative once the sign is cleared);
 //   2. decode and update again (the same operations on the same inputs give the same bits; the
@@ -57,12 +58,10 @@ inline bool valid_code_map(int levels, int mbits) {
          && 127 + (1 - (levels / (1 << mbits) - 1)) >= 1;
 }
 
-// float32(magnitude(k) / top): the decoding table entry of index k (reference.moment_table).
-__device__ __forceinline__ float decode_index(int k, CodeMap c) {
-  const float mag = k < c.per ? __fmul_rn(static_cast<float>(k), c.step)
-                              : __uint_as_float(static_cast<unsigned>(((k - c.per) << c.shift)
-                                                                      + c.offset));
-  return __fdiv_rn(mag, c.top);
+// The magnitude of index k (reference.moment_magnitudes), exact in float32.
+__device__ __forceinline__ float magnitude(int k, CodeMap c) {
+  return k < c.per ? __fmul_rn(static_cast<float>(k), c.step)
+                   : __uint_as_float(static_cast<unsigned>(((k - c.per) << c.shift) + c.offset));
 }
 
 // Index of the magnitude nearest to y >= 0 (finite), ties to the larger (numba_optim's rule).
@@ -121,14 +120,15 @@ __global__ void adamw8bit_kernel(float *__restrict__ p, const float *__restrict_
     const int64_t lo = b * block_size;
     const int64_t hi = b == per_row - 1 ? length : lo + block_size;
     const int64_t base = row * length;
-    const float m_scale = m_absmax[row * per_row + b];
-    const float r_scale = r_absmax[row * per_row + b];
+    // reference.decode_unit: the value of magnitude 1 in this block
+    const float m_unit = __fdiv_rn(m_absmax[row * per_row + b], mc.top);
+    const float r_unit = __fdiv_rn(r_absmax[row * per_row + b], rc.top);
     uint32_t m_top = 0, r_top = 0;
     for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
       const int c = m_codes[base + i];
-      const float t = decode_index(c < 0 ? -c : c, mc);
-      float m = __fmul_rn(c < 0 ? -t : t, m_scale);
-      float r = __fmul_rn(decode_index(r_codes[base + i], rc), r_scale);
+      const float t = magnitude(c < 0 ? -c : c, mc);
+      float m = __fmul_rn(c < 0 ? -t : t, m_unit);
+      float r = __fmul_rn(magnitude(r_codes[base + i], rc), r_unit);
       float pi = p[base + i];
       adamw_update(g[base + i], m, r, pi, s);
       p[base + i] = pi;
@@ -141,9 +141,9 @@ __global__ void adamw8bit_kernel(float *__restrict__ p, const float *__restrict_
     const float r_inv = r_max > 0.0f ? __fdiv_rn(rc.top, r_max) : 0.0f;
     for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
       const int c = m_codes[base + i];
-      const float t = decode_index(c < 0 ? -c : c, mc);
-      float m = __fmul_rn(c < 0 ? -t : t, m_scale);
-      float r = __fmul_rn(decode_index(r_codes[base + i], rc), r_scale);
+      const float t = magnitude(c < 0 ? -c : c, mc);
+      float m = __fmul_rn(c < 0 ? -t : t, m_unit);
+      float r = __fmul_rn(magnitude(r_codes[base + i], rc), r_unit);
       float unused = 0.0f;
       adamw_update(g[base + i], m, r, unused, s);
       const float ym = __fmul_rn(m, m_inv);

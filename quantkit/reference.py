@@ -173,8 +173,8 @@ def linear_w8_blocks(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, block_
 #   the second moment stores r = sqrt(v) with 256 magnitudes (5 mantissa bits; uint8 codes).
 # * encoding a block: absmax = max |x| (float32), inv = float32(table_top / absmax) (0 when
 #   absmax == 0), y = float32(|x| * inv), code = the nearest table entry to y, ties to the larger
-#   magnitude. Decoding: float32(table[code] / table_top) * absmax, the first product read from a
-#   float32 table of normalized entries (``moment_table``).
+#   magnitude. Decoding: table[code] * unit, with unit = float32(absmax / table_top) computed
+#   once per block (table[code] is exact in float32, so a decode is one rounding).
 
 
 def moment_magnitudes(levels: int, mantissa_bits: int) -> np.ndarray:
@@ -197,10 +197,10 @@ def moment_magnitudes(levels: int, mantissa_bits: int) -> np.ndarray:
     return np.where(k < per_binade, linear, normal).astype(np.float32)
 
 
-def moment_table(levels: int, mantissa_bits: int) -> np.ndarray:
-    """Decoding table: ``float32(magnitude / table_top)``, so the top code decodes to absmax."""
-    mags = moment_magnitudes(levels, mantissa_bits)
-    return (mags / mags[-1]).astype(np.float32)
+def decode_unit(absmax, levels: int, mantissa_bits: int) -> np.float32:
+    """``float32(absmax / table_top)``: the value of magnitude 1 in a block (the top code decodes
+    to ``table_top * unit``, absmax within one rounding)."""
+    return np.float32(np.float32(absmax) / moment_magnitudes(levels, mantissa_bits)[-1])
 
 
 def encode_magnitudes(y: np.ndarray, levels: int, mantissa_bits: int) -> np.ndarray:
@@ -234,9 +234,9 @@ def _encode_block(x: np.ndarray, levels: int, mantissa_bits: int, signed: bool):
 
 
 def _decode_block(codes: np.ndarray, absmax, levels: int, mantissa_bits: int, signed: bool):
-    table = moment_table(levels, mantissa_bits)
+    mags = moment_magnitudes(levels, mantissa_bits)
     k = np.abs(codes.astype(np.int64))
-    values = (table[k] * np.float32(absmax)).astype(np.float32)
+    values = (mags[k] * decode_unit(absmax, levels, mantissa_bits)).astype(np.float32)
     return np.where(codes < 0, -values, values).astype(np.float32) if signed else values
 
 

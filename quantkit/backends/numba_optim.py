@@ -14,7 +14,10 @@ table entry); below the smallest normal the run is linear and an exact scaled fl
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .. import reference
 
 #: Gradients are accepted up to this magnitude: beyond it ``g * g`` could overflow float32.
 GRAD_LIMIT = np.float32(2.0 ** 60)
@@ -40,138 +43,167 @@ def count_bad_gradients(g):
     return bad.sum()
 
 
-@njit(inline="always")
-def _magnitude_index(y, ybits, per_binade, mantissa_bits, e_min, smallest_normal, linear_mult,
-                     top_index):
-    """Nearest magnitude index of y >= 0 (its float32 bit pattern is ybits), ties up.
+@intrinsic
+def _bits_of(typingctx, x):
+    """The int32 bit pattern of a float32 value (a register move, no conversion)."""
+    if x != types.float32:
+        return None
 
-    Both rules are computed and one is selected (no branch, so the loop vectorises).
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _float_of(typingctx, bits):
+    """The float32 value of a bit pattern: the low 32 bits of an integer."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = args[0]
+        if bits.bitwidth > 32:
+            low = builder.trunc(low, context.get_value_type(types.int32))
+        return builder.bitcast(low, context.get_value_type(types.float32))
+
+    return types.float32(bits), codegen
+
+
+@njit(inline="always")
+def _magnitude_index(y, ybits, code):
+    """Nearest magnitude index of y >= 0 (its float32 bit pattern is ybits) in the map ``code``
+    (:func:`code_map`), ties up.
+
+    Both rules are computed and one is selected (no branch, so the loop vectorises); every
+    integer step is truncated to int32 (numba widens int32 arithmetic to int64, which would
+    halve the vector width).
     """
+    shift, half_unit, normal_base = code[1], code[5], code[6]
+    smallest_normal, linear_mult, top_index = code[7], code[8], code[9]
     t = y * linear_mult  # exact: a power of two
     k_linear = np.int32(t)
-    k_linear += np.int32(t - np.float32(k_linear) >= np.float32(0.5))
-    shift = 23 - mantissa_bits
-    k_normal = ((ybits + np.int32(1 << (shift - 1))) >> shift) - np.int32(
-        (127 + e_min) << mantissa_bits) + np.int32(per_binade)
+    k_linear = np.int32(k_linear + np.int32(t - np.float32(k_linear) >= np.float32(0.5)))
+    k_normal = np.int32(np.int32(np.int32(ybits + half_unit) >> shift) - normal_base)
     k = k_linear if y < smallest_normal else k_normal
-    return min(k, np.int32(top_index))
+    return k if k < top_index else top_index
 
 
 @njit(inline="always")
-def _code_constants(levels, mantissa_bits):
-    """(per_binade, e_min, normal_offset, linear_step, top) of a code map (reference.moment_table).
+def _magnitude(k, code):
+    """Magnitude of index k in the map ``code``: float32 bits ``((k - per_binade) << shift) +
+    normal_offset`` above the linear run, ``k * linear_step`` (exact) in it."""
+    per_binade, shift, normal_offset, linear_step = code[0], code[1], code[2], code[3]
+    normal = _float_of(np.int32(np.int32(np.int32(k - per_binade) << shift) + normal_offset))
+    return np.float32(k) * linear_step if k < per_binade else normal
+
+
+def code_map(levels: int, mantissa_bits: int) -> tuple:
+    """The int32/float32 constants of a code map (reference.moment_magnitudes): ``(per_binade,
+    shift, normal_offset, linear_step, top, half_unit, normal_base, smallest_normal,
+    linear_mult, top_index)``.
 
     A magnitude index ``k >= per_binade`` has the float32 bits
-    ``((k - per_binade) << (23 - mantissa_bits)) + normal_offset``; below it the magnitude is
-    ``k * linear_step``; ``top`` is the largest magnitude.
+    ``((k - per_binade) << shift) + normal_offset``; below it the magnitude is
+    ``k * linear_step``; ``top`` is the largest magnitude. Encoding adds ``half_unit`` (half a
+    kept-mantissa unit) to the bits, shifts, subtracts ``normal_base``, and multiplies by
+    ``linear_mult`` below ``smallest_normal``.
     """
-    per = np.int32(1) << mantissa_bits
+    per = 1 << mantissa_bits
     e_min = 1 - (levels // per - 1)
-    normal_offset = np.int32((127 + e_min) << 23)
-    linear_step = np.float32(2.0 ** (e_min - mantissa_bits))
+    shift = 23 - mantissa_bits
+    linear_step = 2.0 ** (e_min - mantissa_bits)
     if levels >= 2 * per:     # the top index is the last of the binade at exponent 0
-        top = np.float32(1.0 + (per - 1) / per)
+        top = 1.0 + (per - 1) / per
     else:                     # a linear run only
-        top = np.float32(levels - 1) * linear_step
-    return per, e_min, normal_offset, linear_step, top
+        top = (levels - 1) * linear_step
+    i32, f32 = np.int32, np.float32
+    return (i32(per), i32(shift), i32((127 + e_min) << 23), f32(linear_step), f32(top),
+            i32(1 << (shift - 1)), i32(((127 + e_min) << mantissa_bits) - per),
+            f32(2.0 ** e_min), f32(2.0 ** (mantissa_bits - e_min)), i32(levels - 1))
+
+
+#: The code maps of the step. The kernel reads them inside its parallel loop, where numba
+#: compiles them as constants: a shift by a constant stays a 32-bit vector shift, a shift by a
+#: run-time amount is widened to 64 bits (a third slower step).
+M_MAP = code_map(*reference.M_CODE)
+R_MAP = code_map(*reference.R_CODE)
 
 
 @njit(parallel=True, cache=True)
 def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size,
-                   m_levels, m_mbits, r_levels, r_mbits,
                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt):
     """In-place 8-bit AdamW on 2-d float32 ``p`` (rows, L) with gradient ``g`` of the same shape.
 
-    ``m_codes`` int8 and ``r_codes`` uint8 have p's shape; ``m_absmax``/``r_absmax`` are float32
-    (rows, blocks per row); ``*_levels``/``*_mbits`` name the code maps (``reference.M_CODE``,
-    ``reference.R_CODE``).
+    ``m_codes`` int8 and ``r_codes`` uint8 have p's shape; all four are C-contiguous; ``m_absmax``/``r_absmax`` are float32
+    (rows, blocks per row); the code maps are ``reference.M_CODE`` and ``reference.R_CODE``
+    (``M_MAP``, ``R_MAP``).
 
-    A code decodes to ``float32(magnitude / top) * absmax`` (negated for negative m codes), the
-    magnitude built from its index (see ``_code_constants``) rather than looked up: the quotient
-    equals ``reference.moment_table`` entry for entry (``decoded_table`` is tested against it on
-    every entry), and without table gathers and with the block maxima taken as integer maxima
-    of the float bits (exact: the values are finite and the sign is cleared) every loop over a
-    block vectorises. Five loops per block, each over at most ``2 * block_size`` values in L1:
-    build the magnitude bits; update p and the moments; the two maxima; scale; encode.
+    A code decodes to ``magnitude * float32(absmax / top)`` (negated for negative m codes), the
+    magnitude built from its index's float32 bits (``_magnitude``), not looked up. Two loops per
+    block, each over at most ``2 * block_size`` values, both vectorised (no gathers; the block
+    maxima are integer maxima of the sign-cleared float bits, exact for finite values):
+    decode + update p and the moments + maxima, keeping the new moments in an L1 buffer; then
+    scale by ``top / absmax`` and encode.
     """
     rows, length = p.shape
     per_row = max(1, length // block_size)
     n_blocks = rows * per_row
     n_items = (n_blocks + _ITEMS - 1) // _ITEMS
-    m_per, m_emin, m_offset, m_step, m_top = _code_constants(m_levels, m_mbits)
-    r_per, r_emin, r_offset, r_step, r_top = _code_constants(r_levels, r_mbits)
-    m_shift = 23 - m_mbits
-    r_shift = 23 - r_mbits
-    m_lin = np.float32(2.0 ** m_emin)      # the smallest normal magnitude
-    r_lin = np.float32(2.0 ** r_emin)
-    m_mult = np.float32(2.0 ** (m_mbits - m_emin))
-    r_mult = np.float32(2.0 ** (r_mbits - r_emin))
+    sign_clear = np.int32(0x7FFFFFFF)
+    # one-dimensional contiguous slices: the loops then know their unit stride (a 2-d row slice
+    # costs a third more per block)
+    p_flat = p.reshape(-1)
+    g_flat = g.reshape(-1)
+    m_flat = m_codes.reshape(-1)
+    r_flat = r_codes.reshape(-1)
     for item in prange(n_items):
-        dec_m = np.empty(2 * block_size, np.float32)
-        dec_r = np.empty(2 * block_size, np.float32)
-        dec_m_bits = dec_m.view(np.int32)
-        dec_r_bits = dec_r.view(np.int32)
         buf_m = np.empty(2 * block_size, np.float32)
         buf_r = np.empty(2 * block_size, np.float32)
-        bits_m = buf_m.view(np.int32)
-        bits_r = buf_r.view(np.int32)
-        scratch = np.empty(2, np.int32)
-        scratch_f = scratch.view(np.float32)
         for blk in range(item * _ITEMS, min((item + 1) * _ITEMS, n_blocks)):
             row = blk // per_row
             b = blk - row * per_row
             lo = b * block_size
             hi = length if b == per_row - 1 else lo + block_size
             n = hi - lo
-            ps = p[row, lo:hi]
-            gs = g[row, lo:hi]
-            mc = m_codes[row, lo:hi]
-            rc = r_codes[row, lo:hi]
-            m_scale = m_absmax[row, b]
-            r_scale = r_absmax[row, b]
-            for i in range(n):
-                dec_m_bits[i] = ((abs(np.int32(mc[i])) - m_per) << m_shift) + m_offset
-                dec_r_bits[i] = ((np.int32(rc[i]) - r_per) << r_shift) + r_offset
+            start = row * length + lo
+            ps = p_flat[start:start + n]
+            gs = g_flat[start:start + n]
+            mc = m_flat[start:start + n]
+            rc = r_flat[start:start + n]
+            m_top = M_MAP[4]
+            r_top = R_MAP[4]
+            m_unit = m_absmax[row, b] / m_top
+            r_unit = r_absmax[row, b] / r_top
+            m_top_bits = np.int32(0)
+            r_top_bits = np.int32(0)
             for i in range(n):
                 c = np.int32(mc[i])
-                k = abs(c)
-                mag = np.float32(k) * m_step if k < m_per else dec_m[i]
-                t = mag / m_top
-                m = (t if c >= 0 else -t) * m_scale
-                k = np.int32(rc[i])
-                mag = np.float32(k) * r_step if k < r_per else dec_r[i]
-                r = (mag / r_top) * r_scale
+                mag = _magnitude(abs(c), M_MAP)
+                m = (mag if c >= 0 else -mag) * m_unit
+                r = _magnitude(np.int32(rc[i]), R_MAP) * r_unit
                 gi = gs[i]
                 m = beta1 * m + one_minus_beta1 * gi
-                v = beta2 * (r * r) + one_minus_beta2 * (gi * gi)
-                r = np.sqrt(v)
+                r = np.sqrt(beta2 * (r * r) + one_minus_beta2 * (gi * gi))
                 denom = r / bc2_sqrt + eps
                 ps[i] = ps[i] * decay - step_size * (m / denom)
                 buf_m[i] = m
                 buf_r[i] = r
-            m_top_bits = np.int32(0)
-            r_top_bits = np.int32(0)
-            for i in range(n):
-                m_top_bits = max(m_top_bits, bits_m[i] & np.int32(0x7FFFFFFF))
-                r_top_bits = max(r_top_bits, bits_r[i])
-            scratch[0] = m_top_bits
-            scratch[1] = r_top_bits
-            m_max = scratch_f[0]
-            r_max = scratch_f[1]
+                m_top_bits = max(m_top_bits, np.int32(_bits_of(m) & sign_clear))
+                r_top_bits = max(r_top_bits, _bits_of(r))
+            m_max = _float_of(m_top_bits)
+            r_max = _float_of(r_top_bits)
             m_inv = m_top / m_max if m_max > 0 else np.float32(0)
             r_inv = r_top / r_max if r_max > 0 else np.float32(0)
             m_absmax[row, b] = m_max
             r_absmax[row, b] = r_max
             for i in range(n):
-                buf_m[i] = buf_m[i] * m_inv
-                buf_r[i] = buf_r[i] * r_inv
-            for i in range(n):
-                y = buf_m[i]
-                k = _magnitude_index(abs(y), bits_m[i] & 0x7FFFFFFF, m_per, m_mbits, m_emin,
-                                     m_lin, m_mult, m_levels - 1)
+                y = buf_m[i] * m_inv
+                y_abs = abs(y)
+                k = _magnitude_index(y_abs, np.int32(_bits_of(y) & sign_clear), M_MAP)
                 mc[i] = np.int8(-k if y < 0 else k)
-                rc[i] = np.uint8(_magnitude_index(buf_r[i], bits_r[i], r_per, r_mbits, r_emin,
-                                                  r_lin, r_mult, r_levels - 1))
+                y = buf_r[i] * r_inv
+                rc[i] = np.uint8(_magnitude_index(y, _bits_of(y), R_MAP))
     return 0
 
 
@@ -200,30 +232,20 @@ def adamw32_step(p, g, m, r, beta1, one_minus_beta1, beta2, one_minus_beta2, eps
 
 
 @njit(cache=True)
-def magnitude_indices(y, levels, mantissa_bits):
-    """``reference.encode_magnitudes`` through the kernels' bit rule (for tests), y float32 >= 0."""
-    per = np.int64(1) << mantissa_bits
-    e_min = 1 - (levels // per - 1)
-    smallest_normal = np.float32(2.0 ** e_min)
-    mult = np.float32(2.0 ** (mantissa_bits - e_min))
-    bits = y.view(np.int32)
+def magnitude_indices(y, code):
+    """``reference.encode_magnitudes`` through the kernel's bit rule for the map ``code``
+    (:func:`code_map`; for tests), y float32 >= 0."""
     out = np.empty(y.size, np.int64)
     for i in range(y.size):
-        out[i] = _magnitude_index(y[i], bits[i], per, mantissa_bits, e_min, smallest_normal, mult,
-                                  levels - 1)
+        out[i] = _magnitude_index(y[i], _bits_of(y[i]), code)
     return out
 
 
 @njit(cache=True)
-def decoded_table(levels, mantissa_bits):
-    """The kernel's decoding of every magnitude index, ``float32(magnitude / top)`` (for tests:
-    it must equal ``reference.moment_table``)."""
-    per, e_min, offset, step, top = _code_constants(levels, mantissa_bits)
-    bits = np.empty(levels, np.int32)
-    out = bits.view(np.float32)
-    for k in range(levels):
-        bits[k] = ((np.int32(k) - per) << (23 - mantissa_bits)) + offset
-    for k in range(levels):
-        mag = np.float32(k) * step if k < per else out[k]
-        out[k] = mag / top
-    return out.copy()
+def decoded_magnitudes(code):
+    """The kernel's magnitude of every index of the map ``code`` (:func:`code_map`; for tests:
+    it must equal ``reference.moment_magnitudes``)."""
+    out = np.empty(code[9] + 1, np.float32)
+    for k in range(code[9] + 1):
+        out[k] = _magnitude(np.int32(k), code)
+    return out

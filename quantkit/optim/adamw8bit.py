@@ -227,7 +227,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 numba_optim.adamw8bit_step(
                     p_rows, g_rows, state["m_codes"].numpy(), state["m_absmax"].numpy(),
                     state["r_codes"].numpy(), state["r_absmax"].numpy(), group["block_size"],
-                    *reference.M_CODE, *reference.R_CODE, *scalars)
+                    *scalars)
             else:
                 numba_optim.adamw32_step(p_rows.reshape(-1), g_rows.reshape(-1),
                                          state["m"].numpy().reshape(-1),
