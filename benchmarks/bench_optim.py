@@ -104,39 +104,92 @@ def test_step_time(bench):
     assert all(np.isfinite(list(times.values())))
 
 
+def _decoded_moments(name, opt, p):
+    """(exp_avg, exp_avg_sq) of ``p`` as float32 tensors, decoded from the 8-bit states."""
+    if name.startswith("quantkit"):
+        return opt.moments(p)
+    import bitsandbytes.functional as F
+
+    st = opt.state[p]
+    return tuple(F.dequantize_blockwise(st[f"state{k}"], absmax=st[f"absmax{k}"],
+                                        code=st[f"qmap{k}"], blocksize=256) for k in (1, 2))
+
+
+def _make(name, params):
+    if name.startswith("bitsandbytes"):
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-3)
+    return AdamW8bit(params, lr=1e-3)
+
+
 @pytest.mark.parametrize("cols", [32, 1024, 4097])
 def test_numerics_vs_torch(bench, cols):
+    """Two protocols, 50 steps of randn * 0.01 gradients on randn * 0.1 parameters, torch AdamW
+    (lr 1e-3) as the reference on the same gradients:
+
+    - drift: both run on their own for 50 steps; mean |p - p_ref| at the end;
+    - one step (the protocol of bitsandbytes' own tests, where its bounds 6e-5 / 6e-4 come from):
+      after every step torch AdamW restarts from the 8-bit optimizer's parameters and decoded
+      moments, so each step's error is measured alone; the worst step's mean is reported.
+    """
     rows_n = bench.size(1024, 256)
+    steps = 50
     out = {}
     for name in ("quantkit AdamW8bit", "bitsandbytes 0.50 AdamW8bit"):
-        torch.manual_seed(0)
-        p1 = torch.nn.Parameter(torch.randn(rows_n, cols) * 0.1)
-        p2 = torch.nn.Parameter(p1.detach().clone())
-        try:
-            if name.startswith("bitsandbytes"):
-                import bitsandbytes as bnb
-
-                o1 = bnb.optim.AdamW8bit([p1], lr=1e-3)
-            else:
-                o1 = AdamW8bit([p1], lr=1e-3)
-        except ImportError:
-            continue
-        o2 = torch.optim.AdamW([p2], lr=1e-3)
-        for _ in range(50):
-            g = torch.randn(rows_n, cols) * 0.01
-            p1.grad, p2.grad = g.clone(), g.clone()
-            o1.step()
-            o2.step()
-        err = (p1 - p2).abs()
-        out[name] = {"mean_abs": err.mean().item(),
-                     "mean_rel": (err / (p2.abs() + 1e-8)).mean().item()}
-    md = (f"## 50 steps vs torch AdamW, {rows_n} x {cols}, randn * 0.01 gradients ({cpu_line()})\n\n"
-          + bench.table(["optimizer", "mean |p - p_ref|", "mean relative"],
-                        [[k, f"{v['mean_abs']:.3g}", f"{v['mean_rel']:.3g}"]
-                         for k, v in out.items()])
-          + "\n\nbitsandbytes' bounds: 6e-5 / 6e-4.")
+        result = {}
+        for protocol in ("drift", "one step"):
+            torch.manual_seed(0)
+            p1 = torch.nn.Parameter(torch.randn(rows_n, cols) * 0.1)
+            p2 = torch.nn.Parameter(p1.detach().clone())
+            try:
+                o1 = _make(name, [p1])
+            except ImportError:
+                break
+            o2 = torch.optim.AdamW([p2], lr=1e-3)
+            worst_abs = worst_rel = 0.0
+            for _ in range(steps):
+                g = torch.randn(rows_n, cols) * 0.01
+                p1.grad, p2.grad = g.clone(), g.clone()
+                o1.step()
+                o2.step()
+                if protocol == "one step":
+                    err = (p1 - p2).abs()
+                    worst_abs = max(worst_abs, err.mean().item())
+                    worst_rel = max(worst_rel, (err / (p2.abs() + 1e-9)).mean().item())
+                    with torch.no_grad():
+                        p2.copy_(p1)
+                        if "exp_avg" in o2.state[p2]:
+                            m, v = _decoded_moments(name, o1, p1)
+                            o2.state[p2]["exp_avg"].copy_(m.reshape(p2.shape))
+                            o2.state[p2]["exp_avg_sq"].copy_(v.reshape(p2.shape))
+            if protocol == "drift":
+                err = (p1 - p2).abs()
+                worst_abs = err.mean().item()
+                worst_rel = (err / (p2.abs() + 1e-8)).mean().item()
+            result[protocol] = {"mean_abs": worst_abs, "mean_rel": worst_rel}
+        if result:
+            out[name] = result
+    q = out["quantkit AdamW8bit"]
+    goals = {"one step within 6e-5 / 6e-4": q["one step"]["mean_abs"] < 6e-5
+             and q["one step"]["mean_rel"] < 6e-4,
+             "drift within 6e-5 / 6e-4": q["drift"]["mean_abs"] < 6e-5
+             and q["drift"]["mean_rel"] < 6e-4}
+    out["goals"] = goals
+    rows = [[k, f"{v['drift']['mean_abs']:.3g}", f"{v['drift']['mean_rel']:.3g}",
+             f"{v['one step']['mean_abs']:.3g}", f"{v['one step']['mean_rel']:.3g}"]
+            for k, v in out.items() if k != "goals"]
+    md = (f"## {steps} steps vs torch AdamW, {rows_n} x {cols}, randn * 0.01 gradients "
+          f"({cpu_line()})\n\n"
+          + bench.table(["optimizer", "drift: mean |p - p_ref|", "drift: mean relative",
+                         "one step (worst): mean |p - p_ref|", "one step: mean relative"], rows)
+          + "\n\nDrift: both optimizers run on their own. One step: torch AdamW restarts from "
+            "the 8-bit optimizer's parameters and decoded moments after every step (the protocol "
+            "of bitsandbytes' tests, whose bounds are 6e-5 / 6e-4).\n\nGoals: "
+          + ", ".join(f"{k}: {'met' if v else 'not met'}" for k, v in goals.items()))
     bench.record(f"optim_numerics_{cols}", out, md)
-    assert out["quantkit AdamW8bit"]["mean_abs"] < 2e-4
+    assert q["drift"]["mean_abs"] < 2e-4
+    assert q["one step"]["mean_abs"] < 6e-5
 
 
 def test_digits_parity(bench):

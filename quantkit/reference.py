@@ -197,10 +197,11 @@ def moment_magnitudes(levels: int, mantissa_bits: int) -> np.ndarray:
     return np.where(k < per_binade, linear, normal).astype(np.float32)
 
 
-def decode_unit(absmax, levels: int, mantissa_bits: int) -> np.float32:
+def decode_unit(absmax, levels: int, mantissa_bits: int):
     """``float32(absmax / table_top)``: the value of magnitude 1 in a block (the top code decodes
-    to ``table_top * unit``, absmax within one rounding)."""
-    return np.float32(np.float32(absmax) / moment_magnitudes(levels, mantissa_bits)[-1])
+    to ``table_top * unit``, absmax within one rounding); elementwise over an array of absmax."""
+    return (np.asarray(absmax, np.float32) / moment_magnitudes(levels, mantissa_bits)[-1]).astype(
+        np.float32)
 
 
 def encode_magnitudes(y: np.ndarray, levels: int, mantissa_bits: int) -> np.ndarray:
@@ -234,9 +235,11 @@ def _encode_block(x: np.ndarray, levels: int, mantissa_bits: int, signed: bool):
 
 
 def _decode_block(codes: np.ndarray, absmax, levels: int, mantissa_bits: int, signed: bool):
+    """Decode one block of every row: ``codes`` (rows, n), ``absmax`` (rows,)."""
     mags = moment_magnitudes(levels, mantissa_bits)
     k = np.abs(codes.astype(np.int64))
-    values = (mags[k] * decode_unit(absmax, levels, mantissa_bits)).astype(np.float32)
+    unit = decode_unit(np.asarray(absmax, np.float32), levels, mantissa_bits)
+    values = (mags[k] * np.reshape(unit, (-1, 1))).astype(np.float32)
     return np.where(codes < 0, -values, values).astype(np.float32) if signed else values
 
 
@@ -266,10 +269,9 @@ def decode_moments(codes: np.ndarray, absmax: np.ndarray, block_size: int, signe
     levels, mantissa_bits = code or (M_CODE if signed else R_CODE)
     rows, length = codes.shape
     out = np.zeros(codes.shape, np.float32)
-    for r in range(rows):
-        for b, (lo, hi) in enumerate(row_blocks(length, block_size)):
-            out[r, lo:hi] = _decode_block(codes[r, lo:hi], absmax[r, b], levels, mantissa_bits,
-                                          signed)
+    for b, (lo, hi) in enumerate(row_blocks(length, block_size)):
+        out[:, lo:hi] = _decode_block(codes[:, lo:hi], absmax[:, b], levels, mantissa_bits,
+                                      signed)
     return out
 
 

@@ -444,3 +444,35 @@ def test_sharded_state_dict_of_plain_tensors_round_trips():
     assert all(torch.equal(a, b) for a, b in zip(params, twin))
     with pytest.raises(ValueError, match="'state' and 'param_groups'"):
         other.load_sharded_state_dict({"param_groups": []})
+
+
+def test_each_step_is_torch_adamw_on_the_decoded_moments():
+    """bitsandbytes' protocol: after every step torch AdamW restarts from our parameters and our
+    decoded moments (``moments``), so each step's difference is that step's alone. The update
+    uses the new moments before they are encoded, so a step differs from torch's only by float32
+    rounding (bitsandbytes allows 6e-5 mean here)."""
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(256, 1024) * 0.1)
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1 = AdamW8bit([p1], lr=1e-3)
+    o2 = torch.optim.AdamW([p2], lr=1e-3)
+    m, v = o1.moments(p1)
+    assert not m.any() and not v.any()
+    for _ in range(10):
+        g = torch.randn(256, 1024) * 0.01
+        p1.grad, p2.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+        err = (p1 - p2).abs()
+        assert err.mean() < 1e-9 and err.max() < 1e-7
+        with torch.no_grad():
+            p2.copy_(p1)
+            m, v = o1.moments(p1)
+            o2.state[p2]["exp_avg"].copy_(m)
+            o2.state[p2]["exp_avg_sq"].copy_(v)
+    # the decoded moments are the reference decoding of the stored codes
+    st = o1.state[p1]
+    assert np.array_equal(m.numpy(), R.decode_moments(st["m_codes"].numpy(),
+                                                      st["m_absmax"].numpy(), 256, True))
+    with pytest.raises(ValueError, match="not a parameter"):
+        o1.moments(torch.nn.Parameter(torch.zeros(3)))

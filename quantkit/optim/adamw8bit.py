@@ -259,6 +259,37 @@ class AdamW8bit(torch.optim.Optimizer):
         if not contiguous:
             local_p.copy_(p_rows.reshape(local_p.shape))
 
+    # ---------------------------------------------------------------------- inspection
+
+    @torch.no_grad()
+    def moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exp_avg, exp_avg_sq)`` of ``p`` decoded to float32, shaped like ``p``'s local tensor:
+        the first and second moments as ``torch.optim.AdamW`` would hold them (``exp_avg_sq`` is
+        ``r * r``, the stored ``r = sqrt(v)`` squared in float32). Zeros before the first step.
+        For inspection and comparisons; the step never makes these copies."""
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"p must be a parameter of this optimizer, got {type(p).__name__}")
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError("p is not a parameter of this optimizer")
+        local = _local(p.detach())
+        state = self.state[p]
+        if not state:
+            zeros = torch.zeros_like(local)
+            return zeros, zeros.clone()
+        if "m_codes" in state:
+            block = group["block_size"]
+            m = reference.decode_moments(state["m_codes"].cpu().numpy(),
+                                         state["m_absmax"].cpu().numpy(), block, True)
+            r = reference.decode_moments(state["r_codes"].cpu().numpy(),
+                                         state["r_absmax"].cpu().numpy(), block, False)
+            m, r = torch.from_numpy(m), torch.from_numpy(r)
+        else:
+            m, r = state["m"].cpu(), state["r"].cpu()
+        m = m.reshape(local.shape).to(local.device)
+        r = r.reshape(local.shape).to(local.device)
+        return m, r * r
+
     # ------------------------------------------------------------------------- state dicts
 
     def sharded_state_dict(self) -> dict:
