@@ -326,7 +326,9 @@ def _dequantized_rows(weight: torch.Tensor, weight_scale: torch.Tensor, start: i
                       block_size):
     """Rows [start, stop) of the dequantized weight in float32: ``float32(codes) * s_w[:, None]``
     per row, or ``float32(codes) * S[:, k // B]`` with block scales (N, K / B). Written in one
-    pass into a reused buffer on the CPU (a fresh one would page-fault on every call)."""
+    pass into a reused, cache-line aligned buffer on the CPU (a fresh one would page-fault on
+    every call), by torch's own threads: the product that follows runs on the same thread pool,
+    so no other pool's workers are still spinning beside it."""
     codes = weight[start:stop]
     if block_size is None:
         scale = weight_scale[start:stop, None]

@@ -75,3 +75,10 @@ def test_env_limit_is_checked(monkeypatch):
         _buffers._limit_from_env()
     monkeypatch.setenv("QUANTKIT_BUFFER_CACHE_MB", "0")
     assert _buffers._limit_from_env() == 0
+
+
+def test_large_buffers_start_on_a_cache_line():
+    for nbytes in (_buffers.MIN_BYTES, _buffers.MIN_BYTES + 4, 3 << 20):
+        a = _buffers.empty((nbytes // 4,), np.float32)
+        assert a.ctypes.data % _buffers.ALIGNMENT == 0
+        assert a.flags.c_contiguous and a.nbytes == nbytes // 4 * 4
