@@ -94,7 +94,8 @@ def _measure(bench, variants: dict, x: torch.Tensor, copies: int) -> dict:
         calls[label] = call
     with torch.inference_mode():
         reference = variants[FLOAT](x)
-        seconds = bench.time_many(calls, warmup=copies)
+        # warm-up: every copy, and the calls in which quantkit times its candidate paths
+        seconds = bench.time_many(calls, warmup=copies + 3 * matmul._TUNE_SAMPLES)
         results = {}
         for label, layer in variants.items():
             error = float((layer(x) - reference).norm() / reference.norm())
@@ -176,8 +177,9 @@ def test_linear(bench):
     bench.record("linear", {"rows": [dict(zip(header, r)) for r in rows],
                             "copy_bandwidth_GBps": bandwidth / 1e9, "paths": paths},
                  "## QuantLinear vs nn.Linear and torch dynamic int8\n\n"
-                 f"{cpu_line()} Paths chosen here: W8A8 `{paths['w8a8']}`, weight-only "
-                 f"`{paths['weight_only_batch1']}`. Copy bandwidth this run: "
+                 f"{cpu_line()} Static paths here: W8A8 `{paths['w8a8']}`, weight-only "
+                 f"`{paths['weight_only_batch1']}`; timed choices per shape class in the json "
+                 f"(`paths.tuned`). Copy bandwidth this run: "
                  f"{bandwidth / 1e9:.1f} GB/s. Linear layers rotated over {copies} copies; "
                  "relative error ||y - y_float32|| / ||y_float32||.\n\n"
                  + markdown_table(header, rows) + note)

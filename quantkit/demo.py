@@ -435,8 +435,9 @@ def main(argv=None) -> int:
         print(f"  {line}", flush=True)
 
     chosen = matmul.describe()
-    print(f"quantkit demo on {chosen['model']} (int8 products: W8A8 {chosen['w8a8']}, "
-          f"weight-only {chosen['weight_only_batch1']})", flush=True)
+    print(f"quantkit demo on {chosen['model']} (AVX2 {chosen['avx2']}, AVX-512 "
+          f"{chosen['avx512']}, AVX-512 VNNI {chosen['avx512_vnni']}; int8 product paths timed "
+          "per shape class on first use)", flush=True)
     rows = run_demo(progress=progress)
     sys.stdout.flush()
     print(f"\nall-MiniLM-L6-v2, each variant against float32: cosine of the sentence embeddings;\n"
@@ -445,6 +446,10 @@ def main(argv=None) -> int:
           f"bytes of the Linear weights; speed of one batch of 32 and of 64 sentences relative to "
           f"float32.\n")
     print(format_table(rows))
+    kept = sorted(set(matmul.tuned_paths().values()))
+    if kept:
+        print(f"\nint8 product paths kept after timing: {', '.join(kept)} "
+              "(quantkit.matmul.tuned_paths() lists them per shape)")
     return 0
 
 

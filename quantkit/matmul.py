@@ -24,15 +24,21 @@ path          W8A8 int32 product                                 weight-only
               below 2^24 in magnitude)
 ============  =================================================  =============================
 
-``auto`` on the CPU: with AVX-512 VNNI, W8A8 takes ``vnni`` for at most :data:`VNNI_MAX_ROWS`
-rows of a product with ``K >= VNNI_MIN_K`` (a large weight read once while a few rows pass over
-it: memory-bound, where ``torch._int_mm`` repacks the weight every call) and ``int_mm`` otherwise
-(oneDNN's packed vpdpbusd kernel wins once the weight is reused by many rows or fits in cache);
-weight-only takes the fused AVX2 kernel up to :data:`FUSED_W8_MAX_ROWS_AVX512` rows
-(memory-bound), dense above; with AVX2 and FMA but no VNNI (where ``torch._int_mm`` is 15-20x slower than float32),
-``avx2`` for both; without AVX2 or without the compiled library, ``float`` and dense. CUDA tensors
-always take ``int_mm`` and dense. The CPU's features are read once, from the library's cpuid
-check (or ``/proc/cpuinfo`` without it).
+``auto`` on the CPU starts from the CPU's features (read once, from the library's cpuid check,
+or ``/proc/cpuinfo`` without it). W8A8: with AVX-512 VNNI, ``vnni`` (a large weight read once
+while a few rows pass over it: memory-bound, where ``torch._int_mm`` repacks the weight every
+call) or ``int_mm`` (oneDNN's packed vpdpbusd kernel, best once the weight is reused by many
+rows); with AVX2 and FMA but no VNNI (where ``torch._int_mm`` is 15-20x slower than float32),
+``avx2`` or ``float``; without AVX2 or without the compiled library, ``float`` (``int_mm`` with
+VNNI). Which candidate is fastest depends on the machine, not only on its features (on two AVX-512
+VNNI EPYC generations ``torch._int_mm`` won at one row on one and lost on the other), so the
+first products of each shape class (rows rounded up to a power of two, K, N, threads) run the
+candidates in turn, each timed, and the class keeps the fastest (:func:`tuned_paths`); one row
+without VNNI always takes ``avx2``, and more than :data:`TUNE_MAX_ROWS` rows on a VNNI CPU take
+``int_mm``. Every W8A8 path gives the same bits, so timing changes only speed. Weight-only: the
+fused AVX2 kernel (few rows: memory-bound) up to :data:`FUSED_W8_MAX_ROWS_AVX512` rows on AVX-512
+CPUs and at every size on AVX2 ones, dense otherwise: a fixed rule, because its paths agree only to
+float32 rounding. CUDA tensors always take ``int_mm`` and dense.
 
 Block-scaled weights (``block_size`` B: one scale per B consecutive weights of a row, scales
 (N, K / B)) take the same choice for weight-only (the fused kernel dequantizes each weight before
@@ -49,6 +55,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import time
 
 import numpy as np
 import torch
@@ -65,14 +72,25 @@ EXACT_FLOAT_K = (1 << 24) // (QMAX * QMAX)
 #: rows with K >= VNNI_MIN_K, torch._int_mm otherwise (measured crossovers: benchmarks/bench_linear).
 VNNI_MAX_ROWS = 32
 VNNI_MIN_K = 2048
-#: auto on an AVX-512 CPU: the fused weight-only kernel up to this many rows, dense above.
-FUSED_W8_MAX_ROWS_AVX512 = 4
+#: auto on an AVX-512 CPU: the fused weight-only kernel up to this many rows, dense above (the
+#: crossover measured at 64 rows on a Zen 4 EPYC and below 16 on a Zen 5 one; at 32 the two
+#: paths were level on the Zen 4).
+FUSED_W8_MAX_ROWS_AVX512 = 32
 #: Block-scaled weights: quantkit's fused weight-only kernel (eight-lane order only) below this
 #: many rows on AVX2 CPUs (the per-row kernel's own switch to its packed order), dense above.
 FUSED_W8_BLOCKS_MAX_ROWS = 31
 #: Bytes of one float32 chunk of the weight on the dense paths: it stays in cache until the
 #: matmul reads it.
 CHUNK_BYTES = 4 << 20
+#: auto, W8A8: where the fastest path depends on the machine and not only on its features, the
+#: first products of each shape class time the candidate paths in turn and the class keeps the
+#: fastest for the rest of the process (module docstring). On a VNNI CPU products of more rows
+#: than this take int_mm untimed (compute-bound: oneDNN's packed kernel).
+TUNE_MAX_ROWS = 256
+_TUNE_SAMPLES = 3     # timed calls of each candidate before a shape class keeps the fastest
+_clock = time.perf_counter
+_tuned: dict = {}     # (product, row class, K, N, threads, candidates) -> path
+_tuning: dict = {}    # the same keys -> {candidate: [seconds of its timed calls]}
 
 
 # ------------------------------------------------------------------------------ the CPU
@@ -114,13 +132,15 @@ def cpu_info() -> dict:
 
 
 def describe() -> dict:
-    """The CPU, its features and the path each product takes here (for reports and benchmarks)."""
+    """The CPU, its features, the static path of each product here and the paths tuned so far
+    (for reports and benchmarks)."""
     info = dict(cpu_info())
     info["forced"] = _forced()
     info["w8a8"] = _int8_path_cpu(256, 4096)
     info["w8a8_batch1"] = _int8_path_cpu(1, 4096)
     info["weight_only_batch1"] = _weight_only_path_cpu(1)
     info["weight_only_batch256"] = _weight_only_path_cpu(256)
+    info["tuned"] = tuned_paths()
     return info
 
 
@@ -154,19 +174,27 @@ def _forced_int8_path():
     return forced
 
 
-def _int8_path_cpu(rows: int, k: int) -> str:
-    """The W8A8 path for a (rows, k) x (k, n) product on the CPU."""
+def _int8_candidates_cpu(rows: int, k: int) -> tuple:
+    """The W8A8 paths worth timing for a (rows, k) x (k, n) product on the CPU, the static
+    choice first (the only one where the machine decides nothing)."""
     forced = _forced_int8_path()
     if forced is not None:
-        return forced
+        return (forced,)
     info = cpu_info()
     if info["avx512_vnni"]:
-        if info["native"] is None and rows <= VNNI_MAX_ROWS and k >= VNNI_MIN_K:
-            return "vnni"
-        return "int_mm"
+        if info["native"] is not None or rows > TUNE_MAX_ROWS:
+            return ("int_mm",)
+        if rows <= VNNI_MAX_ROWS and k >= VNNI_MIN_K:
+            return ("vnni", "int_mm")
+        return ("int_mm", "vnni")
     if info["native"] is None and info["avx2"] and info["fma"]:
-        return "avx2"
-    return "float"
+        return ("avx2",) if rows == 1 else ("avx2", "float")
+    return ("float",)
+
+
+def _int8_path_cpu(rows: int, k: int) -> str:
+    """The static W8A8 path for a (rows, k) x (k, n) product on the CPU (before any timing)."""
+    return _int8_candidates_cpu(rows, k)[0]
 
 
 def _int8_blocks_path_cpu() -> str:
@@ -181,7 +209,10 @@ def _int8_blocks_path_cpu() -> str:
 
 
 def _weight_only_path_cpu(rows: int, blocks: bool = False) -> str:
-    """"avx2" / "generic" (fused kernels) or "dense"; ``blocks``: block-scaled weights."""
+    """"avx2" / "generic" (fused kernels) or "dense"; ``blocks``: block-scaled weights.
+
+    A fixed rule, not timing: the paths agree only to float32 rounding, and a choice that
+    changed with the machine's load would make outputs (and a resumed fine-tune) differ."""
     forced = _forced()
     if forced in NATIVE_PATHS:
         _require(forced)
@@ -196,6 +227,48 @@ def _weight_only_path_cpu(rows: int, blocks: bool = False) -> str:
     if blocks and rows > FUSED_W8_BLOCKS_MAX_ROWS:
         return "dense"
     return "avx2"
+
+
+def _row_class(rows: int) -> int:
+    """Rows rounded up to a power of two: products in one class share a tuned path."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def _fastest(product: str, rows: int, k: int, n: int, candidates: tuple, run):
+    """``run(path)`` on the path tuned for this shape class. While the class is new, each call
+    runs the candidate with the fewest timed calls so far (round robin) and is timed; once every
+    candidate has _TUNE_SAMPLES calls, the one with the lowest time is kept. Each call computes
+    its product once: tuning costs only the calls that ran on a slower candidate, and the calls
+    it times are the workload's own (in a model, the layers of that shape one after the other,
+    their weights as cold or warm as they really are). One candidate: no timing."""
+    if len(candidates) == 1:
+        return run(candidates[0])
+    key = (product, _row_class(rows), k, n, _threads(), candidates)
+    path = _tuned.get(key)
+    if path is not None:
+        return run(path)
+    samples = _tuning.setdefault(key, {cand: [] for cand in candidates})
+    cand = min(candidates, key=lambda c: len(samples[c]))
+    start = _clock()
+    out = run(cand)
+    samples[cand].append(_clock() - start)
+    if all(len(t) >= _TUNE_SAMPLES for t in samples.values()):
+        _tuned[key] = min(candidates, key=lambda c: min(samples[c]))
+        del _tuning[key]
+    return out
+
+
+def tuned_paths() -> dict:
+    """The paths chosen by timing so far:
+    ``{"w8a8 rows<=R K=k N=n threads=t of vnni/int_mm": path, ...}``."""
+    return {f"{p} rows<={r} K={k} N={n} threads={t} of {'/'.join(c)}": path
+            for (p, r, k, n, t, c), path in sorted(_tuned.items())}
+
+
+def clear_tuned() -> None:
+    """Forget the tuned paths (the next products of each shape class time their candidates)."""
+    _tuned.clear()
+    _tuning.clear()
 
 
 # --------------------------------------------------------------------------- the products
@@ -216,7 +289,11 @@ def int8_product(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.zeros((m, n), dtype=torch.int32, device=codes.device)
     if codes.device.type != "cpu":
         return torch._int_mm(codes, weight.t())
-    path = _int8_path_cpu(m, codes.shape[1])
+    return _int8_product_on(_int8_path_cpu(m, codes.shape[1]), codes, weight)
+
+
+def _int8_product_on(path: str, codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """int8_product of non-empty CPU tensors on ``path``."""
     if path in NATIVE_PATHS:
         from .backends import native_cpu
 
@@ -239,14 +316,11 @@ def w8a8_linear(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
     if block_size is not None:
         return w8a8_linear_blocks(codes, s_x, weight, weight_scale, bias, block_size)
     m, n = codes.shape[0], weight.shape[0]
-    if codes.device.type == "cpu" and m and n:
-        path = _int8_path_cpu(m, codes.shape[1])
-        if path in NATIVE_PATHS:
-            from .backends import native_cpu
-
-            return torch.from_numpy(native_cpu.linear_w8a8_f32(
-                codes.numpy(), weight.numpy(), s_x.numpy(), weight_scale.numpy(),
-                None if bias is None else bias.detach().numpy(), path=path, threads=_threads()))
+    if codes.device.type == "cpu" and m and n and codes.shape[1]:
+        k = codes.shape[1]
+        return _fastest("w8a8", m, k, n, _int8_candidates_cpu(m, k),
+                        lambda path: _w8a8_linear_cpu(path, codes, s_x, weight, weight_scale,
+                                                      bias))
     acc = int8_product(codes, weight)
     if codes.device.type == "cpu":
         from .backends.numba_nn import rescale_int32_numba
@@ -258,6 +332,23 @@ def w8a8_linear(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
     if bias is not None:
         y.add_(bias)
     return y
+
+
+def _w8a8_linear_cpu(path: str, codes, s_x, weight, weight_scale, bias) -> torch.Tensor:
+    """w8a8_linear of CPU tensors on ``path``: quantkit's kernels rescale as they go; the torch
+    paths give the exact int32 product to the fused numba rescale."""
+    b = None if bias is None else bias.detach().numpy()
+    if path in NATIVE_PATHS:
+        from .backends import native_cpu
+
+        return torch.from_numpy(native_cpu.linear_w8a8_f32(
+            codes.numpy(), weight.numpy(), s_x.numpy(), weight_scale.numpy(), b, path=path,
+            threads=_threads()))
+    from .backends.numba_nn import rescale_int32_numba
+
+    acc = _int8_product_on(path, codes, weight)
+    return torch.from_numpy(rescale_int32_numba(acc.numpy(), s_x.numpy(), weight_scale.numpy(),
+                                                b))
 
 
 def w8a8_linear_blocks(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
@@ -312,14 +403,20 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     """
     if x.device.type == "cpu" and x.shape[0] and weight.shape[0]:
         path = _weight_only_path_cpu(x.shape[0], blocks=block_size is not None)
-        if path != "dense":
-            from .backends import native_cpu
-
-            return torch.from_numpy(native_cpu.linear_w8_f32(
-                x.detach().numpy(), weight.numpy(), weight_scale.numpy(),
-                None if bias is None else bias.detach().numpy(), block_size=block_size,
-                path=path, threads=_threads()))
+        return _weight_only_linear_cpu(path, x, weight, weight_scale, bias, block_size)
     return _dense_linear(x, weight, weight_scale, bias, block_size)
+
+
+def _weight_only_linear_cpu(path: str, x, weight, weight_scale, bias, block_size):
+    """weight_only_linear of CPU tensors on ``path`` (a fused kernel, or "dense")."""
+    if path == "dense":
+        return _dense_linear(x, weight, weight_scale, bias, block_size)
+    from .backends import native_cpu
+
+    return torch.from_numpy(native_cpu.linear_w8_f32(
+        x.detach().numpy(), weight.numpy(), weight_scale.numpy(),
+        None if bias is None else bias.detach().numpy(), block_size=block_size, path=path,
+        threads=_threads()))
 
 
 def _dequantized_rows(weight: torch.Tensor, weight_scale: torch.Tensor, start: int, stop: int,

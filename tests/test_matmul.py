@@ -344,3 +344,95 @@ def test_int8_product_exact_at_model_sizes(monkeypatch, path):
         a, b = _codes(rng, (m, k)), _codes(rng, (n, k))
         assert np.array_equal(matmul.int8_product(torch.from_numpy(a), torch.from_numpy(b)).numpy(),
                               _exact(a, b))
+
+
+# ------------------------------------------------------------------------ tuning by timing
+
+
+def test_tuning_keeps_the_fastest_candidate(monkeypatch):
+    """A new shape class runs its candidates in turn, one per call, each timed; once each has
+    _TUNE_SAMPLES calls the fastest is kept and later calls of the class take it untimed."""
+    monkeypatch.delenv(matmul.ENV, raising=False)
+    matmul.clear_tuned()
+    costs = {"slow": 5.0, "fast": 1.0}
+    now = [0.0]
+    calls = []
+
+    def run(path):
+        calls.append(path)
+        now[0] += costs[path]
+        return path
+
+    monkeypatch.setattr(matmul, "_clock", lambda: now[0])
+    tuning = 2 * matmul._TUNE_SAMPLES
+    outs = [matmul._fastest("test", 3, 8, 9, ("slow", "fast"), run) for _ in range(tuning)]
+    assert outs == calls and calls.count("slow") == calls.count("fast") == matmul._TUNE_SAMPLES
+    assert matmul._fastest("test", 4, 8, 9, ("slow", "fast"), run) == "fast"  # same class (4)
+    assert calls[tuning:] == ["fast"]
+    assert any(key.startswith("test rows<=4 K=8 N=9") for key in matmul.tuned_paths())
+    costs.update(slow=0.5)                      # another class is timed afresh
+    for _ in range(tuning):
+        matmul._fastest("test", 5, 8, 9, ("slow", "fast"), run)
+    assert matmul._fastest("test", 7, 8, 9, ("slow", "fast"), run) == "slow"
+    assert matmul._fastest("test", 9, 8, 9, ("only",), lambda p: p) == "only"  # nothing to time
+    matmul.clear_tuned()
+    assert matmul.tuned_paths() == {}
+
+
+def test_tuned_w8a8_gives_the_bits_of_every_path(monkeypatch):
+    """Whatever the timing picks, W8A8 outputs are the same bits as each forced path's."""
+    torch.manual_seed(3)
+    layer = QuantLinear.from_float(torch.nn.Linear(300, 40), activations="dynamic")
+    x = torch.randn(6, 300)
+    monkeypatch.delenv(matmul.ENV, raising=False)
+    matmul.clear_tuned()
+    tuned = layer(x)
+    for _ in range(4 * matmul._TUNE_SAMPLES):   # through the tuning calls and after
+        assert torch.equal(layer(x), tuned)
+    assert matmul.tuned_paths()
+    for path in matmul._int8_candidates_cpu(6, 300):
+        monkeypatch.setenv(matmul.ENV, path)
+        assert torch.equal(layer(x), tuned), path
+
+
+def test_forced_path_is_never_timed(monkeypatch):
+    monkeypatch.setenv(matmul.ENV, "float")
+    matmul.clear_tuned()
+    layer = QuantLinear.from_float(torch.nn.Linear(64, 16), activations="dynamic")
+    layer(torch.randn(5, 64))
+    QuantLinear.from_float(torch.nn.Linear(64, 16))(torch.randn(5, 64))
+    assert matmul.tuned_paths() == {}
+    assert matmul._int8_candidates_cpu(5, 64) == ("float",)
+
+
+@pytest.mark.parametrize("features, rows, w8a8", [
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None), 1, ("vnni", "int_mm")),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None), 100,
+     ("int_mm", "vnni")),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None), 1000, ("int_mm",)),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native="not built"), 1,
+     ("int_mm",)),
+    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, native=None), 1, ("avx2",)),
+    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, native=None), 1000,
+     ("avx2", "float")),
+    (dict(avx2=False, fma=False, avx512=False, avx512_vnni=False, native=None), 16, ("float",)),
+])
+def test_w8a8_candidates_by_cpu_features_and_rows(monkeypatch, features, rows, w8a8):
+    info = dict(model="test CPU", **features)
+    monkeypatch.setattr(matmul, "cpu_info", lambda: info)
+    monkeypatch.delenv(matmul.ENV, raising=False)
+    assert matmul._int8_candidates_cpu(rows, 4096) == w8a8
+
+
+def test_weight_only_is_never_timed(monkeypatch):
+    """Weight-only paths differ in float32 rounding: the choice is a fixed rule, so a layer gives
+    the same bits on every call (a resumed fine-tune depends on it)."""
+    monkeypatch.delenv(matmul.ENV, raising=False)
+    matmul.clear_tuned()
+    torch.manual_seed(4)
+    layer = QuantLinear.from_float(torch.nn.Linear(256, 64))
+    x = torch.randn(20, 256)
+    first = layer(x)
+    for _ in range(10):
+        assert torch.equal(layer(x), first)
+    assert not any(key.startswith("weight-only") for key in matmul.tuned_paths())
