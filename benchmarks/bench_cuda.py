@@ -54,9 +54,9 @@ def _timer(bench, inner: int):
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_cuda_throughput(bench):
     from quantkit import dequantize, quantize
-    from quantkit.backends import cuda
+    from quantkit.backends import cuda_library, cuda_quantize, cuda_stats
 
-    lib = cuda.library()
+    lib = cuda_library.library()
     device = torch.device("cuda", torch.cuda.current_device())
     name = torch.cuda.get_device_name(device)
     n = bench.size(256 << 20, 16 << 20)
@@ -82,7 +82,7 @@ def test_cuda_throughput(bench):
         def call():
             code = fn(*args)
             if code:
-                raise RuntimeError(cuda.error_string(code))
+                raise RuntimeError(cuda_library.error_string(code))
 
         return call
 
@@ -121,12 +121,12 @@ def test_cuda_throughput(bench):
         w.shape[1], inv_rows.data_ptr(), dev, stream)), 5 * n)
 
     # Calibration statistics.
-    rows["|x|max per tensor (quantkit absmax)"] = (time(lambda: cuda.absmax(x)), 4 * n)
+    rows["|x|max per tensor (quantkit absmax)"] = (time(lambda: cuda_quantize.absmax(x)), 4 * n)
     rows["|x|max per tensor (torch x.abs().max())"] = (time(lambda: x.abs().max()), 4 * n)
     rows["|x|max per block 256 (quantkit absmax)"] = (
-        time(lambda: cuda.absmax(x, block_size=256)), 4 * n)
+        time(lambda: cuda_quantize.absmax(x, block_size=256)), 4 * n)
     rows["|x| histogram, 2048 bins (quantkit abs_histogram)"] = (
-        time(lambda: cuda.abs_histogram(x, 2048, alpha)), 4 * n)
+        time(lambda: cuda_stats.abs_histogram(x, 2048, alpha)), 4 * n)
     rows["torch.histc(x.abs(), 2048)"] = (
         time(lambda: torch.histc(x.abs(), 2048, 0, alpha)), 4 * n)
 

@@ -32,7 +32,7 @@
 
 #include <cuda_runtime_api.h>
 
-/* Mirrors of quantkit/_constants.py (tests/test_cuda_backend.py checks that they agree). */
+/* Mirrors of quantkit/_constants.py (tests/test_cuda_header.py checks that they agree). */
 #define QK_QMAX 127
 #define QK_MIN_BLOCK_SIZE 64
 #define QK_MAX_BLOCK_SIZE 4096
@@ -40,7 +40,8 @@
  * so inv_scale = 127 / alpha is always finite. Kernels never see alpha itself. */
 #define QK_MIN_POSITIVE_ALPHA 3.7321948e-37f
 
-/* Bumped whenever a signature below changes; quantkit/backends/cuda.py refuses another version. */
+/* Bumped whenever a signature below changes; quantkit/backends/cuda_library.py refuses another
+ * version. */
 #define QK_ABI_VERSION 1
 
 /* Largest bin count for qk_abs_histogram_f32. */

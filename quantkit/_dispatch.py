@@ -14,9 +14,9 @@ from . import _arrays
 def backend(kind: str):
     """The module that runs kernels for arrays of ``kind``, imported on first use."""
     if kind == _arrays.TORCH_CUDA:
-        from .backends import cuda
+        from .backends import cuda_quantize
 
-        return cuda
+        return cuda_quantize
     from .backends import numba_cpu
 
     return numba_cpu

@@ -7,7 +7,7 @@ Importing this module registers (once per process)::
     torch.ops.quantkit.absmax(x, axis=None, block_size=None) -> |x|max per tensor/channel/block
 
 CPU tensors run on the numba kernels (through :mod:`quantkit.ops`), CUDA tensors on the compiled
-CUDA library (:mod:`quantkit.backends.cuda`), each exactly the arithmetic of
+CUDA library (:mod:`quantkit.backends.cuda_quantize`), each exactly the arithmetic of
 :mod:`quantkit.reference`. Every op has a fake (meta) implementation giving output shapes, dtypes
 and devices, so ``torch.compile`` and ``torch.export`` trace through them without running them.
 
@@ -30,9 +30,9 @@ Tensor = torch.Tensor
 
 
 def _cuda():
-    from .backends import cuda
+    from .backends import cuda_quantize
 
-    return cuda
+    return cuda_quantize
 
 
 def _n_blocks(numel, block_size: int):

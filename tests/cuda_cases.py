@@ -10,7 +10,7 @@ import torch
 
 import quantkit
 from quantkit import _arrays
-from quantkit.backends import cuda, cuda_optim
+from quantkit.backends import cuda_library, cuda_optim, cuda_quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / "csrc" / "quantkit.h"
@@ -148,7 +148,7 @@ UNSUPPORTED = [
 
 def _quantize(x, alpha, **kwargs):
     """The CUDA backend's (codes, scale) as a QTensor, as quantkit.quantize returns them."""
-    data, scale = cuda.quantize(x, alpha, **kwargs)
+    data, scale = cuda_quantize.quantize(x, alpha, **kwargs)
     axis, block_size, _ = _arrays.granularity(tuple(x.shape), kwargs.get("axis"),
                                               kwargs.get("block_size"))
     return quantkit.QTensor(data, scale, axis=axis, block_size=block_size)
@@ -156,7 +156,7 @@ def _quantize(x, alpha, **kwargs):
 
 def _dequantize(q, out=None):
     """The CUDA backend's dequantize of a QTensor's fields."""
-    return cuda.dequantize(q.data, q.scale, axis=q.axis, block_size=q.block_size, out=out)
+    return cuda_quantize.dequantize(q.data, q.scale, axis=q.axis, block_size=q.block_size, out=out)
 
 
 def emulated_library(folder: Path):
@@ -173,6 +173,6 @@ def emulated_library(folder: Path):
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     lib = ctypes.CDLL(str(build.build_emulation(folder / "emulated.so", quiet=True)))
-    cuda._declare(lib)
+    cuda_library.declare(lib)
     cuda_optim.declare(lib)
     return lib

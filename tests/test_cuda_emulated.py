@@ -10,7 +10,7 @@ from strategies import alphas
 
 import quantkit
 from quantkit import _arrays, ops, reference
-from quantkit.backends import cuda
+from quantkit.backends import cuda_layout, cuda_library, cuda_quantize, cuda_stats
 from cuda_cases import (MSE_CASES, UNSUPPORTED, _calibration_data, _cpu, _dequantize,
                         _histogram_reference, _quantize, _random, _same, emulated_library)
 
@@ -179,7 +179,7 @@ def test_emulated_abs_histogram(emu, bins):
     x = _random(70_001, seed=bins)
     x[5] = np.nan
     hi = float(np.abs(x[np.isfinite(x)]).max()) * 0.9
-    inv_width = cuda.histogram_inv_width(bins, hi)
+    inv_width = cuda_stats.histogram_inv_width(bins, hi)
     finite = x[np.isfinite(x)]
     c, s, s2 = _histogram_reference(finite, bins, hi)
     for x_off in X_OFFSETS:
@@ -208,7 +208,7 @@ def test_emulated_calibration_kernels_equal_numba_calib(emu, n):
     unit_inv = numba_calib.unit_inverse(max(amax, np.float32(1)), n)
     alphas = np.concatenate([amax * np.linspace(0.05, 1.0, 21).astype(np.float32),
                              np.float32([0.0, 3.7321948e-37])]).astype(np.float32)
-    scale, inv = cuda.candidate_scales(alphas)
+    scale, inv = cuda_stats.candidate_scales(alphas)
     expected_sse = numba_calib.sse_fixed_many(x, alphas, unit_inv)
     for x_off in X_OFFSETS:
         xs = _placed(x, x_off)
@@ -219,25 +219,24 @@ def test_emulated_calibration_kernels_equal_numba_calib(emu, n):
         for g, e in zip(got, expected):
             _same(g.astype(np.int64), e, "log histogram")
         sse = np.zeros(alphas.size, np.uint64)
-        for lo in range(0, alphas.size, cuda.MAX_SSE_CANDIDATES):
-            k = min(cuda.MAX_SSE_CANDIDATES, alphas.size - lo)
+        for lo in range(0, alphas.size, cuda_stats.MAX_SSE_CANDIDATES):
+            k = min(cuda_stats.MAX_SSE_CANDIDATES, alphas.size - lo)
             _ok(emu.qk_sse_fixed_many_f32(_ptr(xs), n, _ptr(scale[lo:]), _ptr(inv[lo:]), k,
                                           unit_inv, _ptr(sse[lo:]), _ptr(bad), 0, None))
         _same(sse.astype(np.int64), expected_sse, "sse")
 
 
 # ------------------------------------------- the Python wrappers over the emulated kernels
-# quantkit.backends.cuda run end to end on CPU tensors: only the device checks, the library and the
-# stream are swapped for the emulation, so the wrappers' own logic (layouts, axes, out=, errors,
+# quantkit.backends.cuda_* run end to end on CPU tensors: only the device checks, the library and
+# the stream are swapped for the emulation, so the wrappers' own logic (layouts, axes, out=, errors,
 # readback) is exercised as it will be on a GPU.
 
 
 @pytest.fixture
 def emulated_backend(emu, monkeypatch):
-    monkeypatch.setattr(cuda, "library", lambda: emu)
-    monkeypatch.setattr(cuda, "_require_cuda", lambda t, name: None)
-    monkeypatch.setattr(cuda, "_stream", lambda device: 0)
-    return cuda
+    monkeypatch.setattr(cuda_library, "library", lambda: emu)
+    monkeypatch.setattr(cuda_layout, "require_cuda", lambda t, name: None)
+    monkeypatch.setattr(cuda_library, "stream", lambda device: 0)
 
 
 def _cpu_layout(x: np.ndarray, how: str):
@@ -265,18 +264,18 @@ def test_emulated_wrappers_match_reference(emulated_backend, how, shape):
     _same(q.data, reference.quantize_per_tensor(x, 3.0))
     _same(_dequantize(q), reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)),
           "values")
-    _same(cuda.absmax(t), np.float32(np.abs(x).max()), "absmax")
+    _same(cuda_quantize.absmax(t), np.float32(np.abs(x).max()), "absmax")
     for axis in range(-len(shape), len(shape)):
         other = tuple(k for k in range(len(shape)) if k != axis % len(shape))
         alpha = np.abs(x).max(axis=other).astype(np.float32)
-        _same(cuda.absmax(t, axis=axis), alpha, "absmax per channel")
+        _same(cuda_quantize.absmax(t, axis=axis), alpha, "absmax per channel")
         q = _quantize(t, alpha, axis=axis)
         assert q.axis == axis % len(shape)
         _same(q.data, reference.quantize_per_channel(x, alpha, axis % len(shape)))
         _same(_dequantize(q), reference.dequantize_per_channel(
             _cpu(q.data), _cpu(q.scale), axis % len(shape)), "values per channel")
     alpha = reference.absmax_per_block(x, 64)
-    _same(cuda.absmax(t, block_size=64), alpha, "absmax per block")
+    _same(cuda_quantize.absmax(t, block_size=64), alpha, "absmax per block")
     q = _quantize(t, alpha, block_size=64)
     _same(q.data, reference.quantize_blockwise(x, alpha, 64))
     _same(_dequantize(q), reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), 64),
@@ -302,14 +301,14 @@ def test_emulated_wrappers_out_errors_and_statistics(emulated_backend):
     with pytest.raises(ValueError) as expected:
         ops.quantize(bad, 3.0)
     for call in (lambda: _quantize(torch.from_numpy(bad), 3.0),
-                 lambda: cuda.absmax(torch.from_numpy(bad), axis=0),
-                 lambda: cuda.abs_histogram(torch.from_numpy(bad), 10, 1.0),
-                 lambda: cuda.abs_histogram_log(torch.from_numpy(bad)),
-                 lambda: cuda.sse_fixed_many(torch.from_numpy(bad), [1.0], 1.0)):
+                 lambda: cuda_quantize.absmax(torch.from_numpy(bad), axis=0),
+                 lambda: cuda_stats.abs_histogram(torch.from_numpy(bad), 10, 1.0),
+                 lambda: cuda_stats.abs_histogram_log(torch.from_numpy(bad)),
+                 lambda: cuda_stats.sse_fixed_many(torch.from_numpy(bad), [1.0], 1.0)):
         with pytest.raises(ValueError) as got:
             call()
         assert str(got.value) == str(expected.value)
-    counts, sums, sumsq = cuda.abs_histogram(t, 50, 2.0)
+    counts, sums, sumsq = cuda_stats.abs_histogram(t, 50, 2.0)
     c, s, s2 = _histogram_reference(x.reshape(-1), 50, 2.0)
     _same(counts, c, "counts")
     np.testing.assert_allclose(sums.numpy(), s, rtol=1e-10)
@@ -318,11 +317,11 @@ def test_emulated_wrappers_out_errors_and_statistics(emulated_backend):
 
     expected_log = [np.zeros(numba_calib.HIST_BINS, np.int64) for _ in range(3)]
     numba_calib.histogram_log(x.reshape(-1), 1, *expected_log)
-    for got, want in zip(cuda.abs_histogram_log(t), expected_log):
+    for got, want in zip(cuda_stats.abs_histogram_log(t), expected_log):
         _same(got, want, "log histogram")
     alphas = np.linspace(0.5, 4.0, 40).astype(np.float32)  # three passes of 16 candidates
     unit_inv = numba_calib.unit_inverse(np.float32(np.abs(x).max()), x.size)
-    _same(cuda.sse_fixed_many(t, alphas, unit_inv),
+    _same(cuda_stats.sse_fixed_many(t, alphas, unit_inv),
           numba_calib.sse_fixed_many(x.reshape(-1), alphas, unit_inv), "sse")
 
 

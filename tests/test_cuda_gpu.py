@@ -12,7 +12,7 @@ from strategies import alphas, tensor_and_alpha
 
 import quantkit
 from quantkit import _arrays, ops, reference
-from quantkit.backends import cuda
+from quantkit.backends import cuda_quantize, cuda_stats
 from cuda_cases import (DEVICE, LAYOUTS, MSE_CASES, SIZES, UNSUPPORTED, _calibration_data,
                         _check_dequantize_offset, _cpu, _dequantize, _histogram_reference, _layout,
                         _quantize, _random, _same, gpu)
@@ -59,8 +59,8 @@ def test_gpu_blockwise_matches_reference(case, how, data):
     _same(q.data, reference.quantize_blockwise(x, alpha, block))
     _same(_dequantize(q), reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), block),
           "values")
-    _same(cuda.absmax(_layout(x, how), block_size=block), reference.absmax_per_block(x, block),
-          "absmax")
+    _same(cuda_quantize.absmax(_layout(x, how), block_size=block),
+          reference.absmax_per_block(x, block), "absmax")
 
 
 @gpu
@@ -75,13 +75,13 @@ def test_gpu_odd_sizes_every_granularity(n, how):
     _check_dequantize_offset(q, reference.dequantize_per_tensor(_cpu(q.data), _cpu(q.scale)))
     for block in (64, 4096):
         a = reference.absmax_per_block(x, block)
-        _same(cuda.absmax(xt, block_size=block), a, "absmax per block")
+        _same(cuda_quantize.absmax(xt, block_size=block), a, "absmax per block")
         q = _quantize(xt, a, block_size=block)
         _same(q.data, reference.quantize_blockwise(x, a, block))
         expected = reference.dequantize_blockwise(_cpu(q.data), _cpu(q.scale), block)
         _same(_dequantize(q), expected, "values")
         _check_dequantize_offset(q, expected)
-    _same(cuda.absmax(xt), np.float32(np.abs(x).max()), "absmax")
+    _same(cuda_quantize.absmax(xt), np.float32(np.abs(x).max()), "absmax")
     # per channel on 2-D views of the same data, both axes, rows long and short
     for rows in (1, 7, 257):
         m = (n // rows) * rows
@@ -91,7 +91,7 @@ def test_gpu_odd_sizes_every_granularity(n, how):
         for axis in (0, 1):
             a = np.abs(x2).max(axis=1 - axis).astype(np.float32)
             t2 = _layout(x2, how)
-            _same(cuda.absmax(t2, axis=axis), a, "absmax per channel")
+            _same(cuda_quantize.absmax(t2, axis=axis), a, "absmax per channel")
             q = _quantize(t2, a, axis=axis)
             _same(q.data, reference.quantize_per_channel(x2, a, axis))
             expected = reference.dequantize_per_channel(_cpu(q.data), _cpu(q.scale), axis)
@@ -133,7 +133,8 @@ def test_gpu_nonfinite_is_detected_with_the_cpu_message(bad, n):
     for how in ("plain", "offset"):
         for call in (lambda t: _quantize(t, 3.0),
                      lambda t: _quantize(t, np.ones(_arrays.n_blocks(n, 64)), block_size=64),
-                     lambda t: cuda.absmax(t), lambda t: cuda.abs_histogram(t, 64, 4.0)):
+                     lambda t: cuda_quantize.absmax(t),
+                     lambda t: cuda_stats.abs_histogram(t, 64, 4.0)):
             with pytest.raises(ValueError) as got:
                 call(_layout(x, how))
             assert str(got.value) == str(expected.value)
@@ -188,11 +189,12 @@ def test_gpu_absmax_per_channel_every_axis():
     for axis in range(4):
         other = tuple(k for k in range(4) if k != axis)
         for how in ("plain", "transpose", "sliced"):
-            _same(cuda.absmax(_layout(x, how), axis=axis), np.abs(x).max(axis=other), "absmax")
-    assert float(cuda.absmax(torch.zeros(0, device=DEVICE))) == 0.0
-    assert cuda.absmax(torch.zeros(3, 0, device=DEVICE), axis=0).tolist() == [0.0, 0.0, 0.0]
-    assert cuda.absmax(torch.zeros(3, 0, device=DEVICE), axis=1).shape == (0,)
-    assert cuda.absmax(torch.zeros(0, device=DEVICE), block_size=64).shape == (0,)
+            _same(cuda_quantize.absmax(_layout(x, how), axis=axis), np.abs(x).max(axis=other),
+                  "absmax")
+    assert float(cuda_quantize.absmax(torch.zeros(0, device=DEVICE))) == 0.0
+    assert cuda_quantize.absmax(torch.zeros(3, 0, device=DEVICE), axis=0).tolist() == [0.0] * 3
+    assert cuda_quantize.absmax(torch.zeros(3, 0, device=DEVICE), axis=1).shape == (0,)
+    assert cuda_quantize.absmax(torch.zeros(0, device=DEVICE), block_size=64).shape == (0,)
 
 
 @gpu
@@ -202,7 +204,7 @@ def test_gpu_abs_histogram(bins, n):
     x = _random(n, seed=bins)
     hi = float(np.abs(x).max()) * 0.9  # some values beyond hi: they land in the last bin
     for how in ("plain", "offset"):
-        counts, sums, sumsq = cuda.abs_histogram(_layout(x, how), bins, hi)
+        counts, sums, sumsq = cuda_stats.abs_histogram(_layout(x, how), bins, hi)
         c, s, s2 = _histogram_reference(x, bins, hi)
         _same(counts, c, "counts")
         np.testing.assert_allclose(_cpu(sums), s, rtol=1e-10, atol=0)
@@ -218,7 +220,7 @@ def test_gpu_calibration_kernels_equal_numba_calib(n, how):
     x = _random(n, seed=n + 1) * np.float32(0.37)
     x[: min(n, 5)] = np.float32([0.0, -0.0, 1e-40, -3e-39, 65504.0])[: min(n, 5)]  # subnormals too
     t = _layout(x, how)
-    k = cuda  # absmax_flat, histogram_log, sse_fixed_many: calibration.FlatKernels
+    k = cuda_stats  # absmax_flat, histogram_log, sse_fixed_many: calibration.FlatKernels
     amax, bad = k.absmax_flat(t)
     expected_amax, expected_bad = numba_calib.absmax_flat(x)
     assert (amax, bad) == (np.float32(expected_amax), int(expected_bad))
@@ -254,8 +256,8 @@ def test_gpu_over_two_to_the_31_elements():
     values = _dequantize(q)
     assert torch.equal(values, q.data.to(torch.float32) * float(q.scale))
     del values
-    assert float(cuda.absmax(x)) == float(x.abs().max())
-    blocks = cuda.absmax(x, block_size=4096)
+    assert float(cuda_quantize.absmax(x)) == float(x.abs().max())
+    blocks = cuda_quantize.absmax(x, block_size=4096)
     assert blocks.shape == (_arrays.n_blocks(n, 4096),)
     assert float(blocks[-1]) == float(x[-(n % 4096):].abs().max())
     x[n - 2] = float("nan")

@@ -77,18 +77,21 @@ def _cycles(graph: dict) -> list:
 
 
 def _backend_of(module: str):
-    """The backend a module belongs to ("numba", "cuda", "native_cpu"), or None."""
+    """The backend a module belongs to ("numba", "cuda", "native_cpu"), or None: the modules of a
+    backend are flat under backends/ with its name as prefix (numba_stats, cuda_layout, ...)."""
     if not module.startswith("quantkit.backends."):
         return None
     leaf = module.split(".")[2]
-    return leaf.split("_")[0] if leaf.startswith("numba") else leaf
+    return leaf.split("_")[0] if leaf.startswith(("numba", "cuda")) else leaf
 
 
 def test_the_graph_sees_the_known_arrows():
     graph = import_graph()
     assert "quantkit.qtensor" in graph["quantkit.ops"]
     assert "quantkit.backends.numba_calib" in graph["quantkit.calibration._args"]  # deferred
-    assert "quantkit.backends.cuda" in graph["quantkit.ops"] | graph["quantkit._dispatch"]
+    assert "quantkit.backends.cuda_quantize" in graph["quantkit.ops"] | graph["quantkit._dispatch"]
+    assert "quantkit.backends.cuda_library" in graph["quantkit.backends.cuda_quantize"]
+    assert _backend_of("quantkit.backends.cuda_stats") == _backend_of("quantkit.backends.cuda")
 
 
 def test_no_import_cycles():

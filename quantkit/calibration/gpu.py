@@ -26,38 +26,39 @@ def calibrate_cuda(x, method: str = "mse", *, axis=None, block_size=None, **opti
     """:func:`quantkit.calibrate` of a CUDA tensor, computed on its device (``x`` is never copied
     to the host; small per-bin and per-candidate sums and the result come back).
 
-    "max" comes from ``backends.cuda.absmax`` (a Python float per tensor; a float32 CUDA tensor per
-    channel or block). "mse" per tensor runs the search of :func:`quantkit.calibration.mse.
-    search_flat` with the CUDA kernels (|x|max, the log histogram, the exact error sums), so alpha
-    equals the CPU's on the same data below 2^23 values (from there the CPU samples its bulk; the
-    GPU's full histogram costs little); only per-bin sums, the candidates' error sums and scalars
-    come back to the host. Where the search needs the data itself on the host (a tensor with at
+    "max" comes from ``backends.cuda_quantize.absmax`` (a Python float per tensor; a float32 CUDA
+    tensor per channel or block). "mse" per tensor runs the search of
+    :func:`quantkit.calibration.mse.search_flat` with the CUDA kernels (|x|max, the log histogram,
+    the exact error sums), so alpha equals the CPU's on the same data below 2^23 values (from there
+    the CPU samples its bulk; the GPU's full histogram costs little); only per-bin sums, the
+    candidates' error sums and scalars come back to the host. Where the search needs the data itself on the host (a tensor with at
     most 65536 non-zero values; a few non-empty bins whose distinct values the histogram cannot
     tell) and for every other method or granularity: NotImplementedError (a RuntimeError) saying
     what does run on the GPU.
     """
-    from ..backends import cuda
+    from ..backends import cuda_layout
 
-    cuda._require_cuda(x, "x")
+    cuda_layout.require_cuda(x, "x")
     return calibrate_on_gpu(x, method, axis, block_size, _args.check_method(method, options))
 
 
 def calibrate_on_gpu(x, method: str, axis, block_size, opts: dict):
     """:func:`calibrate_cuda` with ``opts`` already checked."""
-    from ..backends import cuda
+    from ..backends import cuda_layout, cuda_library, cuda_quantize
 
-    cuda._check_float(x)
+    cuda_layout.check_float(x)
     if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}); nothing to calibrate")
     axis, block_size = _args.granularity(tuple(x.shape), axis, block_size)
     if method == "max":
-        amax = cuda.absmax(x, axis=axis, block_size=block_size)
+        amax = cuda_quantize.absmax(x, axis=axis, block_size=block_size)
         legal = amax.masked_fill(amax < float(MIN_ALPHA), 0.0)  # as legal_alpha(amax, amax)
         return float(legal.item()) if axis is None and block_size is None else legal
     if method == "mse" and axis is None and block_size is None:
-        dense, _ = cuda._dense(cuda._as_float32(x), keep_layout=True)  # element order is irrelevant
+        # the order of the elements does not matter to the search
+        dense, _ = cuda_layout.as_dense(cuda_layout.as_float32(x), keep_layout=True)
         return float(mse.search_flat(cuda_kernels(), dense, int(dense.numel()),
-                                     lambda bad: cuda.nonfinite_error(x, bad)))
+                                     lambda bad: cuda_library.nonfinite_error(x, bad)))
     where = ("per channel" if axis is not None else "per block" if block_size is not None
              else "per tensor")
     raise _not_on_gpu(f'method="{method}" {where}')
@@ -69,9 +70,9 @@ def calibrate_on_gpu(x, method: str, axis, block_size, opts: dict):
 def cuda_kernels() -> mse.FlatKernels:
     """The kernel set of CUDA tensors: the passes over the data run on the device; the exact
     search of the data itself is not there (NotImplementedError), nor the sampled path."""
-    from ..backends import cuda
+    from ..backends import cuda_stats
 
-    return mse.FlatKernels(cuda.absmax_flat, _scan, cuda.sse_fixed_many, _search_exact,
+    return mse.FlatKernels(cuda_stats.absmax_flat, _scan, cuda_stats.sse_fixed_many, _search_exact,
                            _search_discrete)
 
 
@@ -79,15 +80,15 @@ def _scan(dense) -> mse.FlatScan:
     """|x|max, then (for finite data with amax >= MIN_POSITIVE_ALPHA) the log histogram with its
     residual sums, and the zeros: bin 0's count where it holds exact zeros only, else counted on
     the device (bin 0 also holds the subnormals below 2^-133)."""
-    from ..backends import cuda
+    from ..backends import cuda_stats
 
-    amax, bad = cuda.absmax_flat(dense)
+    amax, bad = cuda_stats.absmax_flat(dense)
     amax = np.float32(amax)
     if bad or amax < MIN_ALPHA:
         return mse.FlatScan(amax, int(bad), 0, 0, None)
     h = _args.host_kernels()
     counts, sum_res, sum_res2 = (np.zeros(h.HIST_BINS, np.int64) for _ in range(3))
-    cuda.histogram_log(dense, 1, counts, sum_res, sum_res2)
+    cuda_stats.histogram_log(dense, 1, counts, sum_res, sum_res2)
     low_bits = int(sum_res.sum() != 0)  # the OR of the 16 low mantissa bits is 0 iff their sum is
     if sum_res[0] == 0:
         zeros = int(counts[0])
