@@ -325,3 +325,62 @@ def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size: int, 
     m_codes, m_absmax = encode_moments(m_new, block_size, True, m_code)
     r_codes, r_absmax = encode_moments(r_new, block_size, False, r_code)
     return p_new, m_codes, m_absmax, r_codes, r_absmax
+
+
+# ----------------------------------------------------- the exact MSE and its minimum by brute force
+
+
+def quantization_mse(x: np.ndarray, alpha, counts=None) -> float:
+    """The exact mean squared error of ``x`` quantized per tensor with ``alpha``.
+
+    ``x_hat = dequantize_per_tensor(quantize_per_tensor(x, alpha), scale_from_alpha(alpha))`` in
+    float32, ``e = float64(x - x_hat)`` (the float32 difference), and::
+
+        mse = sum(counts * e * e) / sum(counts)        in float64
+
+    where value ``x[i]`` occurs ``counts[i]`` times (once each without ``counts``: ``mean(e * e)``).
+    The per-tensor ``mse`` of :func:`quantkit.quantization_mse`, up to the order of the additions.
+    """
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    alpha = np.float32(alpha)
+    x_hat = dequantize_per_tensor(quantize_per_tensor(x, alpha), scale_from_alpha(alpha))
+    e = (x - x_hat).astype(np.float64)
+    if counts is None:
+        return float(np.mean(e * e))
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+    return float(np.dot(e * e, counts) / counts.sum())
+
+
+def brute_force_mse(x: np.ndarray, grid: int = 2000, refinements: int = 2,
+                    counts=None) -> tuple[float, float]:
+    """``(alpha, mse)``: the lowest :func:`quantization_mse` found by trying a dense grid of alphas.
+
+    With ``A = max|x|`` and ``h = A / grid``, the alphas ``h, 2h, ..., grid * h = A``; then
+    ``refinements`` times, 101 evenly spaced alphas on ``[max(b - h, h / 100), min(b + h, A)]``
+    around the best alpha ``b`` so far, with ``h /= 50`` after each round. Every alpha is tried as
+    float32 (the alpha quantize takes); the first lowest error wins, and a round replaces ``b`` only
+    with a strictly lower error. ``x`` (with ``counts`` as in :func:`quantization_mse`) is used as
+    float32. All zeros: ``(0.0, 0.0)``.
+
+    The error is piecewise smooth in alpha with many small jumps, so this is an upper bound of the
+    true minimum over float32 alphas, not the minimum itself; it never exceeds the error at ``A``
+    (an alpha of the grid). It is the oracle the searches of quantkit.calibration are held to.
+    """
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    amax = float(np.abs(x).max()) if x.size else 0.0
+    if amax == 0:
+        return 0.0, 0.0
+
+    def lowest(alphas):
+        errors = [quantization_mse(x, np.float32(a), counts) for a in alphas]
+        i = int(np.argmin(errors))
+        return alphas[i], errors[i]
+
+    step = amax / grid
+    best, best_mse = lowest(np.arange(1, grid + 1) * step)
+    for _ in range(refinements):
+        alpha, mse = lowest(np.linspace(max(best - step, step / 100), min(best + step, amax), 101))
+        if mse < best_mse:
+            best, best_mse = alpha, mse
+        step /= 50
+    return float(np.float32(best)), float(best_mse)

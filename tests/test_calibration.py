@@ -18,49 +18,8 @@ METHODS = ("max", "percentile", "mse", "entropy")
 
 
 def mse_numpy(x, alphas):
-    """Exact quantize-dequantize MSE (float64) of x at each alpha, through reference.py."""
-    x = np.asarray(x, np.float32).reshape(-1)
-    out = []
-    for a in np.asarray(alphas, np.float32).reshape(-1):
-        q = reference.quantize_per_tensor(x, a)
-        xh = reference.dequantize_per_tensor(q, reference.scale_from_alpha(a))
-        e = (x - xh).astype(np.float64)
-        out.append(np.mean(e * e))
-    return np.array(out)
-
-
-def mse_grid_numpy(x, alphas, chunk=256):
-    """mse_numpy for many alphas at once (vectorised over a chunk of alphas)."""
-    x = np.asarray(x, np.float32).reshape(1, -1)
-    alphas = np.asarray(alphas, np.float32)
-    out = np.empty(alphas.size)
-    for lo in range(0, alphas.size, chunk):
-        a = alphas[lo:lo + chunk, None]
-        scale = reference.scale_from_alpha(a)
-        inv = reference.inv_scale_from_alpha(a)
-        with np.errstate(over="ignore"):
-            q = np.clip(np.rint(x * inv), -127, 127).astype(np.float32)
-        e = (x - q * scale).astype(np.float64)
-        out[lo:lo + chunk] = np.mean(e * e, axis=1)
-    return out
-
-
-def brute_force(x, grid=2000):
-    """(alpha, mse): the best of a linear grid over (0, max|x|], refined twice around the best."""
-    amax = float(np.abs(x).max())
-    if amax == 0:
-        return 0.0, 0.0
-    alphas = np.arange(1, grid + 1) * (amax / grid)
-    m = mse_grid_numpy(x, alphas)
-    best, best_m = alphas[np.argmin(m)], m.min()
-    step = amax / grid
-    for _ in range(2):
-        cand = np.linspace(max(best - step, step / 100), min(best + step, amax), 101)
-        m = mse_grid_numpy(x, cand)
-        if m.min() < best_m:
-            best, best_m = cand[np.argmin(m)], m.min()
-        step /= 50
-    return float(np.float32(best)), float(best_m)
+    """Exact quantize-dequantize MSE (float64) of x at each alpha (reference.quantization_mse)."""
+    return np.array([reference.quantization_mse(x, a) for a in np.asarray(alphas).reshape(-1)])
 
 
 def _dist(name, rng, shape):
@@ -204,7 +163,7 @@ def test_quantization_mse_torch_returns_torch():
 def test_mse_reaches_brute_force_small(name):
     for seed, n in ((0, 4096), (1, 1000), (2, 37)):
         x = data(name, n, seed)
-        _, best = brute_force(x)
+        _, best = reference.brute_force_mse(x)
         got = mse_numpy(x, [calibrate(x)])[0]
         assert got <= best * 1.001 + 1e-300, (name, n, got / best)
 
@@ -213,7 +172,7 @@ def test_mse_reaches_brute_force_small(name):
                                   "three_values"])
 def test_mse_reaches_brute_force_large(name):
     x = data(name, 100_000, seed=7)  # the histogram path
-    _, best = brute_force(x, grid=600)
+    _, best = reference.brute_force_mse(x, grid=600)
     got = quantization_mse(x, calibrate(x)).mse
     assert got <= best * 1.001, got / best
 
@@ -322,7 +281,7 @@ def test_mse_reaches_brute_force_at_extreme_magnitudes(case):
                                           rng.standard_normal(2096) * 1e-36])}[case]
     x = x.astype(np.float32)
     with np.errstate(over="ignore"):
-        _, best = brute_force(x)
+        _, best = reference.brute_force_mse(x)
         got = mse_numpy(x, [calibrate(x)])[0]
     assert got <= best * 1.001
     rows = np.stack([x, x[::-1]])
@@ -335,7 +294,7 @@ def test_mse_reaches_brute_force_on_clustered_values(n):
     smooth model's minimum (the row search must not trust the model there)."""
     rng = np.random.default_rng(1)
     x = (np.round(rng.standard_normal(n) * 20) + rng.standard_normal(n) * 0.01).astype(np.float32)
-    _, best = brute_force(x)
+    _, best = reference.brute_force_mse(x)
     assert mse_numpy(x, [calibrate(x)])[0] <= best * 1.001
     assert calibrate(x[None, :], axis=0)[0] == np.float32(calibrate(x))
 
@@ -353,7 +312,7 @@ def test_bfloat16_values_use_exact_distinct_values():
     x = torch.randn(100_000).to(torch.bfloat16)
     a = calibrate(x)
     x32 = x.float().numpy()
-    _, best = brute_force(x32, grid=600)
+    _, best = reference.brute_force_mse(x32, grid=600)
     assert quantization_mse(x32, a).mse <= best * 1.001
 
 
@@ -371,7 +330,7 @@ def test_per_channel_rows_reach_brute_force_and_zero_row():
     alphas = calibrate(w, axis=0)
     assert alphas.dtype == np.float32 and alphas[-1] == 0
     for i in range(len(rows)):
-        _, best = brute_force(w[i])
+        _, best = reference.brute_force_mse(w[i])
         assert mse_numpy(w[i], [alphas[i]])[0] <= best * 1.001
 
 

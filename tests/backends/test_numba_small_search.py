@@ -10,30 +10,14 @@ from quantkit import reference
 from quantkit.backends import numba_small_search as ss
 
 
-def _exact_sse(values, counts, alpha) -> float:
-    """The exact float32 quantization error (quantkit.reference's arithmetic) of |x| ``values``
-    occurring ``counts`` times, squared and summed in float64."""
-    scale = reference.scale_from_alpha(np.float32(alpha))
-    inv = reference.inv_scale_from_alpha(np.float32(alpha))
-    q = np.minimum(np.rint(values * inv), np.float32(127))
-    e = (values - q * scale).astype(np.float64)
-    return float(np.dot(e * e, counts))
+def _mse(values, counts, alpha) -> float:
+    """The exact quantization MSE of |x| ``values`` occurring ``counts`` times."""
+    return reference.quantization_mse(values, alpha, counts)
 
 
 def _brute(values, counts) -> float:
-    """The lowest exact error over 4000 alphas on (0, amax], refined three times around the best."""
-    amax = float(values.max())
-    grid = np.linspace(amax / 4000, amax, 4000)
-    errs = [_exact_sse(values, counts, a) for a in grid]
-    i = int(np.argmin(errs))
-    best = errs[i]
-    for _ in range(3):
-        fine = np.linspace(grid[max(i - 2, 0)], grid[min(i + 2, grid.size - 1)], 200)
-        errs = [_exact_sse(values, counts, a) for a in fine]
-        i = int(np.argmin(errs))
-        best = min(best, errs[i])
-        grid = fine
-    return best
+    """The lowest exact MSE over 4000 alphas on (0, amax], refined three times around the best."""
+    return reference.brute_force_mse(values, grid=4000, refinements=3, counts=counts)[1]
 
 
 def _search(values, counts):
@@ -58,7 +42,7 @@ def test_piecewise_search_reaches_brute_force_on_four_bit_blocks(seed):
     values, counts = np.unique(_four_bit_block(rng), return_counts=True)
     alpha = _search(values, counts)
     assert 0 < alpha <= values.max()
-    assert _exact_sse(values, counts, alpha) <= _brute(values, counts) * (1 + 1e-4)
+    assert _mse(values, counts, alpha) <= _brute(values, counts) * (1 + 1e-4)
 
 
 @settings(max_examples=60, deadline=None)
@@ -74,7 +58,7 @@ def test_piecewise_search_reaches_brute_force_on_discrete_values(distinct, seed,
     counts = rng.integers(1, 50, values.size)
     alpha = _search(values, counts)
     assert np.float32(0) < alpha <= values.max()
-    assert _exact_sse(values, counts, alpha) <= _brute(values, counts) * (1 + 1e-4) + 1e-300
+    assert _mse(values, counts, alpha) <= _brute(values, counts) * (1 + 1e-4) + 1e-300
 
 
 def test_piecewise_search_finds_the_grid_of_already_quantized_values():
@@ -85,8 +69,8 @@ def test_piecewise_search_finds_the_grid_of_already_quantized_values():
     counts = np.ones(values.size)
     alpha = _search(values, counts)
     best = _brute(values, counts)
-    assert _exact_sse(values, counts, alpha) <= best
-    assert best < 1e-6 * _exact_sse(values, counts, values.max() * np.float32(0.99))
+    assert _mse(values, counts, alpha) <= best
+    assert best < 1e-6 * _mse(values, counts, values.max() * np.float32(0.99))
 
 
 def test_clip_window_low_is_where_the_clip_error_reaches_the_limit():
