@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import matmul
-from ._constants import MIN_POSITIVE_ALPHA
+from ._constants import MIN_POSITIVE_ALPHA, QMAX
 from .ops import quantize
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -66,10 +66,11 @@ def quantize_rows(x: torch.Tensor, alpha: Optional[torch.Tensor] = None):
 
 def _quantize_rows_torch(x: torch.Tensor, alpha: torch.Tensor):
     """:func:`quantize_rows` in torch ops (any device), ``alpha`` one float32 per row."""
-    inv = torch.where(alpha > 0, torch.full_like(alpha, 127.0) / alpha, torch.zeros_like(alpha))
+    qmax = torch.full_like(alpha, float(QMAX))
+    inv = torch.where(alpha > 0, qmax / alpha, torch.zeros_like(alpha))
     inv = inv.clamp(max=_F32_MAX)
-    codes = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
-    return codes, alpha / torch.full_like(alpha, 127.0)
+    codes = torch.round(x * inv[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return codes, alpha / qmax
 
 
 def _block_size(weight: torch.Tensor, weight_scale: torch.Tensor):

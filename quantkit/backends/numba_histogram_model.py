@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .numba_error_sums import COARSE_RATIO, MIN_ALPHA, scale_inv
+from .numba_error_sums import COARSE_RATIO, MIN_ALPHA, Q64, scale_inv
 
 
 @njit(cache=True)
@@ -121,11 +121,11 @@ def _model_sse(cnt, mean, var, tables, alpha, smooth_below):
     s = np.float64(scale)
     if s == 0.0:
         return p2[m]
-    top = 127.0
+    top = Q64
     # bins wholly below s/2 keep code 0: error x, sum cnt * (mean^2 + var)
     a = np.searchsorted(hi_run, 0.5 * s)
-    # bins wholly at or above 126.5 s are clipped to code 127: error x - 127 s
-    b = max(np.searchsorted(lo_min, 126.5 * s), a)
+    # bins wholly at or above (QMAX - 1/2) s are clipped to code QMAX: error x - QMAX s
+    b = max(np.searchsorted(lo_min, (top - 0.5) * s), a)
     c = top * s
     total = p2[a] + (p2[m] - p2[b]) - 2.0 * c * (p1[m] - p1[b]) + c * c * (p0[m] - p0[b])
     # bins below smooth_below that a step splits: s^2 / 12 per value

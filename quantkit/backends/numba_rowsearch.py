@@ -81,14 +81,15 @@ _TOL = 0.01     # the trend minimum to 1% (relative step): the sweep's window ab
 
 @njit(cache=True)
 def _pow2_units(amax):
-    """The power of two P1 with amax * P1 in [2^39, 2^40): the fixed-point unit of sums of v
-    (2^16 values of at most 127 * amax * P1 cannot overflow int64)."""
+    """``v_units``: the power of two with amax * v_units in [2^39, 2^40), the fixed-point scale of
+    sums of v (v counts ``trunc(v * v_units)`` units; 2^16 values of at most QMAX * amax * v_units
+    cannot overflow int64)."""
     e = np.int64(math.frexp(np.float64(amax))[1]) - 1  # 2^e <= amax < 2^(e+1)
     return np.ldexp(1.0, 39 - e)
 
 
 @njit(cache=True)
-def model_g(v, s, p1):
+def model_g(v, s, v_units):
     """g(s) = M'(s) / s of the smooth model (module docstring, step 1); one vectorised pass.
 
     M(s) = sum_{v > 127 s} (v - 127 s)^2 + N_mid s^2 / 12 + sum_{v <= T s} (v - q s)^2 with the
@@ -98,7 +99,7 @@ def model_g(v, s, p1):
 
         g = -254 * sum_clip (v/s - 127) + N_mid / 6 - 2 * sum_low q (v/s - q)
 
-    Sums are int64 fixed point (clipped v in units 1/p1, q (v/s - q) in units 2^-20).
+    Sums are int64 fixed point (clipped v in units of 1 / v_units, q (v/s - q) in units 2^-20).
     """
     hi = np.float32(min(_T_CLIP * s, 3.0e38))
     lo = np.float32(min(_T_EXACT * s, 3.0e38))
@@ -111,26 +112,27 @@ def model_g(v, s, p1):
     for i in range(v.size):
         x = v[i]
         c = x > hi
-        s1 += trunc_i64(np.float64(x) * p1) if c else np.int64(0)
+        s1 += trunc_i64(np.float64(x) * v_units) if c else np.int64(0)
         ncl += np.int64(c)
         nmid += np.int64((x > lo) & (x <= hi))
         y = x * u
         q = np.rint(y)
         low += trunc_i64(np.float64(q * (y - q) * f20)) if x <= lo else np.int64(0)
-    g = -2.0 * Q64 * (s1 / p1 / s - Q64 * ncl) + nmid / 6.0 - 2.0 * low / 1048576.0
+    g = -2.0 * Q64 * (s1 / v_units / s - Q64 * ncl) + nmid / 6.0 - 2.0 * low / 1048576.0
     return g, ncl, nmid
 
 
 @njit(cache=True)
-def model_g_error_clip(v, s, p1):
+def model_g_error_clip(v, s, v_units):
     """(g, M, clip) of the smooth model at s in one vectorised pass: g as model_g, the model
     error M(s) itself and its clip part sum_{v > (127 + c) s} (v - 127 s)^2 (a lower bound of M
-    at every smaller s, since clipping only grows).  Squares in int64 units of (2^-20 p1)^-2."""
+    at every smaller s, since clipping only grows).  Squares in int64 units of
+    (2^-20 v_units)^-2."""
     hi = np.float32(min(_T_CLIP * s, 3.0e38))
     lo = np.float32(min(_T_EXACT * s, 3.0e38))
     u = np.float32(1.0 / s)
     top = np.float64(Q64 * s)
-    sq = p1 * 2.0 ** -20
+    sq = v_units * 2.0 ** -20
     sf = np.float32(s)
     sqf = np.float32(sq)
     s1 = 0
@@ -144,7 +146,7 @@ def model_g_error_clip(v, s, p1):
         x = v[i]
         c = x > hi
         x64 = np.float64(x)
-        s1 += trunc_i64(x64 * p1) if c else np.int64(0)
+        s1 += trunc_i64(x64 * v_units) if c else np.int64(0)
         dd = (x64 - top) * sq
         s2 += trunc_i64(dd * dd) if c else np.int64(0)
         ncl += np.int64(c)
@@ -155,14 +157,14 @@ def model_g_error_clip(v, s, p1):
         low += trunc_i64(np.float64(q * (y - q) * f20)) if isl else np.int64(0)
         e = (x - q * sf) * sqf
         lowsq += trunc_i64(np.float64(e * e)) if isl else np.int64(0)
-    g = -2.0 * Q64 * (s1 / p1 / s - Q64 * ncl) + nmid / 6.0 - 2.0 * low / 1048576.0
+    g = -2.0 * Q64 * (s1 / v_units / s - Q64 * ncl) + nmid / 6.0 - 2.0 * low / 1048576.0
     clip = s2 / (sq * sq)
     m = clip + nmid * s * s / 12.0 + lowsq / (sq * sq)
     return g, m, clip
 
 
 @njit(cache=True)
-def trend_global(v, amax, p1, tol):
+def trend_global(v, amax, v_units, tol):
     """Global minimum of the smooth model (robust to several local minima: multimodal data).
 
     Coarse scan of M from s_top = amax/127 down by 2^(-1/4) (one pass each, ``model_g_error_clip``),
@@ -185,7 +187,7 @@ def trend_global(v, amax, p1, tol):
         s = s_top * np.exp(t)
         if s * Q64 < _MIN_ALPHA_F64:
             break
-        g, m, clip = model_g_error_clip(v, s, p1)
+        g, m, clip = model_g_error_clip(v, s, v_units)
         ts[nk] = t
         gs[nk] = g
         ms[nk] = m
@@ -215,7 +217,7 @@ def trend_global(v, amax, p1, tol):
                 continue
             if np.abs(t - ts[kb]) < 1e-12 or s_top * np.exp(t) * Q64 < _MIN_ALPHA_F64:
                 continue
-            g, m, clip = model_g_error_clip(v, s_top * np.exp(t), p1)
+            g, m, clip = model_g_error_clip(v, s_top * np.exp(t), v_units)
             tt[nk + extra] = t
             gg[nk + extra] = g
             mm[nk + extra] = m
@@ -228,11 +230,11 @@ def trend_global(v, amax, p1, tol):
     # candidate minima: (kind, index); kind 0 = top end, 1 = bracket (ts[k], ts[k-1])
     cand_t = np.empty(nk + 1)
     cand_m = np.empty(nk + 1)
-    nc_ = 0
+    n_cand = 0
     if gs[0] <= 0.0:
-        cand_t[nc_] = 0.0
-        cand_m[nc_] = ms[0]
-        nc_ += 1
+        cand_t[n_cand] = 0.0
+        cand_m[n_cand] = ms[0]
+        n_cand += 1
     best_end = np.inf
     for k in range(1, nk):
         if gs[k] <= 0.0 and gs[k - 1] > 0.0:
@@ -253,7 +255,7 @@ def trend_global(v, amax, p1, tol):
                 t = (t_lo * g_hi - t_hi * g_lo) / (g_hi - g_lo)
                 w = t_hi - t_lo
                 t = min(max(t, t_lo + 0.05 * w), t_hi - 0.05 * w)
-                g, _, _ = model_g(v, s_top * np.exp(t), p1)  # g only: a cheaper pass
+                g, _, _ = model_g(v, s_top * np.exp(t), v_units)  # g only: a cheaper pass
                 if g <= 0.0:
                     t_lo = t
                     g_lo = g
@@ -266,21 +268,21 @@ def trend_global(v, amax, p1, tol):
                     if side == 1:
                         g_lo *= 0.5
                     side = 1
-            cand_t[nc_] = 0.5 * (t_lo + t_hi)
-            cand_m[nc_] = m_last
-            nc_ += 1
-    if nc_ == 0:  # no sign change seen (should not happen): the lowest coarse point
+            cand_t[n_cand] = 0.5 * (t_lo + t_hi)
+            cand_m[n_cand] = m_last
+            n_cand += 1
+    if n_cand == 0:  # no sign change seen (should not happen): the lowest coarse point
         j = np.argmin(ms[:nk])
         return min(Q64 * (s_top * np.exp(ts[j])), np.float64(amax)), -1.0
-    if nc_ > 1:  # several local minima: compare the model error at each (rare)
-        for i in range(nc_):
+    if n_cand > 1:  # several local minima: compare the model error at each (rare)
+        for i in range(n_cand):
             if cand_t[i] < 0.0:
-                _, cand_m[i], _ = model_g_error_clip(v, s_top * np.exp(cand_t[i]), p1)
-    j = np.argmin(cand_m[:nc_])
+                _, cand_m[i], _ = model_g_error_clip(v, s_top * np.exp(cand_t[i]), v_units)
+    j = np.argmin(cand_m[:n_cand])
     a1 = min(Q64 * (s_top * np.exp(cand_t[j])), np.float64(amax))
     a2 = -1.0
     m2 = np.inf
-    for i in range(nc_):
+    for i in range(n_cand):
         if i != j and cand_m[i] <= 1.03 * cand_m[j] and cand_m[i] < m2:
             m2 = cand_m[i]
             a2 = min(Q64 * (s_top * np.exp(cand_t[i])), np.float64(amax))
@@ -288,10 +290,10 @@ def trend_global(v, amax, p1, tol):
 
 
 @njit(cache=True, error_model="numpy")  # no zero-division branch: lets pass 1 vectorise
-def sweep(v, a_lo, a_hi, points, p1, next_event, event_step, packed, events_left):
+def sweep(v, a_lo, a_hi, points, v_units, next_event, event_step, packed, events_left):
     """The exact error (real arithmetic, see the module docstring, step 2) at ``points`` grid points
     over [a_lo, a_hi], equally spaced in 127 / alpha; returns the sse (float64 [points]) minus
-    sum v^2 (``p1``: the fixed-point unit of _pow2_units).
+    sum v^2 (``v_units``: the fixed-point scale of _pow2_units).
 
     Each event (i, k) adds v_i to B and 2k - 1 to C; both go into ONE int64 per grid cell,
     ``(round(v_i * pb) << 24) + (2k - 1)``: a cell receives at most one event per value (a value's
@@ -327,7 +329,7 @@ def sweep(v, a_lo, a_hi, points, p1, next_event, event_step, packed, events_left
         qa = min(np.rint(x * u0f), Q)
         qb = min(np.rint(x * u1f), Q)
         x64 = np.float64(x)
-        b0 += trunc_i64(qa * (x64 * p1))
+        b0 += trunc_i64(qa * (x64 * v_units))
         c0 += trunc_i64(np.float64(qa * qa))
         ne = np.int32(qb - qa)
         events_left[i] = ne
@@ -363,7 +365,7 @@ def sweep(v, a_lo, a_hi, points, p1, next_event, event_step, packed, events_left
     sse = np.empty(points)
     bq = np.empty(points)
     cq = np.empty(points)
-    bb = np.float64(b0) / p1
+    bb = np.float64(b0) / v_units
     bc = 0
     cc = c0
     for j in range(points):
@@ -466,8 +468,8 @@ def search_row(v, amax):
     event_step = np.empty(n)
     packed = np.empty(n, np.int64)
     events_left = np.empty(n, np.int32)
-    p1 = _pow2_units(amax)
-    a_t, a_2 = trend_global(v, amax, p1, tol)
+    v_units = _pow2_units(amax)
+    a_t, a_2 = trend_global(v, amax, v_units, tol)
     unit = search_unit(amax, n)
     best_a = np.float32(0.0)
     best_s = np.iinfo(np.int64).max
@@ -480,7 +482,7 @@ def search_row(v, amax):
         a_lo = max(centre / (1.0 + width), _MIN_ALPHA_F64)
         if a_lo >= a_hi:
             a_lo = a_hi * 0.5
-        sse, bq, cq = sweep(v, a_lo, a_hi, m, p1, next_event, event_step, packed, events_left)
+        sse, bq, cq = sweep(v, a_lo, a_hi, m, v_units, next_event, event_step, packed, events_left)
         idx = lowest(sse, k_exact)
         u0 = Q64 / a_hi
         du = (Q64 / a_lo - u0) / (m - 1)
