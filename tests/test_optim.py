@@ -476,3 +476,28 @@ def test_each_step_is_torch_adamw_on_the_decoded_moments():
                                                       st["m_absmax"].numpy(), 256, True))
     with pytest.raises(ValueError, match="not a parameter"):
         o1.moments(torch.nn.Parameter(torch.zeros(3)))
+
+
+def test_loaded_strided_states_step_as_the_originals():
+    """A state dict whose tensors are strided views (as a checkpoint loader may hand back) loads
+    and steps exactly like the contiguous original."""
+    torch.manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(64, 300))
+    opt = AdamW8bit([p], lr=1e-2)
+    p.grad = torch.randn(64, 300)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())   # as if saved and read back: no tensor shared
+    strided = {"state": {0: {}}, "param_groups": sd["param_groups"]}
+    for key, value in sd["state"][0].items():
+        if value.dim() == 2 and min(value.shape) > 1:   # a transposed buffer's view
+            value = value.t().contiguous().t()
+            assert not value.is_contiguous()
+        strided["state"][0][key] = value
+    q = torch.nn.Parameter(p.detach().clone())
+    other = AdamW8bit([q], lr=1e-2)
+    other.load_state_dict(strided)
+    g = torch.randn(64, 300)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    other.step()
+    assert torch.equal(p, q)

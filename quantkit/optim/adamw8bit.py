@@ -352,10 +352,12 @@ class AdamW8bit(torch.optim.Optimizer):
                 if pid in state_dict["state"]:
                     self._check_saved_state(state_dict["state"][pid], p, probe, gi, pi)
         super().load_state_dict(state_dict)
-        for state in self.state.values():  # torch casts floating states to the parameter dtype
+        for state in self.state.values():
             for key, dtype in {**_EIGHT_BIT_KEYS, **_FLOAT_KEYS}.items():
-                if key in state and state[key].dtype != dtype:
-                    state[key] = state[key].to(dtype)
+                # torch casts floating states to the parameter dtype; the kernels take their
+                # states C-contiguous (a loaded tensor may be a strided view)
+                if key in state:
+                    state[key] = state[key].to(dtype).contiguous()
 
     def _check_saved_state(self, saved, p, group, gi, pi):
         where = f"the state of parameter {pi} of group {gi}"
