@@ -66,9 +66,9 @@ def _as_dtensor(local: torch.Tensor, p) -> torch.Tensor:
 
 def _cuda_library():
     """quantkit's CUDA library with the optimizer's entry points declared."""
-    from ..backends import cuda, cuda_optim
+    from ..backends import cuda_library, cuda_optim
 
-    lib = cuda.library()
+    lib = cuda_library.library()
     cuda_optim.declare(lib)
     return lib
 
