@@ -132,6 +132,16 @@ inline cudaError_t grid_blocks(int64_t work, int *blocks) {
   return cudaSuccess;
 }
 
+// n = outer * channels * inner (the elements of a per-channel view) without overflow, or -1.
+inline int64_t channel_view_size(int64_t outer, int64_t channels, int64_t inner) {
+  if (outer < 0 || channels < 0 || inner < 0) return -1;
+  if (outer == 0 || channels == 0 || inner == 0) return 0;
+  if (outer > INT64_MAX / channels) return -1;
+  const int64_t oc = outer * channels;
+  if (oc > INT64_MAX / inner) return -1;
+  return oc * inner;
+}
+
 inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 inline bool is_block_size(int64_t b) {

@@ -207,16 +207,6 @@ cudaError_t launch_dequantize_int8(const int8_t *q, float *x, int64_t n, VectorM
   return cudaGetLastError();
 }
 
-// n = outer * channels * inner without overflow, or -1.
-int64_t channel_view_size(int64_t outer, int64_t channels, int64_t inner) {
-  if (outer < 0 || channels < 0 || inner < 0) return -1;
-  if (outer == 0 || channels == 0 || inner == 0) return 0;
-  const int64_t limit = INT64_MAX;
-  if (outer > limit / channels) return -1;
-  const int64_t oc = outer * channels;
-  if (oc > limit / inner) return -1;
-  return oc * inner;
-}
 
 }  // namespace
 }  // namespace quantkit

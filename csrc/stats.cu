@@ -277,14 +277,6 @@ cudaError_t launch_absmax_columns(const float *x, int64_t outer, int64_t channel
 // Rows of at least this many elements use the row kernel for per-channel |x|max.
 constexpr int64_t kMinRow = 128;
 
-int64_t channel_view_size(int64_t outer, int64_t channels, int64_t inner) {
-  if (outer < 0 || channels < 0 || inner < 0) return -1;
-  if (outer == 0 || channels == 0 || inner == 0) return 0;
-  if (outer > INT64_MAX / channels) return -1;
-  if (outer * channels > INT64_MAX / inner) return -1;
-  return outer * channels * inner;
-}
-
 cudaError_t zero_outputs(void *out, size_t out_bytes, uint64_t *nonfinite, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(nonfinite, 0, sizeof(uint64_t), stream);
   if (err == cudaSuccess && out_bytes > 0) err = cudaMemsetAsync(out, 0, out_bytes, stream);

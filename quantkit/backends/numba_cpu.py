@@ -25,6 +25,7 @@ from numba import njit, prange
 
 from .. import _buffers
 from .._constants import CHUNK, QMAX
+from .numba_chunks import chunk_bounds, chunk_count
 
 _LOW = np.float32(-QMAX)
 _HIGH = np.float32(QMAX)
@@ -37,11 +38,10 @@ _HIGH = np.float32(QMAX)
 def _quantize_flat(x, inv, out):
     """out[i] = clamp(rint(x[i] * inv)); returns the number of non-finite x[i]."""
     n = x.size
-    n_chunks = (n + CHUNK - 1) // CHUNK
+    n_chunks = chunk_count(n)
     bad = np.zeros(n_chunks, np.int64)
     for c in prange(n_chunks):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
+        lo, hi = chunk_bounds(c, n)
         xs = x[lo:hi]
         qs = out[lo:hi]
         count = 0
@@ -58,10 +58,9 @@ def _quantize_flat(x, inv, out):
 def _dequantize_flat(q, scale, out):
     """out[i] = float32(q[i]) * scale."""
     n = q.size
-    n_chunks = (n + CHUNK - 1) // CHUNK
+    n_chunks = chunk_count(n)
     for c in prange(n_chunks):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
+        lo, hi = chunk_bounds(c, n)
         qs = q[lo:hi]
         xs = out[lo:hi]
         for i in range(hi - lo):

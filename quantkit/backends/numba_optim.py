@@ -18,23 +18,23 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import reference
+from .numba_chunks import chunk_bounds, chunk_count
 
 #: Gradients are accepted up to this magnitude: beyond it ``g * g`` could overflow float32.
 GRAD_LIMIT = np.float32(2.0 ** 60)
 
 _ITEMS = 64  # blocks per parallel work item
+_FLOAT_STATE_CHUNK = 1 << 14  # values per work item of the float32-state step
 
 
 @njit(parallel=True, cache=True)
 def count_bad_gradients(g):
     """Number of elements that are NaN, +-Inf or larger in magnitude than GRAD_LIMIT."""
     n = g.size
-    chunk = 1 << 16
-    n_chunks = (n + chunk - 1) // chunk
+    n_chunks = chunk_count(n)
     bad = np.zeros(n_chunks, np.int64)
     for c in prange(n_chunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
+        lo, hi = chunk_bounds(c, n)
         gs = g[lo:hi]
         count = 0
         for i in range(hi - lo):
@@ -86,7 +86,7 @@ def _magnitude_index(y, ybits, code):
     k_linear = np.int32(k_linear + np.int32(t - np.float32(k_linear) >= np.float32(0.5)))
     k_normal = np.int32(np.int32(np.int32(ybits + half_unit) >> shift) - normal_base)
     k = k_linear if y < smallest_normal else k_normal
-    return k if k < top_index else top_index
+    return min(k, top_index)
 
 
 @njit(inline="always")
@@ -212,10 +212,8 @@ def adamw32_step(p, g, m, r, beta1, one_minus_beta1, beta2, one_minus_beta2, eps
                  step_size, bc2_sqrt):
     """In-place AdamW with float32 moments (m and r = sqrt(v)), flat arrays of one size."""
     n = p.size
-    chunk = 1 << 14
-    for c in prange((n + chunk - 1) // chunk):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
+    for c in prange(chunk_count(n, _FLOAT_STATE_CHUNK)):
+        lo, hi = chunk_bounds(c, n, _FLOAT_STATE_CHUNK)
         ps = p[lo:hi]
         gs = g[lo:hi]
         ms = m[lo:hi]

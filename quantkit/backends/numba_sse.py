@@ -38,7 +38,15 @@ import numpy as np
 from numba import njit, prange
 
 from .._constants import CHUNK
-from .numba_error_sums import Q, ZERO, quantization_error, scale_inv, search_unit, trunc_i64
+from .numba_chunks import chunk_bounds, chunk_count
+from .numba_error_sums import (
+    ZERO,
+    Q,
+    quantization_error,
+    scale_inv,
+    search_unit,
+    trunc_i64,
+)
 
 
 @njit(cache=True)
@@ -70,11 +78,10 @@ def sse_fixed_many(x, alphas, unit_inv):
     """sse_fixed of a flat signed array for several alphas in one pass (chunks stay in cache)."""
     n = x.size
     k = alphas.size
-    n_chunks = (n + CHUNK - 1) // CHUNK
+    n_chunks = chunk_count(n)
     part = np.zeros((n_chunks, k), np.int64)
     for c in prange(n_chunks):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
+        lo, hi = chunk_bounds(c, n)
         xs = x[lo:hi]
         for j in range(k):
             part[c, j] = _sse_fixed_signed(xs, alphas[j], unit_inv)
@@ -144,11 +151,10 @@ def sse_chunked_many(x, alphas, chunk_max):
     """
     n = x.size
     k = alphas.size
-    n_chunks = (n + CHUNK - 1) // CHUNK
+    n_chunks = chunk_count(n)
     part = np.zeros((n_chunks, k))
     for c in prange(n_chunks):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
+        lo, hi = chunk_bounds(c, n)
         xs = x[lo:hi]
         p = search_unit(chunk_max[c], CHUNK)
         back = 1.0 / (np.float64(p) * np.float64(p))
@@ -184,12 +190,11 @@ def sse_f64_many(x, alphas):
     """
     n = x.size
     k = alphas.size
-    n_chunks = (n + CHUNK - 1) // CHUNK
+    n_chunks = chunk_count(n)
     tot = np.zeros((n_chunks, k))
     clp = np.zeros((n_chunks, k))
     for c in prange(n_chunks):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
+        lo, hi = chunk_bounds(c, n)
         xs = x[lo:hi]
         for j in range(k):
             scale, inv = scale_inv(alphas[j])

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .._constants import CHUNK, HIST_BINS, HIST_SHIFT
+from .._constants import HIST_BINS, HIST_SHIFT
+from .numba_chunks import chunk_bounds, chunk_count
 from .numba_error_sums import ABS_MASK
 
 _INF_BITS = np.int32(0x7F800000)
@@ -32,12 +33,11 @@ def absmax_flat(x):
     """(max |x| over finite elements as float32, number of non-finite elements) of a flat array."""
     bits = x.view(np.int32)
     n = bits.size
-    n_chunks = (n + CHUNK - 1) // CHUNK
+    n_chunks = chunk_count(n)
     best = np.zeros(n_chunks, np.int32)
     bad = np.zeros(n_chunks, np.int64)
     for c in prange(n_chunks):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
+        lo, hi = chunk_bounds(c, n)
         bs = bits[lo:hi]
         m = np.int32(0)
         count = 0
@@ -232,7 +232,7 @@ def scan_tail(x, tasks, tail_bin, tail_counts, chunk_max):
     """
     bits = x.view(np.int32)
     n = bits.size
-    n_chunks = (n + CHUNK - 1) // CHUNK
+    n_chunks = chunk_count(n)
     tail_bits = np.int32(tail_bin << HIST_SHIFT)
     nb = tail_counts.size
     table = np.zeros((tasks, nb), np.int64)
@@ -245,8 +245,7 @@ def scan_tail(x, tasks, tail_bin, tail_counts, chunk_max):
         zero = 0
         tb = table[t]
         for c in range(t * per, min((t + 1) * per, n_chunks)):
-            lo = c * CHUNK
-            hi = min(lo + CHUNK, n)
+            lo, hi = chunk_bounds(c, n)
             mx = np.int32(0)
             for g in range(lo, hi, 512):
                 grp = bits[g:min(g + 512, hi)]
@@ -272,12 +271,11 @@ def scan_tail(x, tasks, tail_bin, tail_counts, chunk_max):
 def histogram_linear(x, amax, bins):
     """Counts of |x| in ``bins`` equal bins over [0, amax] (|x| == amax in the last bin)."""
     n = x.size
-    n_chunks = (n + CHUNK - 1) // CHUNK
+    n_chunks = chunk_count(n)
     part = np.zeros((n_chunks, bins), np.int64)
     width_inv = bins / np.float64(amax)
     for c in prange(n_chunks):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
+        lo, hi = chunk_bounds(c, n)
         xs = x[lo:hi]
         ps = part[c]
         for i in range(hi - lo):
