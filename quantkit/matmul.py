@@ -68,8 +68,9 @@ NATIVE_PATHS = ("vnni", "avx2", "generic")
 ENV = "QUANTKIT_MATMUL"
 #: Largest K whose int8 products sum exactly in float32: 1040 * 127 * 127 = 16774160 < 2^24.
 EXACT_FLOAT_K = (1 << 24) // (QMAX * QMAX)
-#: auto on an AVX-512 VNNI CPU: quantkit's VNNI kernel for W8A8 products of at most this many
-#: rows with K >= VNNI_MIN_K, torch._int_mm otherwise (measured crossovers: benchmarks/bench_linear).
+#: On an AVX-512 VNNI CPU, the static W8A8 choice (int8_product's, and the first candidate the
+#: timing tries): quantkit's VNNI kernel for at most this many rows with K >= VNNI_MIN_K,
+#: torch._int_mm otherwise (the Zen 5 crossovers, docs/PERF-NOTES.md).
 VNNI_MAX_ROWS = 32
 VNNI_MIN_K = 2048
 #: auto on an AVX-512 CPU: the fused weight-only kernel up to this many rows, dense above (the
