@@ -125,7 +125,8 @@ def code_map(levels: int, mantissa_bits: int) -> tuple:
 
 #: The code maps of the step. The kernel reads them inside its parallel loop, where numba
 #: compiles them as constants: a shift by a constant stays a 32-bit vector shift, a shift by a
-#: run-time amount is widened to 64 bits (a third slower step).
+#: run-time amount is widened to 64 bits (a third slower step). numba's disk cache is keyed on
+#: this file only: after changing reference.M_CODE or R_CODE, clear this module's __pycache__.
 M_MAP = code_map(*reference.M_CODE)
 R_MAP = code_map(*reference.R_CODE)
 
