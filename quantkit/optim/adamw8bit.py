@@ -164,7 +164,9 @@ class AdamW8bit(torch.optim.Optimizer):
             state["r"] = torch.zeros(rows.shape, dtype=torch.float32, **on)
 
     def _check_gradients(self):
-        """Every (param, group) with a gradient, after checking all of them."""
+        """``(param, group, gradient)`` for every parameter with a gradient, after checking all of
+        them; the gradient as the step takes it: a flat C-contiguous NumPy array on the CPU (a
+        view of the user's tensor, or a copy where its layout needs one), the tensor on CUDA."""
         from ..backends import numba_optim
 
         work = []
@@ -193,7 +195,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 if bad:
                     raise ValueError(f"the gradient of parameter {pi} of group {gi} has NaN, "
                                      "Inf or values above 2**60; no parameter was updated")
-                work.append((p, group))
+                work.append((p, group, g))
         return work
 
     @torch.no_grad()
@@ -206,23 +208,28 @@ class AdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._check_gradients()
-        for p, group in work:
+        scalars_of = {}   # (group, step) -> the step's float32 constants, shared by its params
+        for p, group, g in work:
             state = self.state[p]
             if not state:
                 self._init_state(p, group)
-            state["step"] += 1
-            beta1, beta2 = group["betas"]
-            s = reference.adamw_scalars(group["lr"], beta1, beta2, group["eps"],
-                                        group["weight_decay"], int(state["step"].item()))
-            scalars = [s[name] for name in _SCALAR_NAMES]
-            if self._on_cuda(p):
+            step = state["step"].numpy()   # a 0-d float32 CPU tensor: counted in place
+            step += 1                       # (without a torch op's dispatch per parameter)
+            key = (id(group), int(step))
+            scalars = scalars_of.get(key)
+            if scalars is None:
+                beta1, beta2 = group["betas"]
+                s = reference.adamw_scalars(group["lr"], beta1, beta2, group["eps"],
+                                            group["weight_decay"], key[1])
+                scalars = scalars_of[key] = [s[name] for name in _SCALAR_NAMES]
+            if not isinstance(g, np.ndarray):
                 self._step_cuda(p, state, group, scalars)
                 continue
             local_p = _local(p).detach()
             rows = _as_rows(local_p)
             contiguous = rows.is_contiguous() and rows.data_ptr() == local_p.data_ptr()
             p_rows = rows.numpy() if contiguous else np.ascontiguousarray(rows.numpy())
-            g_rows = np.ascontiguousarray(_as_rows(_local(p.grad).detach()).numpy())
+            g_rows = g.reshape(p_rows.shape)
             if "m_codes" in state:
                 numba_optim.adamw8bit_step(
                     p_rows, g_rows, state["m_codes"].numpy(), state["m_absmax"].numpy(),
@@ -353,6 +360,9 @@ class AdamW8bit(torch.optim.Optimizer):
                     self._check_saved_state(state_dict["state"][pid], p, probe, gi, pi)
         super().load_state_dict(state_dict)
         for state in self.state.values():
+            if "step" in state:   # counted in place on the CPU (step())
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach() \
+                    .to("cpu").reshape(()).clone()
             for key, dtype in {**_EIGHT_BIT_KEYS, **_FLOAT_KEYS}.items():
                 # torch casts floating states to the parameter dtype; the kernels take their
                 # states C-contiguous (a loaded tensor may be a strided view)
