@@ -316,19 +316,15 @@ def w8a8_linear(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
     """
     if block_size is not None:
         return w8a8_linear_blocks(codes, s_x, weight, weight_scale, bias, block_size)
-    m, n = codes.shape[0], weight.shape[0]
-    if codes.device.type == "cpu" and m and n and codes.shape[1]:
-        k = codes.shape[1]
-        return _fastest("w8a8", m, k, n, _int8_candidates_cpu(m, k),
-                        lambda path: _w8a8_linear_cpu(path, codes, s_x, weight, weight_scale,
-                                                      bias))
-    acc = int8_product(codes, weight)
+    (m, k), n = codes.shape, weight.shape[0]
     if codes.device.type == "cpu":
-        from .backends.numba_nn import rescale_int32_numba
+        def run(path):
+            return _w8a8_linear_cpu(path, codes, s_x, weight, weight_scale, bias)
 
-        return torch.from_numpy(rescale_int32_numba(
-            acc.numpy(), s_x.numpy(), weight_scale.numpy(),
-            None if bias is None else bias.detach().numpy()))
+        if m and n and k:
+            return _fastest("w8a8", m, k, n, _int8_candidates_cpu(m, k), run)
+        return run("float")   # an empty product: zeros, then the rescale adds the bias
+    acc = int8_product(codes, weight)
     y = acc.to(torch.float32).mul_(s_x[:, None] * weight_scale[None, :])
     if bias is not None:
         y.add_(bias)
