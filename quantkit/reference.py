@@ -238,7 +238,7 @@ def _decode_block(codes: np.ndarray, absmax, levels: int, mantissa_bits: int, si
     """Decode one block of every row: ``codes`` (rows, n), ``absmax`` (rows,)."""
     mags = moment_magnitudes(levels, mantissa_bits)
     k = np.abs(codes.astype(np.int64))
-    unit = decode_unit(np.asarray(absmax, np.float32), levels, mantissa_bits)
+    unit = decode_unit(absmax, levels, mantissa_bits)
     values = (mags[k] * np.reshape(unit, (-1, 1))).astype(np.float32)
     return np.where(codes < 0, -values, values).astype(np.float32) if signed else values
 

@@ -360,9 +360,8 @@ class AdamW8bit(torch.optim.Optimizer):
                     self._check_saved_state(state_dict["state"][pid], p, probe, gi, pi)
         super().load_state_dict(state_dict)
         for state in self.state.values():
-            if "step" in state:   # counted in place on the CPU (step())
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach() \
-                    .to("cpu").reshape(()).clone()
+            if "step" in state:   # each parameter's own 0-d CPU counter (step() adds in place)
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
             for key, dtype in {**_EIGHT_BIT_KEYS, **_FLOAT_KEYS}.items():
                 # torch casts floating states to the parameter dtype; the kernels take their
                 # states C-contiguous (a loaded tensor may be a strided view)
