@@ -267,9 +267,8 @@ def decode_moments(codes: np.ndarray, absmax: np.ndarray, block_size: int, signe
                    code=None) -> np.ndarray:
     """float32 values of codes made by :func:`encode_moments`."""
     levels, mantissa_bits = code or (M_CODE if signed else R_CODE)
-    rows, length = codes.shape
     out = np.zeros(codes.shape, np.float32)
-    for b, (lo, hi) in enumerate(row_blocks(length, block_size)):
+    for b, (lo, hi) in enumerate(row_blocks(codes.shape[1], block_size)):
         out[:, lo:hi] = _decode_block(codes[:, lo:hi], absmax[:, b], levels, mantissa_bits,
                                       signed)
     return out
