@@ -35,19 +35,26 @@ def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> tuple:
         inv_d = cuda_layout.device_array(inv, device)
         counter = torch.empty(1, dtype=torch.int64, device=device)
         args = (counter.data_ptr(), cuda_library.device_index(device), cuda_library.stream(device))
-        if axis is not None:
-            outer, channels, inner = cuda_layout.channel_view(tuple(dense.shape), perm.index(axis))
-            code = lib.qk_quantize_int8_per_channel_f32(dense.data_ptr(), codes.data_ptr(), outer,
-                                                        channels, inner, inv_d.data_ptr(), *args)
-        elif block_size is not None:
-            code = lib.qk_quantize_int8_blockwise_f32(dense.data_ptr(), codes.data_ptr(), n,
-                                                      block_size, inv_d.data_ptr(), *args)
-        else:
-            code = lib.qk_quantize_int8_f32(dense.data_ptr(), codes.data_ptr(), n,
-                                            inv_d.data_ptr(), *args)
+        code = _launch((lib.qk_quantize_int8_per_channel_f32, lib.qk_quantize_int8_blockwise_f32,
+                        lib.qk_quantize_int8_f32), dense, perm, axis, block_size, codes,
+                       inv_d.data_ptr(), args)
         cuda_library.check_finite(code, "quantize", counter, x32)
     data = out if out is not None else codes.permute(cuda_layout.inverse_permutation(perm))
     return data, torch.from_numpy(scale).to(device)
+
+
+def _launch(entries, dense, perm, axis, block_size, dst, mults, args) -> int:
+    """Run the entry point of the granularity, ``entries`` = (per channel, blockwise, per
+    tensor), from ``dense`` into ``dst`` with the multipliers at ``mults``; ``args`` are the
+    entry point's trailing arguments. Returns its error code."""
+    per_channel, blockwise, per_tensor = entries
+    src, out, n = dense.data_ptr(), dst.data_ptr(), dense.numel()
+    if axis is not None:
+        outer, channels, inner = cuda_layout.channel_view(tuple(dense.shape), perm.index(axis))
+        return per_channel(src, out, outer, channels, inner, mults, *args)
+    if block_size is not None:
+        return blockwise(src, out, n, block_size, mults, *args)
+    return per_tensor(src, out, n, mults, *args)
 
 
 def dequantize(data, scale, *, axis=None, block_size=None, out=None):
@@ -70,17 +77,9 @@ def dequantize(data, scale, *, axis=None, block_size=None, out=None):
     if n > 0:
         scale = scale.detach().to(torch.float32).contiguous().reshape(-1)
         args = (cuda_library.device_index(device), cuda_library.stream(device))
-        if axis is not None:
-            outer, channels, inner = cuda_layout.channel_view(tuple(dense.shape), perm.index(axis))
-            code = lib.qk_dequantize_int8_per_channel_f32(dense.data_ptr(), values.data_ptr(),
-                                                          outer, channels, inner,
-                                                          scale.data_ptr(), *args)
-        elif block_size is not None:
-            code = lib.qk_dequantize_int8_blockwise_f32(dense.data_ptr(), values.data_ptr(), n,
-                                                        block_size, scale.data_ptr(), *args)
-        else:
-            code = lib.qk_dequantize_int8_f32(dense.data_ptr(), values.data_ptr(), n,
-                                              scale.data_ptr(), *args)
+        code = _launch((lib.qk_dequantize_int8_per_channel_f32,
+                        lib.qk_dequantize_int8_blockwise_f32, lib.qk_dequantize_int8_f32), dense,
+                       perm, axis, block_size, values, scale.data_ptr(), args)
         cuda_library.check(code, "dequantize")
     return out if out is not None else values.permute(cuda_layout.inverse_permutation(perm))
 
