@@ -80,8 +80,9 @@ FUSED_W8_MAX_ROWS_AVX512 = 32
 #: Block-scaled weights: quantkit's fused weight-only kernel (eight-lane order only) below this
 #: many rows on AVX2 CPUs (the per-row kernel's own switch to its packed order), dense above.
 FUSED_W8_BLOCKS_MAX_ROWS = 31
-#: Bytes of one float32 chunk of the weight on the dense paths: it stays in cache until the
-#: matmul reads it.
+#: Bytes of one float32 chunk of the weight on the dense paths when the activations are smaller:
+#: it stays in cache until the matmul reads it. With larger activations a chunk takes as many
+#: bytes as they do (``_chunk_bytes``).
 CHUNK_BYTES = 4 << 20
 #: auto, W8A8: where the fastest path depends on the machine and not only on its features, the
 #: first products of each shape class time the candidate paths in turn and the class keeps the
@@ -279,8 +280,20 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _rows_per_chunk(in_features: int) -> int:
-    return max(16, CHUNK_BYTES // (4 * max(1, in_features)))
+def _chunk_bytes(activation_elements: int) -> int:
+    """Bytes of one float32 chunk of the weight beside float32 activations of that many elements:
+    CHUNK_BYTES, or the activations' own bytes when larger.
+
+    Every chunk's product reads all of the activations (forward) or updates all of the result
+    (input gradient), so k chunks move those bytes k times; chunks as large as the activations
+    keep that traffic below twice the chunk bytes, while the temporary never exceeds what the
+    caller already holds (or CHUNK_BYTES)."""
+    return max(CHUNK_BYTES, 4 * activation_elements)
+
+
+def _rows_per_chunk(in_features: int, chunk_bytes: int = None) -> int:
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(16, chunk_bytes // (4 * max(1, in_features)))
 
 
 def int8_product(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -438,15 +451,16 @@ def _dequantized_rows(weight: torch.Tensor, weight_scale: torch.Tensor, start: i
 
 def _dense_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias,
                   block_size) -> torch.Tensor:
-    """``x @ W_hat.T + bias``: one ``addmm`` when the float32 weight fits in CHUNK_BYTES, else the
-    weight dequantized in cache-sized chunks of rows, each an ``addmm`` into rows of the
-    transposed result (returned as a transposed view)."""
+    """``x @ W_hat.T + bias``: one ``addmm`` when the float32 weight fits in one chunk
+    (:func:`_chunk_bytes` of x), else the weight dequantized in chunks of rows, each an ``addmm``
+    into rows of the transposed result (returned as a transposed view)."""
     n, k = weight.shape
-    if 4 * n * k <= CHUNK_BYTES:
+    chunk_bytes = _chunk_bytes(x.numel())
+    if 4 * n * k <= chunk_bytes:
         w_hat = _dequantized_rows(weight, weight_scale, 0, n, block_size)
         return torch.mm(x, w_hat.t()) if bias is None else torch.addmm(bias, x, w_hat.t())
     out = torch.empty((n, x.shape[0]), dtype=torch.float32, device=x.device)   # y transposed
-    rows = _rows_per_chunk(k)
+    rows = _rows_per_chunk(k, chunk_bytes)
     for start in range(0, n, rows):
         chunk = _dequantized_rows(weight, weight_scale, start, start + rows, block_size)
         if bias is None:
@@ -458,9 +472,10 @@ def _dense_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
 
 def grad_input(grad: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                block_size=None):
-    """``grad @ W_hat``, the weight dequantized in cache-sized chunks of rows."""
+    """``grad @ W_hat``, the weight dequantized in chunks of rows (:func:`_chunk_bytes` of the
+    result)."""
     out = torch.zeros((grad.shape[0], weight.shape[1]), dtype=torch.float32, device=grad.device)
-    rows = _rows_per_chunk(weight.shape[1])
+    rows = _rows_per_chunk(weight.shape[1], _chunk_bytes(out.numel()))
     for start in range(0, weight.shape[0], rows):
         out.addmm_(grad[:, start:start + rows],
                    _dequantized_rows(weight, weight_scale, start, start + rows, block_size))

@@ -436,3 +436,33 @@ def test_weight_only_is_never_timed(monkeypatch):
     for _ in range(10):
         assert torch.equal(layer(x), first)
     assert not any(key.startswith("weight-only") for key in matmul.tuned_paths())
+
+
+@pytest.mark.parametrize("rows, chunks", [(3, 8), (40, 4), (400, 1)])
+def test_dense_chunks_grow_with_the_activations(monkeypatch, rows, chunks):
+    """A chunk of the dequantized weight takes CHUNK_BYTES or the activations' bytes, whichever is
+    larger (every chunk's product reads all of x); the result does not depend on the chunking."""
+    monkeypatch.setenv(matmul.ENV, "float")                 # the dense weight-only path
+    monkeypatch.setattr(matmul, "CHUNK_BYTES", 4 * 32 * 16)   # 16 rows of K = 32
+    calls = []
+    dequantize = matmul._dequantized_rows
+
+    def counted(*args):
+        calls.append(args[2:4])
+        return dequantize(*args)
+
+    monkeypatch.setattr(matmul, "_dequantized_rows", counted)
+    rng = np.random.default_rng(rows)
+    x = torch.from_numpy(rng.standard_normal((rows, 32)).astype(np.float32))
+    codes = torch.from_numpy(rng.integers(-127, 128, (128, 32)).astype(np.int8))
+    scale = torch.from_numpy(rng.uniform(1e-3, 1e-2, 128).astype(np.float32))
+    bias = torch.from_numpy(rng.standard_normal(128).astype(np.float32))
+    y = matmul.weight_only_linear(x, codes, scale, bias)
+    assert len(calls) == chunks
+    expected = x @ (codes.float() * scale[:, None]).t() + bias
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.from_numpy(rng.standard_normal((rows, 128)).astype(np.float32))
+    calls.clear()
+    g = matmul.grad_input(grad, codes, scale)
+    assert len(calls) == chunks          # the result grad @ W_hat has the size of x
+    torch.testing.assert_close(g, grad @ (codes.float() * scale[:, None]), rtol=1e-4, atol=1e-4)
