@@ -1,7 +1,7 @@
 """QuantLinear against float32 nn.Linear and torch's dynamic int8 Linear: milliseconds and error.
 
-One run measures, side by side, a single Linear(4096, 4096) (256 with ``--quick``) at batch 1, 16
-and 256 with Normal inputs:
+One run measures, side by side, a single Linear(4096, 4096) (256 with ``--quick``) at batch 1, 16,
+256 and 2048 (64 with ``--quick``) with Normal inputs:
 
 * float32 ``nn.Linear``;
 * ``torch.ao.quantization.quantize_dynamic`` (fbgemm: int8 weights per tensor, 7-bit activations
@@ -157,7 +157,8 @@ def test_linear(bench):
     floor_1 = {FLOAT: 4 * size * size / bandwidth, WEIGHT_ONLY: size * size / bandwidth,
                W8A8: size * size / bandwidth, TORCH: size * size / bandwidth}
     rows = []
-    for batch in (1, 16, 256):
+    # the last batch is compute-bound with activations larger than a dense weight chunk
+    for batch in (1, 16, 256, bench.size(2048, 64)):
         x = torch.randn(batch, size)
         variants = _variants(linear, with_int_mm=batch <= 16)
         rows += _rows(f"Normal, {size}x{size}", batch, _measure(bench, variants, x, copies),
