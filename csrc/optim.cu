@@ -1,17 +1,20 @@
 // The 8-bit AdamW step (docs/DESIGN.md section 7; reference: quantkit/reference.py adamw8bit_step;
 // the CPU kernel: quantkit/backends/numba_optim.py). Bit-identical to both.
 //
+// Per element (reference.adamw8bit_update): m' = (+-mag_m) * f32(beta1 * unit_m) + (1 - beta1) * g,
+// v' = mag_r^2 * f32(f32(unit_r^2) * beta2) + (1 - beta2) * g^2, r' = sqrt(v'),
+// p' = p * decay - (m' * r_step_size) / (r' + r_eps), with unit = absmax / top per block.
+//
 // One CUDA block of kThreads threads per quantization block (blocks lie within one row of the
 // (rows, L) view; the last block of a row takes the remainder, so it holds up to
 // 2 * block_size - 1 values), grid-stride over the blocks. Two passes over a block, each thread
 // on the same elements in both:
-//   1. decode m and r = sqrt(v) from their codes (magnitude * absmax / top, the quotient once per
-//      block), update them and p,
-//      write p, and reduce the block's new max |m| and max r (integer maxima of the float bits:
+//   1. the code magnitudes of m and r = sqrt(v) times the block's factors (computed once per
+//      block), update them and p, write p, and reduce the block's new max |m| and max r (integer maxima of the float bits:
 //      the values are finite and non-negative once the sign is cleared);
-//   2. decode and update again (the same operations on the same inputs give the same bits; the
+//   2. update again (the same operations on the same inputs give the same bits; the
 //      old codes are still in place because each thread rewrites only its own elements), scale by
-//      top / absmax and encode to the nearest magnitude, ties up.
+//      top / absmax and encode to the nearest magnitude (ties to even in the linear run, up above).
 // No buffer of the block's moments is needed, so any block size up to QK_MAX_BLOCK_SIZE works.
 // Every float32 operation is an explicitly rounded intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn,
 // __fsqrt_rn): nothing is contracted into an FMA.
@@ -64,13 +67,12 @@ __device__ __forceinline__ float magnitude(int k, CodeMap c) {
                    : __uint_as_float(static_cast<unsigned>(((k - c.per) << c.shift) + c.offset));
 }
 
-// Index of the magnitude nearest to y >= 0 (finite), ties to the larger (numba_optim's rule).
+// Index of the magnitude nearest to y >= 0 (finite): in the linear run the exact y * mult
+// rounded to nearest, ties to even; above it ties to the larger (numba_optim's rule).
 __device__ __forceinline__ int encode_index(float y, CodeMap c) {
   int k;
   if (y < c.smallest) {
-    const float t = __fmul_rn(y, c.mult);
-    k = __float2int_rz(t);
-    k += __fsub_rn(t, static_cast<float>(k)) >= 0.5f;
+    k = __float2int_rn(__fmul_rn(y, c.mult));
   } else {
     const int bits = static_cast<int>(__float_as_uint(y));
     k = ((bits + (1 << (c.shift - 1))) >> c.shift) - ((127 + c.e_min) << c.mbits) + c.per;
@@ -78,11 +80,30 @@ __device__ __forceinline__ int encode_index(float y, CodeMap c) {
   return min(k, c.top_index);
 }
 
+// reference.ADAMW_SCALARS, in that order.
 struct Scalars {
-  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt;
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt, r_eps,
+      r_step_size;
 };
 
-// One element's update (reference.adamw_update): m, r in, the new m, r and p out.
+inline Scalars read_scalars(const float *v) {
+  return Scalars{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]};
+}
+
+// One element's 8-bit update (reference.adamw8bit_update): the signed magnitude of m's code and
+// the magnitude of r's code with the block's factors in, the new m, r and p out.
+__device__ __forceinline__ void adamw8bit_update(float g, float m_mag, float m_factor,
+                                                 float r_mag, float v_factor, float &m, float &r,
+                                                 float &p, Scalars s) {
+  m = __fadd_rn(__fmul_rn(m_mag, m_factor), __fmul_rn(s.one_minus_beta1, g));
+  const float v = __fadd_rn(__fmul_rn(__fmul_rn(r_mag, r_mag), v_factor),
+                            __fmul_rn(s.one_minus_beta2, __fmul_rn(g, g)));
+  r = __fsqrt_rn(v);
+  p = __fsub_rn(__fmul_rn(p, s.decay),
+                __fdiv_rn(__fmul_rn(m, s.r_step_size), __fadd_rn(r, s.r_eps)));
+}
+
+// One element's float32-state update (reference.adamw_update): m, r in, the new m, r, p out.
 __device__ __forceinline__ void adamw_update(float g, float &m, float &r, float &p,
                                              Scalars s) {
   m = __fadd_rn(__fmul_rn(s.beta1, m), __fmul_rn(s.one_minus_beta1, g));
@@ -120,17 +141,17 @@ __global__ void adamw8bit_kernel(float *__restrict__ p, const float *__restrict_
     const int64_t lo = b * block_size;
     const int64_t hi = b == per_row - 1 ? length : lo + block_size;
     const int64_t base = row * length;
-    // reference.decode_unit: the value of magnitude 1 in this block
-    const float m_unit = __fdiv_rn(m_absmax[row * per_row + b], mc.top);
+    // the blocks' factors: beta1 * unit_m, unit_r^2 * beta2 (unit = reference.decode_unit)
+    const float m_factor = __fmul_rn(s.beta1, __fdiv_rn(m_absmax[row * per_row + b], mc.top));
     const float r_unit = __fdiv_rn(r_absmax[row * per_row + b], rc.top);
+    const float v_factor = __fmul_rn(__fmul_rn(r_unit, r_unit), s.beta2);
     uint32_t m_top = 0, r_top = 0;
     for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
       const int c = m_codes[base + i];
       const float t = magnitude(c < 0 ? -c : c, mc);
-      float m = __fmul_rn(c < 0 ? -t : t, m_unit);
-      float r = __fmul_rn(magnitude(r_codes[base + i], rc), r_unit);
-      float pi = p[base + i];
-      adamw_update(g[base + i], m, r, pi, s);
+      float m, r, pi = p[base + i];
+      adamw8bit_update(g[base + i], c < 0 ? -t : t, m_factor, magnitude(r_codes[base + i], rc),
+                       v_factor, m, r, pi, s);
       p[base + i] = pi;
       m_top = max(m_top, __float_as_uint(m) & 0x7fffffffu);
       r_top = max(r_top, __float_as_uint(r));
@@ -142,10 +163,9 @@ __global__ void adamw8bit_kernel(float *__restrict__ p, const float *__restrict_
     for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
       const int c = m_codes[base + i];
       const float t = magnitude(c < 0 ? -c : c, mc);
-      float m = __fmul_rn(c < 0 ? -t : t, m_unit);
-      float r = __fmul_rn(magnitude(r_codes[base + i], rc), r_unit);
-      float unused = 0.0f;
-      adamw_update(g[base + i], m, r, unused, s);
+      float m, r, unused = 0.0f;
+      adamw8bit_update(g[base + i], c < 0 ? -t : t, m_factor, magnitude(r_codes[base + i], rc),
+                       v_factor, m, r, unused, s);
       const float ym = __fmul_rn(m, m_inv);
       const int k = encode_index(ym < 0.0f ? -ym : ym, mc);
       m_codes[base + i] = static_cast<int8_t>(ym < 0.0f ? -k : k);
@@ -191,8 +211,7 @@ QK_API cudaError_t qk_adamw8bit_step_f32(float *p, const float *g, int8_t *m_cod
   if (!p || !g || !m_codes || !m_absmax || !r_codes || !r_absmax) return cudaErrorInvalidValue;
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return guard.status();
-  const Scalars s{scalars[0], scalars[1], scalars[2], scalars[3],
-                  scalars[4], scalars[5], scalars[6], scalars[7]};
+  const Scalars s = read_scalars(scalars);
   const int64_t per_row = length / block_size > 0 ? length / block_size : 1;
   const int64_t n_blocks = rows * per_row;
   const int grid = static_cast<int>(n_blocks < (int64_t{1} << 20) ? n_blocks : int64_t{1} << 20);
@@ -211,8 +230,7 @@ QK_API cudaError_t qk_adamw32_step_f32(float *p, const float *g, float *m, float
   if (!p || !g || !m || !r) return cudaErrorInvalidValue;
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return guard.status();
-  const Scalars s{scalars[0], scalars[1], scalars[2], scalars[3],
-                  scalars[4], scalars[5], scalars[6], scalars[7]};
+  const Scalars s = read_scalars(scalars);
   int blocks = 0;
   const cudaError_t err = grid_blocks(n, &blocks);
   if (err != cudaSuccess) return err;

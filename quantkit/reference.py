@@ -172,9 +172,13 @@ def linear_w8_blocks(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, block_
 #   codes -127..127, sign kept, so quantization never flips the sign of m and 0 stays exactly 0);
 #   the second moment stores r = sqrt(v) with 256 magnitudes (5 mantissa bits; uint8 codes).
 # * encoding a block: absmax = max |x| (float32), inv = float32(table_top / absmax) (0 when
-#   absmax == 0), y = float32(|x| * inv), code = the nearest table entry to y, ties to the larger
-#   magnitude. Decoding: table[code] * unit, with unit = float32(absmax / table_top) computed
-#   once per block (table[code] is exact in float32, so a decode is one rounding).
+#   absmax == 0), y = float32(|x| * inv), code = the nearest table entry to y: ties to the even
+#   index in the linear run, to the larger magnitude above it. Decoding: table[code] * unit, with
+#   unit = float32(absmax / table_top) computed once per block (table[code] is exact in float32,
+#   so a decode is one rounding).
+# * the step (adamw8bit_step) folds the per-block factors into the update instead of decoding
+#   first: m' = (+-table[c_m]) * f32(beta1 * unit_m) + ..., v' = table[c_r]^2 * f32(f32(unit_r^2)
+#   * beta2) + ... (table[c]^2 is exact: at most 12 significant bits).
 
 
 def moment_magnitudes(levels: int, mantissa_bits: int) -> np.ndarray:
@@ -205,14 +209,23 @@ def decode_unit(absmax, levels: int, mantissa_bits: int):
 
 
 def encode_magnitudes(y: np.ndarray, levels: int, mantissa_bits: int) -> np.ndarray:
-    """Index of the magnitude nearest to each ``y >= 0`` (ties to the larger), as int64.
+    """Index of the magnitude nearest to each ``y >= 0``, as int64.
 
-    ``y`` above the top magnitude takes the top index. The midpoints of neighbouring magnitudes
-    are exact in float32, so the comparison is exact.
+    In the linear run (``y`` below the smallest normal magnitude ``2**e_min``) the index is
+    ``rint(y * 2**(mantissa_bits - e_min))`` (exact product; ties to the even index); above it,
+    the nearest magnitude with ties to the larger (the midpoints of neighbouring magnitudes are
+    exact in float32, so the comparison is exact). ``y`` above the top magnitude takes the top
+    index.
     """
     mags = moment_magnitudes(levels, mantissa_bits)
+    per_binade = 1 << mantissa_bits
+    smallest_normal = np.float32(2.0 ** (2 - levels // per_binade))   # 2**e_min
+    y = np.asarray(y, np.float32)
     mid = ((mags[:-1].astype(np.float64) + mags[1:]) / 2).astype(np.float32)
-    return np.searchsorted(mid, np.asarray(y, np.float32), side="right").astype(np.int64)
+    nearest = np.searchsorted(mid, y, side="right").astype(np.int64)
+    linear = np.rint(y.astype(np.float64) * (per_binade / np.float64(smallest_normal)))
+    linear = np.minimum(np.where(y < smallest_normal, linear, 0), levels - 1).astype(np.int64)
+    return np.where(y < smallest_normal, linear, nearest)
 
 
 def row_blocks(length: int, block_size: int) -> list[tuple[int, int]]:
@@ -274,20 +287,35 @@ def decode_moments(codes: np.ndarray, absmax: np.ndarray, block_size: int, signe
     return out
 
 
+#: The names of :func:`adamw_scalars`, in the order csrc/optim.cu takes them.
+ADAMW_SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay",
+                 "step_size", "bc2_sqrt", "r_eps", "r_step_size")
+#: The scalars of the CPU kernels, in their argument order (backends/numba_optim.py).
+ADAMW8BIT_KERNEL_SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay",
+                            "r_eps", "r_step_size")
+ADAMW32_KERNEL_SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay",
+                          "step_size", "bc2_sqrt")
+
+
 def adamw_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                   step: int) -> dict:
     """The float32 constants of AdamW step ``step`` (1-based), computed in float64 once.
 
     ``decay = 1 - lr * weight_decay``, ``step_size = lr / (1 - beta1**step)``,
-    ``bc2_sqrt = sqrt(1 - beta2**step)``.
+    ``bc2_sqrt = sqrt(1 - beta2**step)``; for the 8-bit step, which divides by ``r' + r_eps``
+    instead of ``r' / bc2_sqrt + eps``: ``r_eps = eps * bc2_sqrt`` and
+    ``r_step_size = step_size * bc2_sqrt`` (the same quotient, one division fewer).
     """
     f = np.float32
+    bc2_sqrt = np.sqrt(1.0 - beta2 ** step)
     return {
         "beta1": f(beta1), "one_minus_beta1": f(1.0 - beta1),
         "beta2": f(beta2), "one_minus_beta2": f(1.0 - beta2),
         "eps": f(eps), "decay": f(1.0 - lr * weight_decay),
         "step_size": f(lr / (1.0 - beta1 ** step)),
-        "bc2_sqrt": f(np.sqrt(1.0 - beta2 ** step)),
+        "bc2_sqrt": f(bc2_sqrt),
+        "r_eps": f(eps * bc2_sqrt),
+        "r_step_size": f(lr * bc2_sqrt / (1.0 - beta1 ** step)),
     }
 
 
@@ -311,16 +339,65 @@ def adamw_update(p, g, m, r, s: dict):
     return p_new.astype(f32), m_new.astype(f32), r_new
 
 
+def adamw8bit_update(p, g, m_mag, m_factor, r_mag, v_factor, s: dict):
+    """The 8-bit step's update on float32 arrays, every operation one float32 rounding::
+
+        m' = m_mag * m_factor + (1 - beta1) * g
+        v' = (r_mag * r_mag) * v_factor + (1 - beta2) * (g * g)
+        r' = sqrt(v')
+        p' = p * decay - (m' * r_step_size) / (r' + r_eps)
+
+    ``m_mag`` is the signed table magnitude of m's code and ``m_factor = f32(beta1 * unit_m)``;
+    ``r_mag`` the table magnitude of r's code (``r_mag * r_mag`` is exact) and
+    ``v_factor = f32(f32(unit_r * unit_r) * beta2)``; the factors broadcast per element. This is
+    :func:`adamw_update` with the decode's unit folded into beta1 and beta2 and the bias
+    correction of r folded into r_eps and r_step_size: the same quantities, rounded differently.
+    Returns ``(p', m', r')``.
+    """
+    f32 = np.float32
+    p, g, m_mag, m_factor, r_mag, v_factor = (np.asarray(a, f32) for a in (
+        p, g, m_mag, m_factor, r_mag, v_factor))
+    m_new = (m_mag * m_factor).astype(f32) + (s["one_minus_beta1"] * g).astype(f32)
+    v_new = ((r_mag * r_mag).astype(f32) * v_factor).astype(f32) + (
+        s["one_minus_beta2"] * (g * g).astype(f32)).astype(f32)
+    r_new = np.sqrt(v_new.astype(f32)).astype(f32)
+    step = ((m_new * s["r_step_size"]).astype(f32) / (r_new + s["r_eps"]).astype(f32)).astype(f32)
+    p_new = (p * s["decay"]).astype(f32) - step
+    return p_new.astype(f32), m_new.astype(f32), r_new
+
+
+def _per_element(per_block: np.ndarray, length: int, block_size: int) -> np.ndarray:
+    """(rows, length) array repeating each block's value (rows, blocks per row) over its values."""
+    out = np.empty((per_block.shape[0], length), per_block.dtype)
+    for b, (lo, hi) in enumerate(row_blocks(length, block_size)):
+        out[:, lo:hi] = per_block[:, b:b + 1]
+    return out
+
+
 def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size: int, s: dict,
                    m_code=None, r_code=None):
-    """One 8-bit AdamW step on a 2-d parameter (rows, L): decode, :func:`adamw_update`, encode.
+    """One 8-bit AdamW step on a 2-d parameter (rows, L): table magnitudes of the codes and the
+    blocks' factors, :func:`adamw8bit_update`, encode (:func:`encode_moments`).
 
     The parameter update uses the moments before they are re-encoded. Returns new arrays
     ``(p, m_codes, m_absmax, r_codes, r_absmax)``.
     """
-    m = decode_moments(m_codes, m_absmax, block_size, True, m_code)
-    r = decode_moments(r_codes, r_absmax, block_size, False, r_code)
-    p_new, m_new, r_new = adamw_update(p, g, m, r, s)
+    f32 = np.float32
+    m_levels, m_bits = m_code or M_CODE
+    r_levels, r_bits = r_code or R_CODE
+    m_codes, r_codes = np.asarray(m_codes), np.asarray(r_codes)
+    length = m_codes.shape[1]
+    m_table = moment_magnitudes(m_levels, m_bits)
+    m_mag = m_table[np.abs(m_codes.astype(np.int64))]
+    m_mag = np.where(m_codes < 0, -m_mag, m_mag).astype(f32)
+    r_mag = moment_magnitudes(r_levels, r_bits)[r_codes.astype(np.int64)]
+    m_unit = decode_unit(m_absmax, m_levels, m_bits)
+    r_unit = decode_unit(r_absmax, r_levels, r_bits)
+    m_factor = (s["beta1"] * m_unit).astype(f32)
+    v_factor = ((r_unit * r_unit).astype(f32) * s["beta2"]).astype(f32)
+    p_new, m_new, r_new = adamw8bit_update(
+        p, g, m_mag, _per_element(m_factor, length, block_size), r_mag,
+        _per_element(v_factor, length, block_size), s)
     m_codes, m_absmax = encode_moments(m_new, block_size, True, m_code)
     r_codes, r_absmax = encode_moments(r_new, block_size, False, r_code)
     return p_new, m_codes, m_absmax, r_codes, r_absmax

@@ -15,8 +15,6 @@ from quantkit.backends import cuda_optim
 from quantkit.optim import AdamW8bit
 from cuda_cases import emulated_library
 
-SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "step_size",
-           "bc2_sqrt")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +24,7 @@ def emu(tmp_path_factory):
 
 def _scalars(t, lr=1e-3, wd=1e-2, betas=(0.9, 0.999)):
     s = R.adamw_scalars(lr, betas[0], betas[1], 1e-8, wd, t)
-    return np.array([s[k] for k in SCALARS], np.float32), s
+    return np.array([s[k] for k in R.ADAMW_SCALARS], np.float32), s
 
 
 def _ptr(a):
@@ -78,7 +76,7 @@ def test_emulated_float32_state_step_equals_numba(emu):
     for t in range(1, 4):
         g = rng.standard_normal(n).astype(np.float32)
         scalars, s = _scalars(t)
-        numba_optim.adamw32_step(p, g, m, r, *[s[k] for k in SCALARS])
+        numba_optim.adamw32_step(p, g, m, r, *[s[k] for k in R.ADAMW32_KERNEL_SCALARS])
         assert emu.qk_adamw32_step_f32(_ptr(p2), _ptr(g), _ptr(m2), _ptr(r2), n, _ptr(scalars),
                                        0, None) == 0
         assert np.array_equal(p, p2) and np.array_equal(m, m2) and np.array_equal(r, r2)

@@ -13,12 +13,8 @@ from quantkit import reference as R
 from quantkit.backends import numba_optim as K
 from quantkit.optim import Adam8bit, AdamW8bit, load_optimizer_state, save_optimizer_state
 
-SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "step_size",
-           "bc2_sqrt")
-
-
 def kernel_step(p, g, state, block, s):
-    K.adamw8bit_step(p, g, *state, block, *[s[k] for k in SCALARS])
+    K.adamw8bit_step(p, g, *state, block, *[s[k] for k in R.ADAMW8BIT_KERNEL_SCALARS])
 
 
 def fresh_state(rows, length, block):
@@ -66,6 +62,18 @@ def test_bit_rule_matches_nearest_magnitude(levels, bits):
         np.array([0, 1e-45, 1e-38, mags[-1], mags[-1] * 1.5], np.float32)]).astype(np.float32)
     assert np.array_equal(K.magnitude_indices(y, K.code_map(levels, bits)),
                           R.encode_magnitudes(y, levels, bits))
+
+
+@pytest.mark.parametrize("levels, bits", [R.M_CODE, R.R_CODE, (128, 3)])
+def test_ties_go_to_even_in_the_linear_run_and_up_above(levels, bits):
+    mags = R.moment_magnitudes(levels, bits)
+    per = 1 << bits
+    mid = ((mags[:-1].astype(np.float64) + mags[1:]) / 2).astype(np.float32)
+    k = R.encode_magnitudes(mid, levels, bits)
+    lower = np.arange(levels - 1)
+    linear = lower < per - 1                         # ties between two linear-run entries
+    assert np.array_equal(k[linear], lower[linear] + lower[linear] % 2)
+    assert np.array_equal(k[~linear], lower[~linear] + 1)
 
 
 def test_magnitudes_are_exact_and_increasing():
@@ -147,7 +155,7 @@ def test_float32_state_kernel_matches_reference():
         g = rng.standard_normal(1000).astype(np.float32)
         s = R.adamw_scalars(1e-2, 0.9, 0.99, 1e-8, 0.1, t)
         ref = R.adamw_update(*ref[:1], g, *ref[1:], s)
-        K.adamw32_step(p, g, m, r, *[s[k] for k in SCALARS])
+        K.adamw32_step(p, g, m, r, *[s[k] for k in R.ADAMW32_KERNEL_SCALARS])
         assert np.array_equal(p, ref[0]) and np.array_equal(m, ref[1])
         assert np.array_equal(r, ref[2])
 

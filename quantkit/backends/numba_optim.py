@@ -8,7 +8,8 @@ copy of a moment as large as the parameter exists at any time.
 Encoding is the nearest-magnitude rule of ``reference.encode_magnitudes`` computed from the bits of
 the float32 value: in the normal range adding half a unit of the kept mantissa to the bit pattern
 and shifting rounds to nearest with ties up (a carry moves into the exponent, which is the next
-table entry); below the smallest normal the run is linear and an exact scaled floor decides.
+table entry); below the smallest normal the run is linear and an exact scaled value is rounded
+to the nearest integer, ties to even (one vector rounding).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _float_of(typingctx, bits):
 @njit(inline="always")
 def _magnitude_index(y, ybits, code):
     """Nearest magnitude index of y >= 0 (its float32 bit pattern is ybits) in the map ``code``
-    (:func:`code_map`), ties up.
+    (:func:`code_map`): ties to even in the linear run, up above it.
 
     Both rules are computed and one is selected (no branch, so the loop vectorises); every
     integer step is truncated to int32 (numba widens int32 arithmetic to int64, which would
@@ -81,9 +82,7 @@ def _magnitude_index(y, ybits, code):
     """
     shift, half_unit, normal_base = code[1], code[5], code[6]
     smallest_normal, linear_mult, top_index = code[7], code[8], code[9]
-    t = y * linear_mult  # exact: a power of two
-    k_linear = np.int32(t)
-    k_linear = np.int32(k_linear + np.int32(t - np.float32(k_linear) >= np.float32(0.5)))
+    k_linear = np.int32(np.rint(y * linear_mult))  # the product is exact: a power of two
     k_normal = np.int32(np.int32(np.int32(ybits + half_unit) >> shift) - normal_base)
     k = k_linear if y < smallest_normal else k_normal
     return min(k, top_index)
@@ -133,19 +132,21 @@ R_MAP = code_map(*reference.R_CODE)
 
 @njit(parallel=True, cache=True)
 def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size,
-                   beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt):
-    """In-place 8-bit AdamW on 2-d float32 ``p`` (rows, L) with gradient ``g`` of the same shape.
+                   beta1, one_minus_beta1, beta2, one_minus_beta2, decay, r_eps, r_step_size):
+    """In-place 8-bit AdamW (``reference.adamw8bit_step``) on 2-d float32 ``p`` (rows, L) with
+    gradient ``g`` of the same shape.
 
-    ``m_codes`` int8 and ``r_codes`` uint8 have p's shape; all four are C-contiguous; ``m_absmax``/``r_absmax`` are float32
-    (rows, blocks per row); the code maps are ``reference.M_CODE`` and ``reference.R_CODE``
-    (``M_MAP``, ``R_MAP``).
+    ``m_codes`` int8 and ``r_codes`` uint8 have p's shape; all four are C-contiguous;
+    ``m_absmax``/``r_absmax`` are float32 (rows, blocks per row); the code maps are
+    ``reference.M_CODE`` and ``reference.R_CODE`` (``M_MAP``, ``R_MAP``).
 
-    A code decodes to ``magnitude * float32(absmax / top)`` (negated for negative m codes), the
-    magnitude built from its index's float32 bits (``_magnitude``), not looked up. Two loops per
-    block, each over at most ``2 * block_size`` values, both vectorised (no gathers; the block
-    maxima are integer maxima of the sign-cleared float bits, exact for finite values):
-    decode + update p and the moments + maxima, keeping the new moments in an L1 buffer; then
-    scale by ``top / absmax`` and encode.
+    Per element ``reference.adamw8bit_update``: the code's magnitude, built from its index's
+    float32 bits (``_magnitude``, no table lookup), times the block's factor
+    ``f32(beta1 * absmax / top)`` for m; the squared magnitude times ``f32(f32(unit^2) * beta2)``
+    for v. Two loops per block, each over at most ``2 * block_size`` values, both vectorised
+    (no gathers; the block maxima are integer maxima of the sign-cleared float bits, exact for
+    finite values): update p and the moments + maxima, keeping the new moments in an L1 buffer;
+    then scale by ``top / absmax`` and encode.
     """
     rows, length = p.shape
     per_row = max(1, length // block_size)
@@ -174,20 +175,19 @@ def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size,
             rc = r_flat[start:start + n]
             m_top = M_MAP[4]
             r_top = R_MAP[4]
-            m_unit = m_absmax[row, b] / m_top
+            m_factor = beta1 * (m_absmax[row, b] / m_top)
             r_unit = r_absmax[row, b] / r_top
+            v_factor = (r_unit * r_unit) * beta2
             m_top_bits = np.int32(0)
             r_top_bits = np.int32(0)
             for i in range(n):
                 c = np.int32(mc[i])
                 mag = _magnitude(abs(c), M_MAP)
-                m = (mag if c >= 0 else -mag) * m_unit
-                r = _magnitude(np.int32(rc[i]), R_MAP) * r_unit
+                r_mag = _magnitude(np.int32(rc[i]), R_MAP)
                 gi = gs[i]
-                m = beta1 * m + one_minus_beta1 * gi
-                r = np.sqrt(beta2 * (r * r) + one_minus_beta2 * (gi * gi))
-                denom = r / bc2_sqrt + eps
-                ps[i] = ps[i] * decay - step_size * (m / denom)
+                m = (mag if c >= 0 else -mag) * m_factor + one_minus_beta1 * gi
+                r = np.sqrt((r_mag * r_mag) * v_factor + one_minus_beta2 * (gi * gi))
+                ps[i] = ps[i] * decay - (m * r_step_size) / (r + r_eps)
                 buf_m[i] = m
                 buf_r[i] = r
                 m_top_bits = max(m_top_bits, np.int32(_bits_of(m) & sign_clear))
@@ -200,8 +200,8 @@ def adamw8bit_step(p, g, m_codes, m_absmax, r_codes, r_absmax, block_size,
             r_absmax[row, b] = r_max
             for i in range(n):
                 y = buf_m[i] * m_inv
-                y_abs = abs(y)
-                k = _magnitude_index(y_abs, np.int32(_bits_of(y) & sign_clear), M_MAP)
+                y_bits = np.int32(_bits_of(y) & sign_clear)
+                k = _magnitude_index(_float_of(y_bits), y_bits, M_MAP)
                 mc[i] = np.int8(-k if y < 0 else k)
                 y = buf_r[i] * r_inv
                 rc[i] = np.uint8(_magnitude_index(y, _bits_of(y), R_MAP))

@@ -24,8 +24,6 @@ import torch
 from .. import reference
 from .._constants import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 
-_SCALAR_NAMES = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay",
-                 "step_size", "bc2_sqrt")
 _EIGHT_BIT_KEYS = {"m_codes": torch.int8, "m_absmax": torch.float32, "r_codes": torch.uint8,
                    "r_absmax": torch.float32}
 _FLOAT_KEYS = {"m": torch.float32, "r": torch.float32}
@@ -208,8 +206,9 @@ class AdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._check_gradients()
-        scalars_of = {}   # (group, step) -> the step's float32 constants, shared by its params
-        for p, group, g in work:
+        scalars_of = {}   # (group, step) -> the step's float32 constants, shared by its params:
+        #                   (8-bit kernel's, float32-state kernel's, CUDA's array)
+        for p, group, g in reversed(work):   # the last gradients checked are still in cache
             state = self.state[p]
             if not state:
                 self._init_state(p, group)
@@ -221,9 +220,12 @@ class AdamW8bit(torch.optim.Optimizer):
                 beta1, beta2 = group["betas"]
                 s = reference.adamw_scalars(group["lr"], beta1, beta2, group["eps"],
                                             group["weight_decay"], key[1])
-                scalars = scalars_of[key] = [s[name] for name in _SCALAR_NAMES]
+                scalars = scalars_of[key] = (
+                    [s[name] for name in reference.ADAMW8BIT_KERNEL_SCALARS],
+                    [s[name] for name in reference.ADAMW32_KERNEL_SCALARS],
+                    np.array([s[name] for name in reference.ADAMW_SCALARS], np.float32))
             if not isinstance(g, np.ndarray):
-                self._step_cuda(p, state, group, scalars)
+                self._step_cuda(p, state, group, scalars[2])
                 continue
             local_p = _local(p).detach()
             rows = _as_rows(local_p)
@@ -234,11 +236,11 @@ class AdamW8bit(torch.optim.Optimizer):
                 numba_optim.adamw8bit_step(
                     p_rows, g_rows, state["m_codes"].numpy(), state["m_absmax"].numpy(),
                     state["r_codes"].numpy(), state["r_absmax"].numpy(), group["block_size"],
-                    *scalars)
+                    *scalars[0])
             else:
                 numba_optim.adamw32_step(p_rows.reshape(-1), g_rows.reshape(-1),
                                          state["m"].numpy().reshape(-1),
-                                         state["r"].numpy().reshape(-1), *scalars)
+                                         state["r"].numpy().reshape(-1), *scalars[1])
             if not contiguous:
                 local_p.copy_(torch.from_numpy(p_rows).reshape(local_p.shape))
         return loss
