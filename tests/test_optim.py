@@ -509,3 +509,15 @@ def test_loaded_strided_states_step_as_the_originals():
     opt.step()
     other.step()
     assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1, 2 * 65536 + 7])
+def test_bad_gradient_count_on_either_side_of_one_chunk(extra):
+    """One chunk is counted without a parallel region, more with one: the same counts."""
+    from quantkit._constants import CHUNK
+
+    g = np.ones(CHUNK + extra, np.float32)
+    g[[0, -1, g.size // 2]] = [np.nan, np.inf, np.float32(2.0 ** 61)]
+    assert K.count_bad_gradients(g) == 3
+    g[[0, -1, g.size // 2]] = -K.GRAD_LIMIT
+    assert K.count_bad_gradients(g) == 0

@@ -19,6 +19,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import reference
+from .._constants import CHUNK
 from .numba_chunks import chunk_bounds, chunk_count
 
 #: Gradients are accepted up to this magnitude: beyond it ``g * g`` could overflow float32.
@@ -28,20 +29,39 @@ _ITEMS = 64  # blocks per parallel work item
 _FLOAT_STATE_CHUNK = 1 << 14  # values per work item of the float32-state step
 
 
+@njit(inline="always")
+def _bad_in_chunk(g, c):
+    lo, hi = chunk_bounds(c, g.size)
+    gs = g[lo:hi]
+    count = 0
+    for i in range(hi - lo):
+        count += not (abs(gs[i]) <= GRAD_LIMIT)
+    return count
+
+
 @njit(parallel=True, cache=True)
-def count_bad_gradients(g):
-    """Number of elements that are NaN, +-Inf or larger in magnitude than GRAD_LIMIT."""
-    n = g.size
-    n_chunks = chunk_count(n)
+def _count_bad_parallel(g):
+    n_chunks = chunk_count(g.size)
     bad = np.zeros(n_chunks, np.int64)
     for c in prange(n_chunks):
-        lo, hi = chunk_bounds(c, n)
-        gs = g[lo:hi]
-        count = 0
-        for i in range(hi - lo):
-            count += not (abs(gs[i]) <= GRAD_LIMIT)
-        bad[c] = count
+        bad[c] = _bad_in_chunk(g, c)
     return bad.sum()
+
+
+@njit(cache=True)
+def _count_bad_serial(g):
+    bad = 0
+    for c in range(chunk_count(g.size)):
+        bad += _bad_in_chunk(g, c)
+    return bad
+
+
+def count_bad_gradients(g) -> int:
+    """Number of elements of the flat float32 ``g`` that are NaN, +-Inf or larger in magnitude
+    than GRAD_LIMIT (one chunk: no parallel region, whose start costs more than the work)."""
+    if g.size <= CHUNK:
+        return _count_bad_serial(g)
+    return _count_bad_parallel(g)
 
 
 @intrinsic
