@@ -10,8 +10,8 @@
 // 2 * block_size - 1 values), grid-stride over the blocks. Two passes over a block, each thread
 // on the same elements in both:
 //   1. the code magnitudes of m and r = sqrt(v) times the block's factors (computed once per
-//      block), update them and p, write p, and reduce the block's new max |m| and max r (integer maxima of the float bits:
-//      the values are finite and non-negative once the sign is cleared);
+//      block), update them and p, write p, and reduce the block's new max |m| and max r (integer
+//      maxima of the float bits: the values are finite and non-negative once the sign is cleared);
 //   2. update again (the same operations on the same inputs give the same bits; the
 //      old codes are still in place because each thread rewrites only its own elements), scale by
 //      top / absmax and encode to the nearest magnitude (ties to even in the linear run, up above).
