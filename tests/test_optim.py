@@ -349,6 +349,27 @@ def test_nonfinite_gradient_raises_and_changes_nothing():
         opt.step()
 
 
+def test_unchecked_steps_equal_checked_ones_and_let_a_nan_through():
+    """check_finite=False skips only the gradient check: the same bits on finite gradients; a
+    NaN gradient then raises nothing and poisons its own parameter (as torch's AdamW does)."""
+    nets = [net_and_data(seed=4) for _ in range(2)]
+    opts = [AdamW8bit(n.parameters(), lr=1e-2, min_8bit_size=1024, check_finite=c)
+            for (n, _, _), c in zip(nets, (True, False))]
+    for (net, x, y), opt in zip(nets, opts):
+        train(net, opt, x, y, 3)
+    for a, b in zip(nets[0][0].parameters(), nets[1][0].parameters()):
+        assert torch.equal(a, b)
+    net, x, y = nets[1]
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    opts[1].zero_grad()
+    loss.backward()
+    net[2].weight.grad[1, 2] = float("nan")
+    opts[1].step()
+    assert torch.isnan(net[2].weight[1, 2])
+    with pytest.raises(TypeError, match="check_finite"):
+        AdamW8bit(net.parameters(), check_finite=1)
+
+
 def test_gradients_are_not_modified():
     net, x, y = net_and_data()
     opt = AdamW8bit(net.parameters(), min_8bit_size=1024)
