@@ -16,6 +16,7 @@ layers of a model) touches warm pages.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -106,7 +107,7 @@ def empty(shape: tuple, dtype) -> np.ndarray:
     """An uninitialised C-contiguous array, from the cache when it is large (see module doc)."""
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES or _CACHE.limit == 0:
         return np.empty(shape, dtype)
     return np.asarray(_Lease(_CACHE.take(nbytes), shape, dtype))

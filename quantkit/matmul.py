@@ -438,12 +438,12 @@ def _dequantized_rows(weight: torch.Tensor, weight_scale: torch.Tensor, start: i
     threads: the product that follows runs on the same thread pool, so no other pool's workers
     are still spinning beside it. Two passes, because torch's mixed int8 x float32 ``mul`` runs
     2-4x slower than a conversion plus an in-place float32 ``mul_``."""
-    codes = weight[start:stop]
-    if codes.device.type == "cpu":
-        from . import _buffers
+    from . import _buffers
 
+    codes = weight[start:stop]
+    if codes.device.type == "cpu" and 4 * codes.numel() >= _buffers.MIN_BYTES:
         out = torch.from_numpy(_buffers.empty(tuple(codes.shape), np.float32)).copy_(codes)
-    else:
+    else:   # small: torch's allocator reuses its own blocks
         out = codes.to(torch.float32)
     if block_size is None:
         return out.mul_(weight_scale[start:stop, None])
