@@ -370,6 +370,28 @@ def test_unchecked_steps_equal_checked_ones_and_let_a_nan_through():
         AdamW8bit(net.parameters(), check_finite=1)
 
 
+def test_steps_follow_replaced_parameter_data_and_state_tensors():
+    """The optimizer keeps NumPy views of each parameter and its states between steps; replacing
+    ``p.data`` or a state tensor must send the next step to the new memory."""
+    torch.manual_seed(6)
+    p1 = torch.nn.Parameter(torch.randn(64, 128))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1 = AdamW8bit([p1], lr=1e-2, min_8bit_size=1024)
+    o2 = AdamW8bit([p2], lr=1e-2, min_8bit_size=1024)
+    for step in range(4):
+        g = torch.randn(64, 128)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        if step == 1:      # new parameter storage, same values
+            p1.data = p1.data.clone()
+        if step == 2:      # new state tensors, same values (as a state dict load would make)
+            o1.state[p1] = {k: v.clone() for k, v in o1.state[p1].items()}
+        o1.step()
+        o2.step()
+        assert torch.equal(p1, p2), f"step {step}"
+        for k, v in o2.state[p2].items():
+            assert torch.equal(o1.state[p1][k], v), f"{k} at step {step}"
+
+
 def test_gradients_are_not_modified():
     net, x, y = net_and_data()
     opt = AdamW8bit(net.parameters(), min_8bit_size=1024)

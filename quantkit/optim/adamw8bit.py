@@ -235,23 +235,44 @@ class AdamW8bit(torch.optim.Optimizer):
             if not isinstance(g, np.ndarray):
                 self._step_cuda(p, state, group, scalars[2])
                 continue
-            local_p = _local(p).detach()
-            rows = _as_rows(local_p)
-            contiguous = rows.is_contiguous() and rows.data_ptr() == local_p.data_ptr()
-            p_rows = rows.numpy() if contiguous else np.ascontiguousarray(rows.numpy())
+            p_rows, moments = self._cpu_views(p, state)
+            copied = p_rows is None       # a layout the kernels cannot step in place
+            if copied:
+                local_p = _local(p).detach()
+                p_rows = np.ascontiguousarray(_as_rows(local_p).numpy())
             g_rows = g.reshape(p_rows.shape)
             if "m_codes" in state:
-                numba_optim.adamw8bit_step(
-                    p_rows, g_rows, state["m_codes"].numpy(), state["m_absmax"].numpy(),
-                    state["r_codes"].numpy(), state["r_absmax"].numpy(), group["block_size"],
-                    *scalars[0])
+                numba_optim.adamw8bit_step(p_rows, g_rows, *moments, group["block_size"],
+                                           *scalars[0])
             else:
                 numba_optim.adamw32_step(p_rows.reshape(-1), g_rows.reshape(-1),
-                                         state["m"].numpy().reshape(-1),
-                                         state["r"].numpy().reshape(-1), *scalars[1])
-            if not contiguous:
+                                         *(a.reshape(-1) for a in moments), *scalars[1])
+            if copied:
                 local_p.copy_(torch.from_numpy(p_rows).reshape(local_p.shape))
         return loss
+
+    def _cpu_views(self, p, state):
+        """``(p_rows, moments)``: NumPy views of a CPU parameter as (rows, L) (None when its
+        layout is not one C-contiguous block) and of its moment states in the kernels' argument
+        order. Kept per parameter while its storage, shape and strides and the state tensors
+        stay the same objects (``load_state_dict`` or ``p.data = ...`` make new ones), so a step
+        does not rebuild them: on many small tensors that rebuilding cost as much as the kernels.
+        """
+        local_p = _local(p)
+        names = _EIGHT_BIT_KEYS if "m_codes" in state else _FLOAT_KEYS
+        tensors = tuple(state[name] for name in names)
+        key = (local_p.data_ptr(), local_p.shape, local_p.stride())
+        cache = self.__dict__.setdefault("_cpu_view_cache", {})
+        cached = cache.get(p)
+        if cached is not None and cached[0] == key and all(
+                a is b for a, b in zip(cached[1], tensors)):
+            return cached[2]
+        detached = local_p.detach()
+        rows = _as_rows(detached)
+        contiguous = rows.is_contiguous() and rows.data_ptr() == detached.data_ptr()
+        views = (rows.numpy() if contiguous else None, tuple(t.numpy() for t in tensors))
+        cache[p] = (key, tensors, views)
+        return views
 
     @staticmethod
     def _step_cuda(p, state, group, scalars):
