@@ -392,6 +392,19 @@ def test_steps_follow_replaced_parameter_data_and_state_tensors():
             assert torch.equal(o1.state[p1][k], v), f"{k} at step {step}"
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_copied_optimizer_keeps_its_settings_and_steps_alike(check_finite):
+    net, x, y = net_and_data(seed=7)
+    opt = AdamW8bit(net.parameters(), lr=1e-2, min_8bit_size=1024, check_finite=check_finite)
+    train(net, opt, x, y, 2)
+    twin_net, twin = copy.deepcopy((net, opt))    # one memo: twin holds twin_net's parameters
+    assert twin.check_finite is check_finite
+    train(net, opt, x, y, 2)
+    train(twin_net, twin, x, y, 2)
+    for a, b in zip(net.parameters(), twin_net.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_gradients_are_not_modified():
     net, x, y = net_and_data()
     opt = AdamW8bit(net.parameters(), min_8bit_size=1024)

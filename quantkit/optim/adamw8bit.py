@@ -141,6 +141,13 @@ class AdamW8bit(torch.optim.Optimizer):
                     raise ValueError(f"parameter {pi} of group {gi} is on {p.device}; "
                                      "AdamW8bit runs on CPU and CUDA tensors")
 
+    def __getstate__(self):
+        # torch's Optimizer pickles defaults, state and param_groups only
+        return {**super().__getstate__(), "check_finite": self.check_finite}
+
+    def __setstate__(self, state):
+        super().__setstate__({"check_finite": True, **state})
+
     # ----------------------------------------------------------------------------- the step
 
     def uses_8bit_state(self, p: torch.Tensor, group: dict) -> bool:
