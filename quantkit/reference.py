@@ -181,6 +181,11 @@ def linear_w8_blocks(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, block_
 #   * beta2) + ... (table[c]^2 is exact: at most 12 significant bits).
 
 
+def _e_min(levels: int, mantissa_bits: int) -> int:
+    """Exponent of the smallest normal magnitude: the top binade sits at exponent 0."""
+    return 1 - (levels // (1 << mantissa_bits) - 1)
+
+
 def moment_magnitudes(levels: int, mantissa_bits: int) -> np.ndarray:
     """The ``levels`` magnitudes of a code map, increasing from 0 (float32, exact).
 
@@ -191,8 +196,7 @@ def moment_magnitudes(levels: int, mantissa_bits: int) -> np.ndarray:
     per_binade = 1 << mantissa_bits
     if levels % per_binade:
         raise ValueError("levels must be a multiple of 2**mantissa_bits")
-    binades = levels // per_binade - 1
-    e_min = 1 - binades
+    e_min = _e_min(levels, mantissa_bits)
     k = np.arange(levels, dtype=np.float64)
     linear = k * 2.0 ** (e_min - mantissa_bits)
     e = np.floor(k / per_binade) - 1 + e_min
@@ -218,14 +222,12 @@ def encode_magnitudes(y: np.ndarray, levels: int, mantissa_bits: int) -> np.ndar
     index.
     """
     mags = moment_magnitudes(levels, mantissa_bits)
-    per_binade = 1 << mantissa_bits
-    smallest_normal = np.float32(2.0 ** (2 - levels // per_binade))   # 2**e_min
+    e_min = _e_min(levels, mantissa_bits)
     y = np.asarray(y, np.float32)
     mid = ((mags[:-1].astype(np.float64) + mags[1:]) / 2).astype(np.float32)
-    nearest = np.searchsorted(mid, y, side="right").astype(np.int64)
-    linear = np.rint(y.astype(np.float64) * (per_binade / np.float64(smallest_normal)))
-    linear = np.minimum(np.where(y < smallest_normal, linear, 0), levels - 1).astype(np.int64)
-    return np.where(y < smallest_normal, linear, nearest)
+    nearest = np.searchsorted(mid, y, side="right")
+    linear = np.minimum(np.rint(y * 2.0 ** (mantissa_bits - e_min)), levels - 1)
+    return np.where(y < 2.0 ** e_min, linear, nearest).astype(np.int64)
 
 
 def row_blocks(length: int, block_size: int) -> list[tuple[int, int]]:
