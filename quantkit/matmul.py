@@ -56,6 +56,7 @@ import functools
 import os
 import platform
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -93,6 +94,7 @@ _TUNE_SAMPLES = 3     # timed calls of each candidate before a shape class keeps
 _clock = time.perf_counter
 _tuned: dict = {}     # (product, row class, K, N, threads, candidates) -> path
 _tuning: dict = {}    # the same keys -> {candidate: [seconds of its timed calls]}
+_row_sums: dict = {}  # id(weight) -> (weakref to it, version, data_ptr, shape, int32 row sums)
 
 
 # ------------------------------------------------------------------------------ the CPU
@@ -306,13 +308,50 @@ def int8_product(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _int8_product_on(_int8_path_cpu(m, codes.shape[1]), codes, weight)
 
 
+def weight_row_sums(weight: torch.Tensor):
+    """``sum_k W[j, k]`` of each row of a CPU int8 weight (int32 NumPy (N,)), for the "vnni"
+    kernels (they subtract 128 times it; computing it costs as much as a one-row product).
+
+    Kept per weight tensor while it is unchanged: the same tensor object, the same storage and
+    the same version counter (torch bumps it on every in-place change, ``copy_`` included).
+    Inference tensors have no version counter: their sums are computed on every call. A write
+    into the weight through a NumPy view bypasses the counter: call :func:`clear_row_sums`
+    after one."""
+    from .backends import native_cpu
+
+    try:
+        version = weight._version
+    except RuntimeError:          # an inference tensor
+        return native_cpu.row_sums(weight.numpy())
+    key = id(weight)
+    entry = _row_sums.get(key)
+    if (entry is not None and entry[0]() is weight and entry[1:4]
+            == (version, weight.data_ptr(), tuple(weight.shape))):
+        return entry[4]
+    sums = native_cpu.row_sums(weight.numpy())
+
+    def forget(ref, key=key):
+        if _row_sums.get(key, (None,))[0] is ref:
+            del _row_sums[key]
+
+    _row_sums[key] = (weakref.ref(weight, forget), version, weight.data_ptr(),
+                      tuple(weight.shape), sums)
+    return sums
+
+
+def clear_row_sums() -> None:
+    """Forget the kept weight row sums (:func:`weight_row_sums`)."""
+    _row_sums.clear()
+
+
 def _int8_product_on(path: str, codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """int8_product of non-empty CPU tensors on ``path``."""
     if path in NATIVE_PATHS:
         from .backends import native_cpu
 
+        sums = weight_row_sums(weight) if path == "vnni" else None
         return torch.from_numpy(native_cpu.gemm_s8s8s32(codes.numpy(), weight.numpy(), path=path,
-                                                        threads=_threads()))
+                                                        threads=_threads(), b_row_sums=sums))
     if path == "int_mm":
         return torch._int_mm(codes, weight.t())       # W.t() as a view is oneDNN's fast layout
     return _int8_product_float(codes, weight)
@@ -331,12 +370,16 @@ def w8a8_linear(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
         return w8a8_linear_blocks(codes, s_x, weight, weight_scale, bias, block_size)
     (m, k), n = codes.shape, weight.shape[0]
     if codes.device.type == "cpu":
-        def run(path):
-            return _w8a8_linear_cpu(path, codes, s_x, weight, weight_scale, bias)
+        if not (m and n and k):   # an empty product: zeros, then the rescale adds the bias
+            return _w8a8_linear_cpu("float", codes, s_x, weight, weight_scale, bias)
+        candidates = _int8_candidates_cpu(m, k)
+        # before any timing: a weight's first call would otherwise charge its sums to "vnni"
+        sums = weight_row_sums(weight) if "vnni" in candidates else None
 
-        if m and n and k:
-            return _fastest("w8a8", m, k, n, _int8_candidates_cpu(m, k), run)
-        return run("float")   # an empty product: zeros, then the rescale adds the bias
+        def run(path):
+            return _w8a8_linear_cpu(path, codes, s_x, weight, weight_scale, bias, sums)
+
+        return _fastest("w8a8", m, k, n, candidates, run)
     acc = int8_product(codes, weight)
     y = acc.to(torch.float32).mul_(s_x[:, None] * weight_scale[None, :])
     if bias is not None:
@@ -344,16 +387,18 @@ def w8a8_linear(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,
     return y
 
 
-def _w8a8_linear_cpu(path: str, codes, s_x, weight, weight_scale, bias) -> torch.Tensor:
+def _w8a8_linear_cpu(path: str, codes, s_x, weight, weight_scale, bias,
+                     sums=None) -> torch.Tensor:
     """w8a8_linear of CPU tensors on ``path``: quantkit's kernels rescale as they go; the torch
-    paths give the exact int32 product to the fused numba rescale."""
+    paths give the exact int32 product to the fused numba rescale. ``sums``: the weight's row
+    sums for "vnni" (:func:`weight_row_sums`), or None."""
     b = None if bias is None else bias.detach().numpy()
     if path in NATIVE_PATHS:
         from .backends import native_cpu
 
         return torch.from_numpy(native_cpu.linear_w8a8_f32(
             codes.numpy(), weight.numpy(), s_x.numpy(), weight_scale.numpy(), b, path=path,
-            threads=_threads()))
+            threads=_threads(), b_row_sums=sums if path == "vnni" else None))
     from .backends.numba_nn import rescale_int32_numba
 
     acc = _int8_product_on(path, codes, weight)

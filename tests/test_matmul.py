@@ -115,6 +115,87 @@ def test_native_gemm_rejects_bad_arguments():
         native_cpu.path_supported("sse9")
 
 
+
+# ------------------------------------------------------------------------- weight row sums
+
+
+def test_row_sums_are_exact_and_checked():
+    if native_cpu.unavailable_reason() is not None:
+        pytest.skip(native_cpu.unavailable_reason())
+    rng = np.random.default_rng(11)
+    b = rng.integers(-128, 128, size=(9, 5000), dtype=np.int8)
+    b[0] = -128
+    b[1] = 127
+    got = native_cpu.row_sums(b)
+    assert got.dtype == np.int32 and got.flags.c_contiguous
+    assert np.array_equal(got, b.astype(np.int64).sum(axis=1))
+    assert np.array_equal(native_cpu.row_sums(b[::2, 3:]), b[::2, 3:].astype(np.int64).sum(1))
+    a = _codes(rng, (2, 5000))
+    for bad in (got[:-1], got.astype(np.int64), np.zeros((9, 1), np.int32), list(got)):
+        with pytest.raises(ValueError, match="b_row_sums must be a C-contiguous int32 array"):
+            native_cpu.gemm_s8s8s32(a, b, b_row_sums=bad)
+    with pytest.raises(ValueError, match="per-row scales only"):
+        native_cpu.linear_w8a8_f32(a, b, np.ones(2, np.float32), np.ones((9, 1), np.float32),
+                                   block_size=5000, b_row_sums=got)
+
+
+@pytest.mark.parametrize("path", FUSED_PATHS)
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 9), k=st.integers(1, 300), n=st.integers(1, 40), seed=st.integers(0, 2**31))
+def test_given_row_sums_give_the_same_bits(path, m, k, n, seed):
+    """Every native path with the weight's row sums passed equals the int64 product (and the
+    W8A8 rescale equals the path's own without them), the sums' only user being "vnni"."""
+    skip_unless_runnable(path)
+    rng = np.random.default_rng(seed)
+    a, b = _codes(rng, (m, k), extremes=seed % 3 == 0), _codes(rng, (n, k), extremes=seed % 3 == 0)
+    sums = native_cpu.row_sums(b)
+    for threads in (1, 2):
+        got = native_cpu.gemm_s8s8s32(a, b, path=path, threads=threads, b_row_sums=sums)
+        assert np.array_equal(got, _exact(a, b))
+    s_a = (rng.random(m) + 0.5).astype(np.float32)
+    s_b = (rng.random(n) * 1e-2).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    with_sums = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, bias, path=path, threads=2,
+                                           b_row_sums=sums)
+    assert np.array_equal(with_sums, native_cpu.linear_w8a8_f32(a, b, s_a, s_b, bias, path=path))
+
+
+def test_kept_row_sums_follow_the_weight(monkeypatch):
+    """The sums kept for a weight are reused while it is unchanged and recomputed after an
+    in-place change (copy_, a new storage); a dropped weight's entry goes away; inference
+    tensors are summed on every call. The layer's output follows its weight on the vnni path."""
+    torch.manual_seed(1)
+    w = torch.randint(-127, 128, (6, 80), dtype=torch.int8)
+    first = matmul.weight_row_sums(w)
+    assert matmul.weight_row_sums(w) is first
+    assert np.array_equal(first, w.numpy().astype(np.int64).sum(1))
+    w.copy_(torch.randint(-127, 128, (6, 80), dtype=torch.int8))
+    again = matmul.weight_row_sums(w)
+    assert again is not first and np.array_equal(again, w.numpy().astype(np.int64).sum(1))
+    w.set_(torch.randint(-127, 128, (6, 80), dtype=torch.int8))
+    assert np.array_equal(matmul.weight_row_sums(w), w.numpy().astype(np.int64).sum(1))
+    key = id(w)
+    del w
+    assert key not in matmul._row_sums
+    with torch.inference_mode():
+        v = torch.randint(-127, 128, (3, 10), dtype=torch.int8)
+    assert np.array_equal(matmul.weight_row_sums(v), v.numpy().astype(np.int64).sum(1))
+    matmul.clear_row_sums()
+    assert not matmul._row_sums
+
+    skip_unless_runnable("vnni")
+    monkeypatch.setenv(matmul.ENV, "vnni")
+    layer = QuantLinear.from_float(torch.nn.Linear(300, 20), activations="dynamic")
+    x = torch.randn(3, 300)
+    layer(x)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8))
+    monkeypatch.setenv(matmul.ENV, "generic")
+    expected = layer(x)
+    monkeypatch.setenv(matmul.ENV, "vnni")
+    assert torch.equal(layer(x), expected)
+
+
 # ---------------------------------------------------------------------------------- weight-only
 
 

@@ -1,5 +1,5 @@
 /* quantkit CPU kernels for the int8 Linear: exact int8 x int8 -> int32 products and the fused
- * int8-weight float32 product. Plain C ABI (loaded with ctypes by quantkit/backends/native.py).
+ * int8-weight float32 product. Plain C ABI (loaded with ctypes by quantkit/backends/native_cpu.py).
  *
  * Every entry point takes a `path`: QK_PATH_GENERIC (portable C, any CPU), QK_PATH_AVX2 (AVX2 +
  * FMA intrinsics) or QK_PATH_VNNI (AVX-512 BW/VL + VNNI for the int8 products; the weight-only
@@ -15,7 +15,10 @@
  *       summed into each int32 lane); it takes a' = a + 128 (a XOR 0x80, in [1, 255]) and
  *       subtracts the weight row's sum: sum_k a'[k] b[k] - 128 sum_k b[k] = sum_k a[k] b[k]. Both
  *       sums wrap modulo 2^32 at worst, and the difference is the true sum whenever that fits in
- *       int32 (|C| <= 127^2 K, any K below 133144).
+ *       int32 (|C| <= 127^2 K, any K below 133144). The weight row sums are a property of the
+ *       weight: a caller that keeps them passes `bsum` (bsum[j] = sum_k B[j][k], exact in int32
+ *       for K below 16909320); with bsum NULL each call computes them, one more vpdpbusd pass
+ *       over B (as much work as the product itself at one row of A).
  *
  *   qk_cpu_linear_w8a8_f32: Y[i][j] = float32(C[i][j]) * (sx[i] * sw[j]) + bias[j], C as above,
  *       each float32 operation rounded once in that order (the W8A8 rescale of DESIGN.md
@@ -52,7 +55,7 @@
 #include <stdlib.h>
 #include <immintrin.h>
 
-#define QK_CPU_ABI_VERSION 3
+#define QK_CPU_ABI_VERSION 4
 #define QK_PATH_GENERIC 0
 #define QK_PATH_AVX2 1
 #define QK_PATH_VNNI 2
@@ -539,16 +542,20 @@ VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const
 /* C[i][j] for i < M, j in [j0, j1): ap is A XOR 0x80 with row stride lda (A itself is needed only
  * for the columns past the last group of four), row stride ldap. Each group of four weight rows
  * stays in L1 while every row of A passes over it; the first tile of a group prefetches the
- * next group. */
+ * next group. bsum: the rows' sums (indexed like B's rows), or NULL to compute them here. */
 VNNI static void gemm_vnni_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const int8_t *A,
                                  int64_t lda, const uint8_t *ap, int64_t ldap, const int8_t *B,
-                                 int64_t ldb, int32_t *C, int64_t ldc) {
+                                 int64_t ldb, const int32_t *bsum, int32_t *C, int64_t ldc) {
     int64_t j4 = j0 + (j1 - j0) / 4 * 4;
     for (int64_t j = j0; j < j4; j += 4) {
         const int8_t *b = B + j * ldb;
         const int8_t *next = j + 8 <= j4 ? b + 4 * ldb : NULL;
         uint32_t offset[4];
-        vnni_offsets(b, ldb, K, offset);      /* once per group, for every row of A */
+        if (bsum) {
+            for (int q = 0; q < 4; q++) offset[q] = 128u * (uint32_t)bsum[j + q];
+        } else {
+            vnni_offsets(b, ldb, K, offset);  /* once per group, for every row of A */
+        }
         const __m128i off = _mm_loadu_si128((const __m128i *)offset);
         int64_t i = 0;
         for (; i + 4 <= M; i += 4) {
@@ -585,8 +592,8 @@ static int check_shapes(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ld
 }
 
 EXPORT int qk_cpu_gemm_s8s8s32(int path, int64_t M, int64_t N, int64_t K, const int8_t *A,
-                               int64_t lda, const int8_t *B, int64_t ldb, int32_t *C, int64_t ldc,
-                               int threads) {
+                               int64_t lda, const int8_t *B, int64_t ldb, const int32_t *bsum,
+                               int32_t *C, int64_t ldc, int threads) {
     if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
     if (!check_shapes(M, N, K, lda, ldb, ldc)) return QK_ERR_ARGUMENT;
     if (M == 0 || N == 0) return QK_OK;
@@ -604,7 +611,7 @@ EXPORT int qk_cpu_gemm_s8s8s32(int path, int64_t M, int64_t N, int64_t K, const 
         }
 #if defined(__x86_64__)
         if (path == QK_PATH_VNNI) {
-            gemm_vnni_block(M, j0, j1, K, A, lda, ap, K, B, ldb, C, ldc);
+            gemm_vnni_block(M, j0, j1, K, A, lda, ap, K, B, ldb, bsum, C, ldc);
             continue;
         }
         if (path == QK_PATH_AVX2) {
@@ -659,9 +666,9 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
 }
 
 EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, const int8_t *A,
-                                  int64_t lda, const int8_t *B, int64_t ldb, const float *sx,
-                                  const float *sw, const float *bias, float *Y, int64_t ldy,
-                                  int threads) {
+                                  int64_t lda, const int8_t *B, int64_t ldb, const int32_t *bsum,
+                                  const float *sx, const float *sw, const float *bias, float *Y,
+                                  int64_t ldy, int threads) {
     if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
     if (!check_shapes(M, N, K, lda, ldb, ldy)) return QK_ERR_ARGUMENT;
     if (M == 0 || N == 0) return QK_OK;
@@ -689,8 +696,8 @@ EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, con
             }
 #if defined(__x86_64__)
             else if (path == QK_PATH_VNNI)
-                gemm_vnni_block(mc, 0, nc, K, Ai, lda, ap + i0 * K, K, Bj, ldb, acc,
-                                INT8_N_BLOCK);
+                gemm_vnni_block(mc, 0, nc, K, Ai, lda, ap + i0 * K, K, Bj, ldb,
+                                bsum ? bsum + j0 : NULL, acc, INT8_N_BLOCK);
             else if (path == QK_PATH_AVX2)
                 gemm_avx2_block(mc, 0, nc, K, Ai, lda, Bj, ldb, acc, INT8_N_BLOCK);
 #endif
@@ -770,7 +777,7 @@ EXPORT int qk_cpu_linear_w8a8b_f32(int path, int64_t M, int64_t N, int64_t K, co
 #if defined(__x86_64__)
                 if (path == QK_PATH_VNNI)
                     gemm_vnni_block(mc, 0, nc, block, Ai + k0, lda, ap + i0 * K + k0, K, Bj + k0,
-                                    ldb, acc, INT8_N_BLOCK);
+                                    ldb, NULL, acc, INT8_N_BLOCK);
                 else if (path == QK_PATH_AVX2)
                     gemm_avx2_block(mc, 0, nc, block, Ai + k0, lda, Bj + k0, ldb, acc,
                                     INT8_N_BLOCK);

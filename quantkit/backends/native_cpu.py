@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 LIBRARY_PATH = Path(__file__).resolve().parent.parent / "_libquantkit_cpu.so"
 BUILD_HINT = ("Reinstall quantkit with a C compiler present (pip install -e .) or run "
               "`python3 csrc/build.py --cpu` in its source tree.")
@@ -36,6 +36,9 @@ PATHS = {"generic": 0, "avx2": 1, "vnni": 2}
 FEATURE_AVX2 = 1
 FEATURE_AVX512 = 2
 FEATURE_AVX512_VNNI = 4
+#: Rows of at most this many int8 values sum exactly in int32: -2^31 <= 128 * -(2^24), 127 * 2^24
+#: < 2^31.
+MAX_SUM_K = 1 << 24
 
 _ERR_UNSUPPORTED = 1
 _ERR_ARGUMENT = 2
@@ -56,12 +59,12 @@ def _declare(lib) -> None:
     lib.qk_cpu_abi_version.restype = i32
     lib.qk_cpu_features.argtypes = []
     lib.qk_cpu_features.restype = i32
-    lib.qk_cpu_gemm_s8s8s32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, i64, i32]
+    lib.qk_cpu_gemm_s8s8s32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, p, i64, i32]
     lib.qk_cpu_gemm_s8s8s32.restype = i32
     lib.qk_cpu_linear_w8_f32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, p, p, i64, i32]
     lib.qk_cpu_linear_w8_f32.restype = i32
-    lib.qk_cpu_linear_w8a8_f32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, p, p, p, i64,
-                                           i32]
+    lib.qk_cpu_linear_w8a8_f32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, p, p, p, p,
+                                           i64, i32]
     lib.qk_cpu_linear_w8a8_f32.restype = i32
     lib.qk_cpu_linear_w8b_f32.argtypes = [i32, i64, i64, i64, p, i64, p, i64, p, i64, p, p, i64,
                                           i32]
@@ -160,11 +163,34 @@ def _check(code: int, path: str) -> None:
         raise ValueError(f"quantkit's CPU library rejected the arguments (error {code})")
 
 
+def row_sums(b: np.ndarray) -> np.ndarray:
+    """``sum_k b[j, k]`` of each row of an int8 (N, K) array, exactly, as C-contiguous int32 (N,):
+    what the "vnni" kernels subtract (DESIGN.md section 6), for callers that keep it."""
+    b = _rows_view(b, np.int8, "b")
+    if b.shape[1] > MAX_SUM_K:
+        raise ValueError(f"rows of {b.shape[1]} int8 values can sum beyond int32 (at most "
+                         f"{MAX_SUM_K})")
+    return np.ascontiguousarray(b.sum(axis=1, dtype=np.int32))
+
+
+def _sums_pointer(sums, n: int):
+    """The address of ``sums`` (int32 (n,), C-contiguous) for the C call; None passes NULL."""
+    if sums is None:
+        return None
+    if (not isinstance(sums, np.ndarray) or sums.dtype != np.int32 or sums.shape != (n,)
+            or not sums.flags.c_contiguous):
+        raise ValueError(f"b_row_sums must be a C-contiguous int32 array of shape {(n,)} "
+                         f"(row_sums(b))")
+    return sums.ctypes.data
+
+
 def gemm_s8s8s32(a: np.ndarray, b: np.ndarray, *, path: str = "avx2", threads: int = 1,
-                 out: np.ndarray | None = None) -> np.ndarray:
+                 out: np.ndarray | None = None, b_row_sums: np.ndarray | None = None) -> np.ndarray:
     """``a @ b.T`` exactly in int32: a (M, K) and b (N, K) int8 with codes in [-127, 127].
 
-    Returns a C-contiguous int32 (M, N) array (``out`` when given).
+    Returns a C-contiguous int32 (M, N) array (``out`` when given). ``b_row_sums``
+    (:func:`row_sums` of b, kept by the caller) spares the "vnni" path its pass over b; it must be
+    b's: other paths ignore it.
     """
     a = _rows_view(a, np.int8, "a")
     b = _rows_view(b, np.int8, "b")
@@ -175,8 +201,9 @@ def gemm_s8s8s32(a: np.ndarray, b: np.ndarray, *, path: str = "avx2", threads: i
         out = np.empty((m, n), np.int32)
     elif out.dtype != np.int32 or out.shape != (m, n) or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous int32 array of shape {(m, n)}")
+    sums = _sums_pointer(b_row_sums, n)
     code = library().qk_cpu_gemm_s8s8s32(
-        PATHS[path], m, n, a.shape[1], a.ctypes.data, _ld(a), b.ctypes.data, _ld(b),
+        PATHS[path], m, n, a.shape[1], a.ctypes.data, _ld(a), b.ctypes.data, _ld(b), sums,
         out.ctypes.data, n, int(threads))
     _check(code, path)
     return out
@@ -201,8 +228,8 @@ def _block_scales(scale, n: int, k: int, block_size: int, name: str) -> np.ndarr
 
 
 def linear_w8a8_f32(a: np.ndarray, b: np.ndarray, s_a: np.ndarray, s_b: np.ndarray, bias=None,
-                    *, block_size: int | None = None, path: str = "avx2",
-                    threads: int = 1) -> np.ndarray:
+                    *, block_size: int | None = None, path: str = "avx2", threads: int = 1,
+                    b_row_sums: np.ndarray | None = None) -> np.ndarray:
     """``float32(a @ b.T) * (s_a[:, None] * s_b[None, :]) + bias`` with the product exact in int32.
 
     a (M, K) and b (N, K) int8 codes in [-127, 127]; s_a float32 (M,), s_b and bias float32 (N,),
@@ -212,6 +239,8 @@ def linear_w8a8_f32(a: np.ndarray, b: np.ndarray, s_a: np.ndarray, s_b: np.ndarr
     With ``block_size`` B (a divisor of K), ``s_b`` is (N, K / B), one scale per block of B weights
     of a row, and ``y = t * s_a[:, None] + bias`` with ``t = sum_g float32(C_g) * s_b[:, g]``
     accumulated in float32 from 0 in block order, ``C_g`` the exact int32 product over block g.
+
+    ``b_row_sums`` as in :func:`gemm_s8s8s32` (per-row scales only: None with ``block_size``).
     """
     a = _rows_view(a, np.int8, "a")
     b = _rows_view(b, np.int8, "b")
@@ -226,8 +255,10 @@ def linear_w8a8_f32(a: np.ndarray, b: np.ndarray, s_a: np.ndarray, s_b: np.ndarr
         s_b = _vector(s_b, n, "s_b")
         code = library().qk_cpu_linear_w8a8_f32(
             PATHS[path], m, n, a.shape[1], a.ctypes.data, _ld(a), b.ctypes.data, _ld(b),
-            s_a.ctypes.data, s_b.ctypes.data, bias_ptr, out.ctypes.data, n, int(threads))
+            _sums_pointer(b_row_sums, n), s_a.ctypes.data, s_b.ctypes.data, bias_ptr, out.ctypes.data, n, int(threads))
     else:
+        if b_row_sums is not None:
+            raise ValueError("b_row_sums applies to per-row scales only (block_size is None)")
         s_b = _block_scales(s_b, n, a.shape[1], int(block_size), "s_b")
         code = library().qk_cpu_linear_w8a8b_f32(
             PATHS[path], m, n, a.shape[1], a.ctypes.data, _ld(a), b.ctypes.data, _ld(b),
