@@ -255,7 +255,8 @@ def linear_w8a8_f32(a: np.ndarray, b: np.ndarray, s_a: np.ndarray, s_b: np.ndarr
         s_b = _vector(s_b, n, "s_b")
         code = library().qk_cpu_linear_w8a8_f32(
             PATHS[path], m, n, a.shape[1], a.ctypes.data, _ld(a), b.ctypes.data, _ld(b),
-            _sums_pointer(b_row_sums, n), s_a.ctypes.data, s_b.ctypes.data, bias_ptr, out.ctypes.data, n, int(threads))
+            _sums_pointer(b_row_sums, n), s_a.ctypes.data, s_b.ctypes.data, bias_ptr,
+            out.ctypes.data, n, int(threads))
     else:
         if b_row_sums is not None:
             raise ValueError("b_row_sums applies to per-row scales only (block_size is None)")
