@@ -496,10 +496,11 @@ VNNI INLINE __m128i vnni_sum4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
 /* C[r][q] = sum_k A[r][k] B[q][k] for r < ROWS, q < 4, k in [0, K), from ap = A XOR 0x80 (the
  * unsigned a + 128) and the signed weight rows: sum_k ap[k] b[k] - offset[q] (header). `next`,
  * when not NULL, is the next group of four weight rows (same stride): each step of k prefetches
- * its bytes at that k, so the group streams in while this one computes. */
+ * the bytes at that k of its rows pf0 .. pf1 - 1, so the group streams in while this one
+ * computes. */
 VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const int8_t *b0,
                            int64_t ldb, int64_t K, const __m128i offset, int32_t *c, int64_t ldc,
-                           const int8_t *next) {
+                           const int8_t *next, int pf0, int pf1) {
     __m512i acc[4][4], w[4];
 #pragma GCC unroll 4
     for (int q = 0; q < 4; q++)
@@ -509,7 +510,7 @@ VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const
     for (; k + 64 <= K; k += 64) {
         if (next)
 #pragma GCC unroll 4
-            for (int q = 0; q < 4; q++)
+            for (int q = pf0; q < pf1; q++)
                 _mm_prefetch((const char *)(next + q * ldb + k), _MM_HINT_T0);
 #pragma GCC unroll 4
         for (int q = 0; q < 4; q++) w[q] = _mm512_loadu_si512((const void *)(b0 + q * ldb + k));
@@ -541,8 +542,9 @@ VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const
 
 /* C[i][j] for i < M, j in [j0, j1): ap is A XOR 0x80 with row stride lda (A itself is needed only
  * for the columns past the last group of four), row stride ldap. Each group of four weight rows
- * stays in L1 while every row of A passes over it; the first tile of a group prefetches the
- * next group. bsum: the rows' sums (indexed like B's rows), or NULL to compute them here. */
+ * stays in L1 while every row of A passes over it; the group's first (up to) four tiles prefetch
+ * the next group, a share of its rows each, so its reads spread over the group's arithmetic.
+ * bsum: the rows' sums (indexed like B's rows), or NULL to compute them here. */
 VNNI static void gemm_vnni_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const int8_t *A,
                                  int64_t lda, const uint8_t *ap, int64_t ldap, const int8_t *B,
                                  int64_t ldb, const int32_t *bsum, int32_t *C, int64_t ldc) {
@@ -558,16 +560,19 @@ VNNI static void gemm_vnni_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
         }
         const __m128i off = _mm_loadu_si128((const __m128i *)offset);
         int64_t i = 0;
-        for (; i + 4 <= M; i += 4) {
-            vnni_tile(4, ap + i * ldap, ldap, b, ldb, K, off, C + i * ldc + j, ldc, next);
-            next = NULL;
-        }
+        /* tile t < tp prefetches rows [4t / tp, 4(t + 1) / tp) of the next group */
+        int tiles = (int)(M / 4 + (M % 4 >= 2) + (M % 2)), tp = tiles < 4 ? tiles : 4, t = 0;
+#define PF(t) (t) < tp ? (t) * 4 / tp : 4, (t) < tp ? ((t) + 1) * 4 / tp : 4
+        for (; i + 4 <= M; i += 4, t++)
+            vnni_tile(4, ap + i * ldap, ldap, b, ldb, K, off, C + i * ldc + j, ldc, next, PF(t));
         if (M - i >= 2) {
-            vnni_tile(2, ap + i * ldap, ldap, b, ldb, K, off, C + i * ldc + j, ldc, next);
-            next = NULL;
+            vnni_tile(2, ap + i * ldap, ldap, b, ldb, K, off, C + i * ldc + j, ldc, next, PF(t));
+            t++;
             i += 2;
         }
-        if (i < M) vnni_tile(1, ap + i * ldap, ldap, b, ldb, K, off, C + i * ldc + j, ldc, next);
+        if (i < M)
+            vnni_tile(1, ap + i * ldap, ldap, b, ldb, K, off, C + i * ldc + j, ldc, next, PF(t));
+#undef PF
     }
     if (j4 < j1) gemm_generic_block(M, j4, j1, K, A, lda, B, ldb, C, ldc);
 }
