@@ -36,10 +36,11 @@ first products of each shape class (rows rounded up to a power of two, K, N, thr
 candidates in turn, each timed, and the class keeps the fastest (:func:`tuned_paths`); one row
 without VNNI always takes ``avx2``, and more than :data:`TUNE_MAX_ROWS` rows on a VNNI CPU take
 ``int_mm``. Every W8A8 path gives the same bits, so timing changes only speed. The VNNI kernel
-subtracts 128 times each weight row's sum; :func:`weight_row_sums` keeps those per weight tensor. Weight-only: the
-fused AVX2 kernel (few rows: memory-bound) up to :data:`FUSED_W8_MAX_ROWS_AVX512` rows on AVX-512
-CPUs and at every size on AVX2 ones, dense otherwise: a fixed rule, because its paths agree only to
-float32 rounding. CUDA tensors always take ``int_mm`` and dense.
+subtracts 128 times each weight row's sum; :func:`weight_row_sums` keeps those per weight tensor.
+Weight-only: the fused AVX2 kernel (few rows: memory-bound) up to
+:data:`FUSED_W8_MAX_ROWS_AVX512` rows on AVX-512 CPUs and at every size on AVX2 ones, dense
+otherwise: a fixed rule, because its paths agree only to float32 rounding. CUDA tensors always
+take ``int_mm`` and dense.
 
 Block-scaled weights (``block_size`` B: one scale per B consecutive weights of a row, scales
 (N, K / B)) take the same choice for weight-only (the fused kernel dequantizes each weight before
