@@ -17,7 +17,7 @@
  *       sums wrap modulo 2^32 at worst, and the difference is the true sum whenever that fits in
  *       int32 (|C| <= 127^2 K, any K below 133144). The weight row sums are a property of the
  *       weight: a caller that keeps them passes `bsum` (bsum[j] = sum_k B[j][k], exact in int32
- *       for K below 16909320); with bsum NULL each call computes them, one more vpdpbusd pass
+ *       for K up to 2^24); with bsum NULL each call computes them, one more vpdpbusd pass
  *       over B (as much work as the product itself at one row of A).
  *
  *   qk_cpu_linear_w8a8_f32: Y[i][j] = float32(C[i][j]) * (sx[i] * sw[j]) + bias[j], C as above,
@@ -540,6 +540,11 @@ VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const
                                        offset));
 }
 
+/* The first of the next group's four weight rows that tile t of a group prefetches (tile t takes
+ * rows [vnni_prefetch_row(t, tp), vnni_prefetch_row(t + 1, tp)); the first tp tiles share all
+ * four, later tiles none). */
+static inline int vnni_prefetch_row(int t, int tp) { return t < tp ? t * 4 / tp : 4; }
+
 /* C[i][j] for i < M, j in [j0, j1): ap is A XOR 0x80 with row stride lda (A itself is needed only
  * for the columns past the last group of four), row stride ldap. Each group of four weight rows
  * stays in L1 while every row of A passes over it; the group's first (up to) four tiles prefetch
@@ -560,9 +565,8 @@ VNNI static void gemm_vnni_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
         }
         const __m128i off = _mm_loadu_si128((const __m128i *)offset);
         int64_t i = 0;
-        /* tile t < tp prefetches rows [4t / tp, 4(t + 1) / tp) of the next group */
         int tiles = (int)(M / 4 + (M % 4 >= 2) + (M % 2)), tp = tiles < 4 ? tiles : 4, t = 0;
-#define PF(t) (t) < tp ? (t) * 4 / tp : 4, (t) < tp ? ((t) + 1) * 4 / tp : 4
+#define PF(t) vnni_prefetch_row(t, tp), vnni_prefetch_row((t) + 1, tp)
         for (; i + 4 <= M; i += 4, t++)
             vnni_tile(4, ap + i * ldap, ldap, b, ldb, K, off, C + i * ldc + j, ldc, next, PF(t));
         if (M - i >= 2) {
