@@ -5,7 +5,7 @@
 #
 # 1. environment: nvidia-smi, nvcc, torch and its CUDA build;
 # 2. build csrc/ with this machine's nvcc (warnings as errors) into quantkit/_libquantkit_cuda.so;
-#    without nvcc, an already built library there is used as it is;
+#    without nvcc, an already built library there is used as it is; build the CPU library;
 # 3. the CUDA tests: tests/test_cuda_*.py and tests/test_torch_ops.py in full, then every
 #    test marked gpu under tests/ (pytest --gpu);
 # 4. the CUDA benchmarks: pytest benchmarks/ --gpu -k cuda (full size: 256M elements);
@@ -52,6 +52,7 @@ left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 
 step environment 30 bash -c '
   nvidia-smi || true
+  lscpu | grep -E "Model name|^CPU\(s\)|L3" || true
   if command -v nvcc >/dev/null; then nvcc --version; else echo "nvcc: not found"; fi
   python3 - <<EOF
 import torch
@@ -85,6 +86,10 @@ else
   echo "build 1 no-nvcc" >> "$OUT/steps.txt"
   status=1
 fi
+
+# The CPU library (AVX2 / AVX-512 kernels) so that the whole-suite step tests the native CPU paths
+# of this machine's CPU as well.
+step build-cpu 60 python3 csrc/build.py --cpu
 
 step cuda-tests 180 python3 -m pytest -q -rs --gpu \
   tests/test_cuda_header.py tests/test_cuda_loader.py tests/test_cuda_gpu.py \
