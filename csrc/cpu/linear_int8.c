@@ -496,8 +496,9 @@ VNNI INLINE __m128i vnni_sum4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
 /* C[r][q] = sum_k A[r][k] B[q][k] for r < ROWS, q < 4, k in [0, K), from ap = A XOR 0x80 (the
  * unsigned a + 128) and the signed weight rows: sum_k ap[k] b[k] - offset[q] (header). `next`,
  * when not NULL, is the next group of four weight rows (same stride): each step of k prefetches
- * the bytes at that k of its rows pf0 .. pf1 - 1, so the group streams in while this one
- * computes. */
+ * the bytes at that k of its rows pf0 .. pf1 - 1 into L2, so the group streams in while this one
+ * computes. Into L2, not L1: the next group (4 K bytes) beside this one and the activation rows
+ * would overflow a 32 KiB L1 and evict the bytes being multiplied. */
 VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const int8_t *b0,
                            int64_t ldb, int64_t K, const __m128i offset, int32_t *c, int64_t ldc,
                            const int8_t *next, int pf0, int pf1) {
@@ -511,7 +512,7 @@ VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const
         if (next)
 #pragma GCC unroll 4
             for (int q = pf0; q < pf1; q++)
-                _mm_prefetch((const char *)(next + q * ldb + k), _MM_HINT_T0);
+                _mm_prefetch((const char *)(next + q * ldb + k), _MM_HINT_T1);
 #pragma GCC unroll 4
         for (int q = 0; q < 4; q++) w[q] = _mm512_loadu_si512((const void *)(b0 + q * ldb + k));
 #pragma GCC unroll 4
