@@ -309,15 +309,27 @@ static inline float dot_w8_tail(const float *x, const int8_t *w, int64_t k0, int
     return s;
 }
 
-/* Y[i][j0..j0+3] for rows i and i + 1 (x1 may be NULL): dot_w8 of each pair, then scale, bias. */
+/* The weight-only tiles read their four weight rows once at one or two rows of X (memory-bound):
+ * at every 64th byte k they prefetch that line of the next four rows (`next`, when not NULL) into
+ * L2, so that group streams in while this one is multiplied. Always inlined: GCC finds a separate
+ * function of prefetches free of side effects and drops its calls. */
+AVX2 static inline __attribute__((always_inline)) void w8_prefetch_rows(const int8_t *next, int64_t ldw, int64_t k) {
+    if (next && (k & 63) == 0)
+        for (int q = 0; q < 4; q++)
+            _mm_prefetch((const char *)(next + q * ldw + k), _MM_HINT_T1);
+}
+
+/* Y[i][j0..j0+3] for rows i and i + 1 (x1 may be NULL): dot_w8 of each pair, then scale, bias;
+ * `next`: the next four weight rows (w8_prefetch_rows) or NULL. */
 AVX2 static void w8_avx2_tile(const float *x0, const float *x1, const int8_t *w0, int64_t ldw,
                               int64_t K, const float *scale, const float *bias, float *y0,
-                              float *y1) {
+                              float *y1, const int8_t *next) {
     const int8_t *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
     __m256 s00 = _mm256_setzero_ps(), s01 = s00, s02 = s00, s03 = s00;
     __m256 s10 = s00, s11 = s00, s12 = s00, s13 = s00;
     int64_t k8 = K - K % 8;
     for (int64_t k = 0; k < k8; k += 8) {
+        w8_prefetch_rows(next, ldw, k);
         fma_4x2(x0, x1, k, widen8(w0 + k), widen8(w1 + k), widen8(w2 + k), widen8(w3 + k),
                 &s00, &s01, &s02, &s03, &s10, &s11, &s12, &s13);
     }
@@ -393,16 +405,19 @@ AVX2 static void w8_avx2_chain_block(int64_t M, int64_t j0, int64_t j1, int64_t 
         }
 }
 
+/* Rows j0..j1 of W (of N) against every row of X; the first pair of X rows over each group of four
+ * weight rows prefetches the next group, past j1 too (the next block is usually this thread's). */
 AVX2 static void w8_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const float *X,
                                int64_t ldx, const int8_t *W, int64_t ldw, const float *scale,
-                               const float *bias, float *Y, int64_t ldy) {
+                               const float *bias, float *Y, int64_t ldy, int64_t N) {
     int64_t j4 = j0 + (j1 - j0) / 4 * 4;
     for (int64_t j = j0; j < j4; j += 4)
         for (int64_t i = 0; i < M; i += 2) {
             const float *x1 = i + 1 < M ? X + (i + 1) * ldx : NULL;
+            const int8_t *next = i == 0 && j + 8 <= N ? W + (j + 4) * ldw : NULL;
             w8_avx2_tile(X + i * ldx, x1, W + j * ldw, ldw, K, scale + j,
                          bias ? bias + j : NULL, Y + i * ldy + j,
-                         x1 ? Y + (i + 1) * ldy + j : NULL);
+                         x1 ? Y + (i + 1) * ldy + j : NULL, next);
         }
     if (j4 < j1) w8_generic_block(M, j4, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
 }
@@ -410,7 +425,7 @@ AVX2 static void w8_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, con
 /* Y[i][j0..j0+3] for rows i and i + 1 (x1 may be NULL) of the block-scaled product. */
 AVX2 static void w8b_avx2_tile(const float *x0, const float *x1, const int8_t *w0, int64_t ldw,
                                const float *s0, int64_t groups, int64_t block,
-                               const float *bias, float *y0, float *y1) {
+                               const float *bias, float *y0, float *y1, const int8_t *next) {
     const int8_t *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
     const float *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
@@ -419,6 +434,7 @@ AVX2 static void w8b_avx2_tile(const float *x0, const float *x1, const int8_t *w
         __m256 c0 = _mm256_set1_ps(s0[g]), c1 = _mm256_set1_ps(s1[g]);
         __m256 c2 = _mm256_set1_ps(s2[g]), c3 = _mm256_set1_ps(s3[g]);
         for (int64_t k = g * block; k < (g + 1) * block; k += 8) {
+            w8_prefetch_rows(next, ldw, k);
             fma_4x2(x0, x1, k, _mm256_mul_ps(widen8(w0 + k), c0),
                     _mm256_mul_ps(widen8(w1 + k), c1), _mm256_mul_ps(widen8(w2 + k), c2),
                     _mm256_mul_ps(widen8(w3 + k), c3), &a00, &a01, &a02, &a03, &a10, &a11, &a12,
@@ -438,14 +454,16 @@ AVX2 static void w8b_avx2_tile(const float *x0, const float *x1, const int8_t *w
 
 AVX2 static void w8b_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const float *X,
                                 int64_t ldx, const int8_t *W, int64_t ldw, const float *S,
-                                int64_t block, const float *bias, float *Y, int64_t ldy) {
+                                int64_t block, const float *bias, float *Y, int64_t ldy,
+                                int64_t N) {
     int64_t groups = K / block, j4 = j0 + (j1 - j0) / 4 * 4;
     for (int64_t j = j0; j < j4; j += 4)
         for (int64_t i = 0; i < M; i += 2) {
             const float *x1 = i + 1 < M ? X + (i + 1) * ldx : NULL;
+            const int8_t *next = i == 0 && j + 8 <= N ? W + (j + 4) * ldw : NULL;
             w8b_avx2_tile(X + i * ldx, x1, W + j * ldw, ldw, S + j * groups, groups, block,
                           bias ? bias + j : NULL, Y + i * ldy + j,
-                          x1 ? Y + (i + 1) * ldy + j : NULL);
+                          x1 ? Y + (i + 1) * ldy + j : NULL, next);
         }
     if (j4 < j1) w8b_generic_block(M, j4, j1, K, X, ldx, W, ldw, S, block, bias, Y, ldy);
 }
@@ -666,7 +684,7 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
             continue;
         }
         if (path == QK_PATH_AVX2) {
-            w8_avx2_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
+            w8_avx2_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy, N);
             continue;
         }
 #endif
@@ -743,7 +761,7 @@ EXPORT int qk_cpu_linear_w8b_f32(int path, int64_t M, int64_t N, int64_t K, cons
         int64_t j0 = b * N_BLOCK, j1 = j0 + N_BLOCK < N ? j0 + N_BLOCK : N;
 #if defined(__x86_64__)
         if (path != QK_PATH_GENERIC) {
-            w8b_avx2_block(M, j0, j1, K, X, ldx, W, ldw, S, block, bias, Y, ldy);
+            w8b_avx2_block(M, j0, j1, K, X, ldx, W, ldw, S, block, bias, Y, ldy, N);
             continue;
         }
 #endif
