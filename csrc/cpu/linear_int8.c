@@ -205,16 +205,28 @@ static inline int32_t dot_s8_tail(const int8_t *a, const int8_t *b, int64_t k0, 
     return s;
 }
 
+/* The tiles that read their four weight rows once or a few times (few rows of A or X: bound by
+ * reading the weight) prefetch, at every 64th byte k, that line of the next four rows (`next`,
+ * when not NULL) into L2, so that group streams in while this one is multiplied. Always inlined:
+ * GCC finds a separate function of prefetches free of side effects and drops its calls. */
+AVX2 static inline __attribute__((always_inline)) void prefetch_rows4(const int8_t *next,
+                                                                      int64_t ld, int64_t k) {
+    if (next && (k & 63) == 0)
+        for (int q = 0; q < 4; q++)
+            _mm_prefetch((const char *)(next + q * ld + k), _MM_HINT_T1);
+}
+
 /* C[i][j0..j0+3] (+)= A[i] . B[j0..j0+3] over k in [k0, k1), for rows i and i + 1 (two_rows). */
 AVX2 static void gemm_avx2_tile(const int8_t *a0, const int8_t *a1, const int8_t *b0,
                                 int64_t ldb, int64_t k0, int64_t k1, int32_t *c0, int32_t *c1,
-                                int accumulate) {
+                                int accumulate, const int8_t *next) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
     __m256i s00 = _mm256_setzero_si256(), s01 = s00, s02 = s00, s03 = s00;
     __m256i s10 = s00, s11 = s00, s12 = s00, s13 = s00;
     int64_t kv = k0 + (k1 - k0) / 32 * 32;
     for (int64_t k = k0; k < kv; k += 32) {
+        prefetch_rows4(next, ldb, k);
         __m256i w0 = _mm256_loadu_si256((const __m256i *)(b0 + k));
         __m256i w1 = _mm256_loadu_si256((const __m256i *)(b1 + k));
         __m256i w2 = _mm256_loadu_si256((const __m256i *)(b2 + k));
@@ -255,7 +267,7 @@ AVX2 static void gemm_avx2_tile(const int8_t *a0, const int8_t *a1, const int8_t
 
 AVX2 static void gemm_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const int8_t *A,
                                  int64_t lda, const int8_t *B, int64_t ldb, int32_t *C,
-                                 int64_t ldc) {
+                                 int64_t ldc, int64_t N) {
     int64_t j4 = j0 + (j1 - j0) / 4 * 4;
     for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
         int64_t k1 = k0 + K_BLOCK < K ? k0 + K_BLOCK : K;
@@ -264,8 +276,9 @@ AVX2 static void gemm_avx2_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
             for (int64_t j = j0; j < j4; j += 4) {
                 for (int64_t i = i0; i < i1; i += 2) {
                     const int8_t *a1 = i + 1 < i1 ? A + (i + 1) * lda : NULL;
+                    const int8_t *next = i == i0 && j + 8 <= N ? B + (j + 4) * ldb : NULL;
                     gemm_avx2_tile(A + i * lda, a1, B + j * ldb, ldb, k0, k1, C + i * ldc + j,
-                                   a1 ? C + (i + 1) * ldc + j : NULL, k0 > 0);
+                                   a1 ? C + (i + 1) * ldc + j : NULL, k0 > 0, next);
                 }
             }
         }
@@ -309,18 +322,8 @@ static inline float dot_w8_tail(const float *x, const int8_t *w, int64_t k0, int
     return s;
 }
 
-/* The weight-only tiles read their four weight rows once at one or two rows of X (memory-bound):
- * at every 64th byte k they prefetch that line of the next four rows (`next`, when not NULL) into
- * L2, so that group streams in while this one is multiplied. Always inlined: GCC finds a separate
- * function of prefetches free of side effects and drops its calls. */
-AVX2 static inline __attribute__((always_inline)) void w8_prefetch_rows(const int8_t *next, int64_t ldw, int64_t k) {
-    if (next && (k & 63) == 0)
-        for (int q = 0; q < 4; q++)
-            _mm_prefetch((const char *)(next + q * ldw + k), _MM_HINT_T1);
-}
-
 /* Y[i][j0..j0+3] for rows i and i + 1 (x1 may be NULL): dot_w8 of each pair, then scale, bias;
- * `next`: the next four weight rows (w8_prefetch_rows) or NULL. */
+ * `next`: the next four weight rows (prefetch_rows4) or NULL. */
 AVX2 static void w8_avx2_tile(const float *x0, const float *x1, const int8_t *w0, int64_t ldw,
                               int64_t K, const float *scale, const float *bias, float *y0,
                               float *y1, const int8_t *next) {
@@ -329,7 +332,7 @@ AVX2 static void w8_avx2_tile(const float *x0, const float *x1, const int8_t *w0
     __m256 s10 = s00, s11 = s00, s12 = s00, s13 = s00;
     int64_t k8 = K - K % 8;
     for (int64_t k = 0; k < k8; k += 8) {
-        w8_prefetch_rows(next, ldw, k);
+        prefetch_rows4(next, ldw, k);
         fma_4x2(x0, x1, k, widen8(w0 + k), widen8(w1 + k), widen8(w2 + k), widen8(w3 + k),
                 &s00, &s01, &s02, &s03, &s10, &s11, &s12, &s13);
     }
@@ -434,7 +437,7 @@ AVX2 static void w8b_avx2_tile(const float *x0, const float *x1, const int8_t *w
         __m256 c0 = _mm256_set1_ps(s0[g]), c1 = _mm256_set1_ps(s1[g]);
         __m256 c2 = _mm256_set1_ps(s2[g]), c3 = _mm256_set1_ps(s3[g]);
         for (int64_t k = g * block; k < (g + 1) * block; k += 8) {
-            w8_prefetch_rows(next, ldw, k);
+            prefetch_rows4(next, ldw, k);
             fma_4x2(x0, x1, k, _mm256_mul_ps(widen8(w0 + k), c0),
                     _mm256_mul_ps(widen8(w1 + k), c1), _mm256_mul_ps(widen8(w2 + k), c2),
                     _mm256_mul_ps(widen8(w3 + k), c3), &a00, &a01, &a02, &a03, &a10, &a11, &a12,
@@ -643,7 +646,7 @@ EXPORT int qk_cpu_gemm_s8s8s32(int path, int64_t M, int64_t N, int64_t K, const 
             continue;
         }
         if (path == QK_PATH_AVX2) {
-            gemm_avx2_block(M, j0, j1, K, A, lda, B, ldb, C, ldc);
+            gemm_avx2_block(M, j0, j1, K, A, lda, B, ldb, C, ldc, N);
             continue;
         }
 #endif
@@ -727,7 +730,7 @@ EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, con
                 gemm_vnni_block(mc, 0, nc, K, Ai, lda, ap + i0 * K, K, Bj, ldb,
                                 bsum ? bsum + j0 : NULL, acc, INT8_N_BLOCK);
             else if (path == QK_PATH_AVX2)
-                gemm_avx2_block(mc, 0, nc, K, Ai, lda, Bj, ldb, acc, INT8_N_BLOCK);
+                gemm_avx2_block(mc, 0, nc, K, Ai, lda, Bj, ldb, acc, INT8_N_BLOCK, N - j0);
 #endif
             else
                 gemm_generic_block(mc, 0, nc, K, Ai, lda, Bj, ldb, acc, INT8_N_BLOCK);
@@ -808,7 +811,7 @@ EXPORT int qk_cpu_linear_w8a8b_f32(int path, int64_t M, int64_t N, int64_t K, co
                                     ldb, NULL, acc, INT8_N_BLOCK);
                 else if (path == QK_PATH_AVX2)
                     gemm_avx2_block(mc, 0, nc, block, Ai + k0, lda, Bj + k0, ldb, acc,
-                                    INT8_N_BLOCK);
+                                    INT8_N_BLOCK, N - j0);
                 else
 #endif
                     gemm_generic_block(mc, 0, nc, block, Ai + k0, lda, Bj + k0, ldb, acc,
