@@ -39,6 +39,9 @@
 /* Smallest positive alpha (float32(127) / FLT_MAX rounded up): the host rejects 0 < alpha < this,
  * so inv_scale = 127 / alpha is always finite. Kernels never see alpha itself. */
 #define QK_MIN_POSITIVE_ALPHA 3.7321948e-37f
+/* Largest alpha (one float32 step below FLT_MAX, where 127 * float32(alpha / 127) is still
+ * finite): the host rejects larger ones. */
+#define QK_MAX_ALPHA 3.4028233e38f
 
 /* Bumped whenever a signature below changes; quantkit/backends/cuda_library.py refuses another
  * version. */

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from ._constants import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_POSITIVE_ALPHA
+from ._constants import MAX_ALPHA, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_POSITIVE_ALPHA
 
 #: Kinds of array a caller can pass: a NumPy array, a CPU torch tensor, a CUDA torch tensor.
 NUMPY, TORCH_CPU, TORCH_CUDA = "numpy", "torch", "cuda"
@@ -108,7 +108,8 @@ def granularity(shape: tuple, axis, block_size):
 
 
 def alpha_array(alpha, expected_shape: tuple) -> np.ndarray:
-    """alpha as a float32 NumPy array of ``expected_shape``: finite and >= 0, else ValueError.
+    """alpha as a float32 NumPy array of ``expected_shape``: finite, 0 or in [MIN_POSITIVE_ALPHA,
+    MAX_ALPHA] once in float32 (a positive alpha that rounds to 0 is refused too), else ValueError.
 
     ``expected_shape`` is ``()`` per tensor, ``(channels,)`` per channel, ``(n_blocks,)`` per block.
     """
@@ -140,11 +141,16 @@ def alpha_array(alpha, expected_shape: tuple) -> np.ndarray:
     if (a32 < 0).any():
         first = int(np.argmax((a32 < 0).reshape(-1)))
         raise ValueError(f"alpha must be >= 0; entry {first} is {a.reshape(-1)[first]!r}")
-    tiny = (a32 > 0) & (a32 < np.float32(MIN_POSITIVE_ALPHA))
+    tiny = (a > 0) & (a32 < np.float32(MIN_POSITIVE_ALPHA))  # a: before rounding to float32
     if tiny.any():
         first = int(np.argmax(tiny.reshape(-1)))
         raise ValueError(f"alpha must be 0 or at least {MIN_POSITIVE_ALPHA} (127/alpha must fit "
                          f"in float32); entry {first} is {a.reshape(-1)[first]!r}")
+    huge = a32 > np.float32(MAX_ALPHA)
+    if huge.any():
+        first = int(np.argmax(huge.reshape(-1)))
+        raise ValueError(f"alpha must be at most {MAX_ALPHA} (127 * float32(alpha / 127) must be "
+                         f"finite in float32); entry {first} is {a.reshape(-1)[first]!r}")
     return a32
 
 

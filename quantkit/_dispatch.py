@@ -32,6 +32,8 @@ def checked_out(out, kind: str, shape: tuple, dtype, name: str = "out"):
     if array.dtype != dtype or tuple(array.shape) != tuple(shape) or not array.flags.c_contiguous:
         raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape "
                          f"{tuple(shape)}, got {array.dtype} {tuple(array.shape)}")
+    if not array.flags.writeable:
+        raise ValueError(f"{name} must be writeable, got a read-only array")
     return array
 
 

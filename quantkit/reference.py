@@ -11,8 +11,9 @@ Symmetric int8, narrow range (``QMAX = 127``)::
     x_hat     = float32(q) * scale
 
 All products and quotients are float32 operations (one rounding each). alpha is float32, finite,
-and either 0 or at least ``MIN_POSITIVE_ALPHA`` (about 3.7e-37, where ``127 / alpha`` would overflow
-float32); the public API rejects other alphas, so ``inv_scale`` is always finite.
+either 0 or at least ``MIN_POSITIVE_ALPHA`` (about 3.7e-37, where ``127 / alpha`` would overflow
+float32), and at most ``MAX_ALPHA`` (one step below FLT_MAX, where ``127 * scale`` would overflow);
+the public API rejects other alphas, so ``inv_scale`` and every ``x_hat`` are finite.
 
 Inputs to the quantize functions must be finite float32; the public API (:mod:`quantkit.ops`) checks
 that before any kernel runs. :func:`count_nonfinite` is the reference for the fused check.

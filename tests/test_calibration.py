@@ -459,6 +459,20 @@ def test_observer_matches_direct_calibration():
         assert observed <= direct * 1.005, (name, observed / direct)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_observer_with_one_channel_is_per_channel(method):
+    """One channel along the axis is still per channel: the same alpha as two identical channels,
+    an array of shape (1,), and merging works."""
+    x = np.random.default_rng(5).standard_normal((1, 3000)).astype(np.float32)
+    one = Observer(method, axis=0).update(x)
+    two = Observer(method, axis=0).update(np.concatenate([x, x]))
+    a = one.alpha()
+    assert a.shape == (1,)
+    np.testing.assert_array_equal(a, two.alpha()[:1])
+    merged = Observer(method, axis=0).update(x).merge(Observer(method, axis=0).update(x))
+    assert merged.alpha().shape == (1,)
+
+
 def test_observer_methods_and_channels():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3000, 4)).astype(np.float32) * np.array([1, 2, 0, 5], np.float32)

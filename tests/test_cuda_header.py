@@ -36,6 +36,9 @@ def test_header_constants_match_python():
     min_alpha = defines["QK_MIN_POSITIVE_ALPHA"]
     assert re.fullmatch(r"[\d.e+-]+f", min_alpha), min_alpha
     assert np.float32(min_alpha[:-1]) == np.float32(_constants.MIN_POSITIVE_ALPHA)
+    max_alpha = defines["QK_MAX_ALPHA"]
+    assert re.fullmatch(r"[\d.e+-]+f", max_alpha), max_alpha
+    assert np.float32(max_alpha[:-1]) == np.float32(_constants.MAX_ALPHA)
 
 
 def test_ctypes_declarations_match_header():

@@ -149,6 +149,8 @@ def test_nonfinite_x_says_how_many_and_where(value, count):
     (float("inf"), ValueError, "finite"),
     (1e39, ValueError, "finite in float32"),
     (1e-40, ValueError, "at least"),
+    (1e-46, ValueError, "at least"),                       # rounds to 0 in float32: not taken as 0
+    (float(np.finfo(np.float32).max), ValueError, "at most"),  # 127 * scale overflows
     ("1.0", TypeError, "real number"),
     (True, TypeError, "bool"),
     (None, TypeError, "real number"),
@@ -157,6 +159,53 @@ def test_nonfinite_x_says_how_many_and_where(value, count):
 def test_bad_alpha_per_tensor(alpha, exc, match):
     with pytest.raises(exc, match=match):
         quantize(np.ones(4, np.float32), alpha)
+
+
+def test_largest_alpha_dequantizes_finite():
+    from quantkit._constants import MAX_ALPHA
+
+    big = np.finfo(np.float32).max
+    x = np.array([big, -big, 1.0, 0.0], np.float32)
+    q = quantize(x, MAX_ALPHA)
+    assert np.isfinite(dequantize(q)).all()
+    assert np.nextafter(np.float32(MAX_ALPHA), np.float32(np.inf)) == big
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "mse", "entropy"])
+def test_calibrate_caps_alpha_at_the_largest_legal_one(method):
+    """Data whose max |x| is FLT_MAX: every granularity's alpha is legal and dequantizes finite."""
+    from quantkit import calibrate
+    from quantkit._constants import MAX_ALPHA
+
+    big = np.finfo(np.float32).max
+    x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32) * np.float32(1e37)
+    x[:, 7] = big
+    x[1, 9] = -big
+    for kwargs in ({}, {"axis": 0}, {"block_size": 64}):
+        alpha = calibrate(x, method, **kwargs)
+        assert np.all(np.asarray(alpha) <= np.float32(MAX_ALPHA)), (kwargs, alpha)
+        assert np.isfinite(dequantize(quantize(x, alpha, **kwargs))).all(), kwargs
+
+
+def test_zero_d_input_keeps_its_shape_blockwise():
+    import torch
+
+    for x in (np.array(1.5, np.float32), torch.tensor(1.5)):
+        q = quantize(x, [2.0], block_size=64)
+        assert tuple(q.data.shape) == () and tuple(dequantize(q).shape) == ()
+        assert float(dequantize(q)) == float(dequantize(quantize(x, 2.0)))
+
+
+def test_read_only_out_is_refused():
+    x = np.ones(4, np.float32)
+    codes = np.empty(4, np.int8)
+    codes.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        quantize(x, 2.0, out=codes)
+    values = np.empty(4, np.float32)
+    values.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        dequantize(quantize(x, 2.0), out=values)
 
 
 def test_bad_alpha_per_channel_and_block():

@@ -269,14 +269,14 @@ def dequantize_per_channel_numba(q: np.ndarray, scale: np.ndarray, axis: int, ou
 
 def quantize_blockwise_numba(x: np.ndarray, inv_scale: np.ndarray, block_size: int, out=None):
     """Codes with multiplier ``inv_scale[b]`` for each block of the C-order flattening."""
-    dense = np.ascontiguousarray(x)
+    dense = np.ascontiguousarray(x).reshape(x.shape)  # ascontiguousarray makes 0-d arrays 1-d
     codes = _output_like(dense, np.int8, out)
     bad = _quantize_blocks(dense.reshape(-1), inv_scale, block_size, codes.reshape(-1))
     return codes, int(bad)
 
 
 def dequantize_blockwise_numba(q: np.ndarray, scale: np.ndarray, block_size: int, out=None):
-    dense = np.ascontiguousarray(q)
+    dense = np.ascontiguousarray(q).reshape(q.shape)  # ascontiguousarray makes 0-d arrays 1-d
     values = _output_like(dense, np.float32, out)
     _dequantize_blocks(dense.reshape(-1), scale, block_size, values.reshape(-1))
     return values

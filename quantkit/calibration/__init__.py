@@ -67,7 +67,7 @@ def _calibrate_rows(rows: np.ndarray, amax: np.ndarray, method: str, opts: dict)
         for r in range(rows.shape[0]):
             out[r] = entropy_flat(rows[r], amax[r], opts["bins"])
         return _args.legal_alpha(out, amax)
-    return mse.search_rows(rows, amax)
+    return _args.legal_alpha(mse.search_rows(rows, amax), amax)
 
 
 def _calibrate_blocks(flat: np.ndarray, block_size: int, method: str, opts: dict) -> np.ndarray:
@@ -98,7 +98,7 @@ def _blocks_raw(flat, block_size, method, opts, amax):
             block = flat[b * block_size:(b + 1) * block_size]
             out[b] = entropy_flat(block, amax[b], opts["bins"])
         return out
-    return mse.search_blocks(flat, block_size, amax)
+    return _args.legal_alpha(mse.search_blocks(flat, block_size, amax), amax)
 
 
 def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
@@ -141,7 +141,8 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
         return _arrays.wrap_like(_calibrate_rows(rows, amax, method, opts), kind)
     flat = _args.flat_of(x32)
     if method == "mse" and block_size is None:
-        return float(mse.search_host_flat(flat, x32))
+        alpha = mse.search_host_flat(flat, x32)
+        return float(_args.legal_alpha(alpha, alpha))
     amax = _args.checked_absmax_flat(x32, flat)
     if block_size is not None:
         return _arrays.wrap_like(_calibrate_blocks(flat, block_size, method, opts), kind)

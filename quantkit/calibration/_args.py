@@ -9,22 +9,24 @@ import numbers
 import numpy as np
 
 from .. import _arrays
-from .._constants import MIN_POSITIVE_ALPHA
+from .._constants import MAX_ALPHA, MIN_POSITIVE_ALPHA
 
 METHODS = ("max", "percentile", "mse", "entropy")
 _OPTIONS = {"max": (), "percentile": ("percentile",), "mse": (), "entropy": ("bins",)}
 _DEFAULT_PERCENTILE = 99.99
 _ENTROPY_BINS = 2048
 
-#: MIN_POSITIVE_ALPHA as float32, the type every alpha is compared in.
+#: MIN_POSITIVE_ALPHA and MAX_ALPHA as float32, the type every alpha is compared in.
 MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)
+MAX_ALPHA32 = np.float32(MAX_ALPHA)
 
 
 def legal_alpha(alpha, amax):
     """alpha made legal for ``quantize``: a positive alpha below MIN_POSITIVE_ALPHA (127 / alpha
     would overflow float32) becomes MIN_POSITIVE_ALPHA where max |x| allows, else 0 (all |x| are
-    below 4e-37 there: their error at alpha 0 is at most 1.4e-73)."""
-    a = np.asarray(alpha, np.float32)
+    below 4e-37 there: their error at alpha 0 is at most 1.4e-73); one above MAX_ALPHA (max |x| =
+    FLT_MAX) becomes MAX_ALPHA, clipping those values by one float32 step."""
+    a = np.minimum(np.asarray(alpha, np.float32), MAX_ALPHA32)
     tiny = (a > 0) & (a < MIN_ALPHA)
     if not tiny.any():
         return a

@@ -52,13 +52,14 @@ def calibrate_on_gpu(x, method: str, axis, block_size, opts: dict):
     axis, block_size = _args.granularity(tuple(x.shape), axis, block_size)
     if method == "max":
         amax = cuda_quantize.absmax(x, axis=axis, block_size=block_size)
-        legal = amax.masked_fill(amax < float(MIN_ALPHA), 0.0)  # as legal_alpha(amax, amax)
+        legal = amax.masked_fill(amax < float(MIN_ALPHA), 0.0).clamp_(max=float(_args.MAX_ALPHA32))
         return float(legal.item()) if axis is None and block_size is None else legal
     if method == "mse" and axis is None and block_size is None:
         # the order of the elements does not matter to the search
         dense, _ = cuda_layout.as_dense(cuda_layout.as_float32(x), keep_layout=True)
-        return float(mse.search_flat(cuda_kernels(), dense, int(dense.numel()),
-                                     lambda bad: cuda_library.nonfinite_error(x, bad)))
+        alpha = mse.search_flat(cuda_kernels(), dense, int(dense.numel()),
+                                lambda bad: cuda_library.nonfinite_error(x, bad))
+        return float(_args.legal_alpha(alpha, alpha))
     where = ("per channel" if axis is not None else "per block" if block_size is not None
              else "per tensor")
     raise _not_on_gpu(f'method="{method}" {where}')

@@ -76,7 +76,7 @@ class Observer:
         bad = _args.data_kernels().absmax_rows(rows, amax)
         if bad:
             raise ValueError(f"update {index}: {_arrays.nonfinite_error(x32, int(bad), 'batch')}")
-        keys, sums = _summarise(rows)
+        keys, sums = _summarise(rows, per_tensor=self.axis is None)
         self._absorb(keys, sums, amax)
         self.updates += 1
         self.count += int(x32.size)
@@ -141,11 +141,12 @@ class Observer:
         return np.float32(k.model_search(cnt, mean, var, amax))
 
 
-def _summarise(rows: np.ndarray):
+def _summarise(rows: np.ndarray, per_tensor: bool):
     """Log histogram of |rows|: per tensor (one row) a dense (3, HIST_BINS) array; per channel
-    sparse, as (sorted keys row * HIST_BINS + bin, (3, m) integer sums)."""
+    (any number of rows, one too) sparse, as (sorted keys row * HIST_BINS + bin, (3, m) integer
+    sums)."""
     k = _args.data_kernels()
-    if rows.shape[0] == 1:
+    if per_tensor:
         dense = np.zeros((3, k.HIST_BINS), np.int64)
         k.histogram_log(rows.reshape(-1), _args.tasks(), dense[0], dense[1], dense[2])
         return None, dense
