@@ -46,12 +46,17 @@ def float32_numpy(x, name: str = "x") -> np.ndarray:
     """x (NumPy array or CPU tensor) as a float32 NumPy array, zero-copy when it already is one.
 
     float16, bfloat16 and float64 are converted (a new array); any other dtype is a TypeError.
+    Finite float64 values beyond float32's range are a ValueError (they would become Inf).
     """
     if isinstance(x, np.ndarray):
         if x.dtype == np.float32:
             return x
         if x.dtype.type in _NUMPY_FLOATS:
-            return x.astype(np.float32)
+            with np.errstate(over="ignore"):
+                out = x.astype(np.float32)
+            if x.dtype == np.float64:
+                _check_float32_range(x, out, name)
+            return out
         raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {x.dtype}")
     torch = _torch()
     if torch is not None and isinstance(x, torch.Tensor):
@@ -60,8 +65,24 @@ def float32_numpy(x, name: str = "x") -> np.ndarray:
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/"
                             f"float64), got {x.dtype}")
-        return x.detach().to(torch.float32).numpy()
+        out = x.detach().to(torch.float32).numpy()
+        if x.dtype == torch.float64:
+            _check_float32_range(x.detach().numpy(), out, name)
+        return out
     raise TypeError(f"{name} must be a NumPy array or a torch tensor, got {type(x).__name__}")
+
+
+def _check_float32_range(x64: np.ndarray, x32: np.ndarray, name: str) -> None:
+    """ValueError if a finite float64 value of x64 became Inf in its float32 conversion x32 (NaN
+    and Inf themselves are left to the non-finite check that follows)."""
+    over = np.isinf(x32) & np.isfinite(x64)
+    if over.any():
+        flat = int(np.argmax(over.reshape(-1)))
+        index = tuple(int(i) for i in np.unravel_index(flat, x64.shape))
+        raise ValueError(f"{name} has {int(over.sum())} finite value(s) beyond float32's range "
+                         f"(|x| > {np.finfo(np.float32).max}); the first is "
+                         f"{x64.reshape(-1)[flat]!r} at index {index}: quantkit computes in "
+                         f"float32")
 
 
 def wrap_like(a: np.ndarray, kind: str):

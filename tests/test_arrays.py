@@ -82,3 +82,19 @@ def test_nonfinite_error_names_count_and_first_index():
     x[0, 1] = np.inf
     message = str(_arrays.nonfinite_error(x, 2, "w"))
     assert message.startswith("w has 2 non-finite value(s)") and "(0, 1)" in message
+
+
+def test_float64_beyond_float32_range_is_named_as_such():
+    """A finite float64 value that float32 cannot hold is refused as out of range, not reported
+    as a NaN/Inf of the input; NumPy and torch alike. Values that round to FLT_MAX pass."""
+    import torch
+
+    from quantkit import calibrate, quantize
+
+    top = float(np.finfo(np.float32).max)
+    for x in (np.array([1.0, -1e39, 2.0]), torch.tensor([[1.0, 5e38]], dtype=torch.float64)):
+        with pytest.raises(ValueError, match="beyond float32's range"):
+            quantize(x, 1.0)
+        with pytest.raises(ValueError, match="beyond float32's range"):
+            calibrate(x)
+    assert calibrate(np.array([1.0, top * (1 + 2.0 ** -25)]), "max") <= top
