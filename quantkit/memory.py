@@ -77,6 +77,11 @@ class Shape:
         return sum(o * c for _, o, c in self.linear)
 
 
+#: The smallest --params a layout is guessed for: below it the guessed Linear layers alone would
+#: hold more parameters than given (53248 at hidden size 64).
+MIN_GUESSED_PARAMS = 10 ** 6
+
+
 def shape_from_params(n: float) -> Shape:
     """A Llama-like layout with about ``n`` parameters (32 layers of 4096 for 7e9)."""
     n = int(n)
@@ -84,7 +89,12 @@ def shape_from_params(n: float) -> Shape:
     layers = max(1, round(d / 128))
     f = int(round(8 * d / 3 / 64)) * 64
     linear = [(d, d, 4 * layers), (d, f, 2 * layers), (f, d, layers)]
-    return Shape(n, linear, d, layers, max(1, d // 128), f, 32000, guessed=True)
+    shape = Shape(n, linear, d, layers, max(1, d // 128), f, 32000, guessed=True)
+    if n < MIN_GUESSED_PARAMS:
+        raise UsageError(f"--params {n} is too small to guess a layout from (at least "
+                         f"{MIN_GUESSED_PARAMS:.0e}); give --model FOLDER with the model's "
+                         "config.json")
+    return shape
 
 
 def shape_from_config(config: dict) -> Shape:
@@ -98,8 +108,18 @@ def shape_from_config(config: dict) -> Shape:
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"config.json lacks a usable {exc} (needs hidden_size, "
                          "num_hidden_layers, num_attention_heads)") from None
-    kv = int(config.get("num_key_value_heads", heads))
-    head_dim = int(config.get("head_dim", d // heads))
+    if min(d, layers, heads, f, vocab) < 1:
+        raise UsageError("config.json: hidden_size, num_hidden_layers, num_attention_heads, "
+                         "intermediate_size and vocab_size must be >= 1, got "
+                         f"{d}, {layers}, {heads}, {f}, {vocab}")
+    try:
+        kv = int(config.get("num_key_value_heads", heads))
+        head_dim = int(config.get("head_dim", d // heads))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"config.json: num_key_value_heads / head_dim unusable ({exc})") from None
+    if kv < 1 or head_dim < 1:
+        raise UsageError(f"config.json: num_key_value_heads and head_dim must be >= 1, got "
+                         f"{kv}, {head_dim}")
     q_out, kv_out = heads * head_dim, kv * head_dim
     linear = [(d, q_out, layers), (d, kv_out, 2 * layers), (q_out, d, layers),
               (d, f, 2 * layers), (f, d, layers)]
@@ -144,8 +164,8 @@ def parse_bytes(text) -> int:
     value, prefix, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
     power = "kmgt".index(prefix) + 1 if prefix else 0
     size = value * (1024 if binary else 1000) ** power
-    if not size > 0:
-        raise UsageError(f"--budget must be positive, got {text!r}")
+    if not (size > 0 and math.isfinite(size)):
+        raise UsageError(f"--budget must be a positive, finite size, got {text!r}")
     return int(size)
 
 
@@ -164,11 +184,13 @@ def plan(shape: Shape, *, rank: int = 16, seq: int | None = None,
          batch: int | None = None) -> list[dict]:
     """One dict per setup: name, weights, gradients, states, activations, total (bytes)."""
     n = shape.params
-    if rank < 1:
-        raise UsageError(f"--rank must be >= 1, got {rank}")
+    if rank < 1 or rank > min(shape.hidden, shape.mlp):
+        raise UsageError(f"--rank must be in [1, {min(shape.hidden, shape.mlp)}] (at most the "
+                         f"smallest Linear dimension), got {rank}")
     act = activation_bytes(shape, seq, batch) if seq and batch else 0
     lora = lora_params(shape, rank)
-    int8_base = shape.linear_params + 4 * shape.linear_rows + 4 * (n - shape.linear_params)
+    rest = max(0, n - shape.linear_params)  # a guessed layout's Linears may hold more than n
+    int8_base = shape.linear_params + 4 * shape.linear_rows + 4 * rest
     rows = [
         ("float32 full fine-tune", 4 * n, 4 * n, 8 * n),
         ("bf16 mixed precision", 2 * n, 2 * n, 12 * n),

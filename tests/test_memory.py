@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from quantkit import memory
@@ -78,6 +79,9 @@ def test_command_marks_what_fits_a_t4(capsys):
     (["--params", "7e9", "--budget", "big"], "not a size"),
     (["--params", "7e9", "--seq", "128"], "go together"),
     (["--params", "7e9", "--rank", "0"], "--rank"),
+    (["--params", "7e9", "--rank", "100000000000"], "--rank"),
+    (["--params", "1"], "too small"),
+    (["--params", "7e9", "--budget", "1e400GB"], "finite"),
     (["--model", "/nonexistent-folder"], "no config.json"),
     ([], "required"),
 ])
@@ -85,3 +89,21 @@ def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(["memory", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("quantkit: error:")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"hidden_size": 0, "num_hidden_layers": 2, "num_attention_heads": 2}, ">= 1"),
+    ({"hidden_size": 64, "num_hidden_layers": -2, "num_attention_heads": 2}, ">= 1"),
+    ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 0}, ">= 1"),
+])
+def test_bad_config_is_one_line_exit_2(config, message, tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["memory", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_guessed_layouts_never_give_negative_sizes():
+    for n in np.unique(np.logspace(6, 13, 3000).astype(np.int64)):
+        for row in memory.plan(memory.shape_from_params(n)):
+            assert min(row["weights"], row["gradients"], row["states"], row["total"]) >= 0, (n, row)
