@@ -156,8 +156,8 @@ def finetune(model, ids, out, *, rank=16, alpha=32, optimizer="adamw8bit", lr=2e
     """
     import torch
 
-    if steps < 1 or seq < 1 or batch < 1:
-        raise UsageError("--steps, --seq and --batch must be >= 1")
+    check_settings(rank=rank, alpha=alpha, lr=lr, steps=steps, seq=seq, batch=batch,
+                   checkpoint_every=checkpoint_every, weights=weights)
     if ids.numel() < seq + 2:
         raise UsageError(f"the text has {ids.numel()} tokens, fewer than --seq + 2 = {seq + 2}")
     out = Path(out)
@@ -245,6 +245,24 @@ def _plot_losses(losses, png: Path):
 # ------------------------------------------------------------------------------ command
 
 
+def check_settings(*, rank, alpha, lr, steps, seq, batch, checkpoint_every, weights) -> None:
+    """UsageError (naming the option) for settings no run can use, before anything is loaded or
+    written: counts >= 1 (checkpoint_every >= 0, 0 = only at the end), alpha and lr finite and
+    > 0, weights a calibration method."""
+    from .calibration._args import METHODS
+
+    for name, value, least in (("--rank", rank, 1), ("--steps", steps, 1), ("--seq", seq, 1),
+                               ("--batch", batch, 1), ("--checkpoint-every", checkpoint_every, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UsageError(f"{name} must be an integer >= {least}, got {value!r}")
+    for name, value in (("--alpha", alpha), ("--lr", lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{name} must be a finite number > 0, got {value!r}")
+    if weights not in METHODS:
+        raise UsageError(f"--weights must be one of {', '.join(METHODS)}, got {weights!r}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="FOLDER",
                         help="model folder (default: SmolLM2-135M-Instruct, cached float32)")
@@ -270,8 +288,9 @@ def run(args) -> int:
     from . import llm
 
     try:
-        if args.rank < 1:
-            raise UsageError(f"--rank must be >= 1, got {args.rank}")
+        check_settings(rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps,
+                       seq=args.seq, batch=args.batch, checkpoint_every=args.checkpoint_every,
+                       weights=args.weights)
         try:
             folder = Path(args.model) if args.model else llm.smollm2_folder()
             model, tokenizer = llm.load_model(folder)

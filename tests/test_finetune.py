@@ -90,6 +90,20 @@ def test_command_bad_rank_and_folder_without_tokenizer_exit_2(tmp_path, capsys):
         assert message in err[-1] and err[-1].startswith("quantkit: error:")
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"), (["--alpha", "inf"], "--alpha"),
+    (["--steps", "0"], "--steps"), (["--seq", "-1"], "--seq"), (["--batch", "0"], "--batch"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--weights", "median"], "--weights"),
+])
+def test_command_refuses_bad_settings_before_loading_or_writing(tmp_path, capsys, extra, message):
+    """No model is loaded (the folder does not exist) and no output folder is made."""
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", str(tmp_path / "missing"), "-o", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("quantkit: error:")
+    assert not out.exists()
+
+
 def test_command_refuses_folder_without_config_and_empty_text(tmp_path, capsys):
     text = tmp_path / "empty.txt"
     text.write_text("")

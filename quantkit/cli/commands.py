@@ -37,7 +37,10 @@ def calibration_options(args) -> dict:
         return {}
     if args.method != "percentile":
         raise _usage_error("--percentile goes with --method percentile")
-    return {"percentile": args.percentile}
+    p = args.percentile
+    if not (math.isfinite(p) and 0 < p <= 100):
+        raise _usage_error(f"--percentile must be in (0, 100], got {p}")
+    return {"percentile": p}
 
 
 def run_quantize(source: SafetensorsSource, out: Path, *, method="mse",
