@@ -24,6 +24,13 @@ class QTensor:
     __slots__ = ("data", "scale", "axis", "block_size")
 
     def __init__(self, data, scale, *, axis=None, block_size=None):
+        for name, value, hint in (("data", data, ""),
+                                  ("scale", scale, " (a 0-d float32 array for one scale)")):
+            try:
+                _arrays.kind_of(value)
+            except TypeError:
+                raise TypeError(f"{name} must be a NumPy array or a torch tensor{hint}, got "
+                                f"{type(value).__name__}") from None
         kind = _arrays.kind_of(data)
         if str(data.dtype) not in ("int8", "torch.int8"):
             raise TypeError(f"data must hold int8 codes, got {data.dtype}")

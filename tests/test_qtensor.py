@@ -22,6 +22,10 @@ def test_fields_are_checked():
         QTensor(codes, np.ones(4, np.float32), axis=0, block_size=64)
     with pytest.raises(ValueError, match=r"shape \(130,\)"):
         QTensor(codes, np.ones(4, np.float32), axis=-1)
+    with pytest.raises(TypeError, match="scale must be a NumPy array or a torch tensor"):
+        QTensor(codes, np.float32(0.5))
+    with pytest.raises(TypeError, match="data must be a NumPy array or a torch tensor"):
+        QTensor([1, 2], np.array(0.5, np.float32))
 
 
 def test_properties_and_repr():
