@@ -161,12 +161,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     else ``quantkit::linear_w8``.
 
     The custom op is called where it matters: under ``torch.compile``/``torch.export`` tracing,
-    when autograd records (a gradient is wanted for x or the bias), and for tensor subclasses.
+    when autograd records (a gradient is wanted for x or the bias), for tensor subclasses and for
+    meta tensors (its fake implementation gives the output's shape).
     Otherwise (eager inference on plain tensors) its implementation runs directly: the same
     computation without the op's dispatch, which costs 10-15 us a call, as much as the whole
     product of a small layer at batch 1.
     """
-    direct = (type(x) is torch.Tensor and type(bias) in _PLAIN_BIAS
+    direct = (type(x) is torch.Tensor and type(bias) in _PLAIN_BIAS and x.device.type != "meta"
               and not torch.compiler.is_compiling()
               and not (torch.is_grad_enabled()
                        and (x.requires_grad or (bias is not None and bias.requires_grad))))

@@ -37,3 +37,12 @@ def test_a_bias_that_wants_a_gradient_goes_through_the_op():
     layer.bias.requires_grad_(True)
     layer(torch.randn(3, 64)).sum().backward()
     assert torch.equal(layer.bias.grad, torch.full((8,), 3.0))
+
+
+@pytest.mark.parametrize("activations", [None, "dynamic"])
+def test_meta_tensors_give_the_output_shape(activations):
+    """A layer and input on the meta device (shape inference) go through the op's fake
+    implementation: every mode returns a meta tensor of the output's shape."""
+    layer = QuantLinear.from_float(torch.nn.Linear(8, 4), activations=activations).to("meta")
+    y = layer(torch.empty(2, 3, 8, device="meta"))
+    assert y.device.type == "meta" and tuple(y.shape) == (2, 3, 4)
