@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import matmul
-from ._constants import MIN_POSITIVE_ALPHA, QMAX
+from ._constants import MAX_ALPHA, MIN_POSITIVE_ALPHA, QMAX
 from .ops import quantize
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -59,8 +59,10 @@ def quantize_rows(x: torch.Tensor, alpha: Optional[torch.Tensor] = None):
         raise ValueError("input has non-finite values (NaN or Inf)")
     if alpha is None:
         alpha = x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(rows)
-        # as calibrate(): a row max below MIN_POSITIVE_ALPHA (127 / alpha overflows) becomes 0
+        # as calibrate(): a row max below MIN_POSITIVE_ALPHA (127 / alpha overflows) becomes 0,
+        # one above MAX_ALPHA (127 * scale overflows) MAX_ALPHA
         alpha = torch.where(alpha < MIN_POSITIVE_ALPHA, torch.zeros_like(alpha), alpha)
+        alpha = alpha.clamp(max=MAX_ALPHA)
     return _quantize_rows_torch(x, alpha.to(torch.float32).expand(rows).contiguous())
 
 

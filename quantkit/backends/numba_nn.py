@@ -3,7 +3,7 @@
 ``quantize_rows_absmax_numba(x)`` gives, for every row i of a float32 matrix, in one read of
 the row (it stays in cache between the two loops)::
 
-    alpha[i] = max_j |x[i, j]|            (0 when below MIN_POSITIVE_ALPHA)
+    alpha[i] = max_j |x[i, j]|            (0 when below MIN_POSITIVE_ALPHA, MAX_ALPHA above it)
     codes[i] = clamp(rint(x[i] * float32(127 / alpha[i])), -127, 127)   (0 where alpha == 0)
     scale[i] = float32(alpha[i] / 127)
 
@@ -27,11 +27,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .._constants import MIN_POSITIVE_ALPHA, QMAX
+from .._constants import MAX_ALPHA, MIN_POSITIVE_ALPHA, QMAX
 
 _ABS_MASK = np.int32(0x7FFFFFFF)
 _INF_BITS = np.int32(0x7F800000)
 _MIN_ALPHA = np.float32(MIN_POSITIVE_ALPHA)
+_MAX_ALPHA = np.float32(MAX_ALPHA)
 _QMAX = np.float32(QMAX)
 _LOW = np.float32(-QMAX)
 
@@ -62,6 +63,7 @@ def _quantize_rows_absmax(x, bits, codes, scale):
         alpha = _magnitude_from_bits(top)
         if alpha < _MIN_ALPHA:
             alpha = np.float32(0)
+        alpha = min(alpha, _MAX_ALPHA)   # FLT_MAX: 127 * scale would overflow
         scale[i] = alpha / _QMAX
         inv = _QMAX / alpha if alpha > 0 else np.float32(0)
         xs = x[i]

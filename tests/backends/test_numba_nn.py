@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quantkit import reference
-from quantkit._constants import MIN_POSITIVE_ALPHA, QMAX
+from quantkit._constants import MAX_ALPHA, MIN_POSITIVE_ALPHA, QMAX
 from quantkit.backends import numba_nn
 
 F32 = np.float32
@@ -123,10 +123,11 @@ def test_rescale_at_model_size():
 
 
 def _legal_row_alpha(x):
-    """max |row|, 0 below MIN_POSITIVE_ALPHA (calibrate's "max" alpha per row)."""
+    """max |row|, 0 below MIN_POSITIVE_ALPHA, MAX_ALPHA above it (calibrate's "max" alpha per
+    row)."""
     alpha = np.abs(x).max(axis=1).astype(F32) if x.shape[1] else np.zeros(x.shape[0], F32)
     alpha[alpha < F32(MIN_POSITIVE_ALPHA)] = 0
-    return alpha
+    return np.minimum(alpha, F32(MAX_ALPHA))
 
 
 def _assert_rows_exact(x):
