@@ -577,3 +577,222 @@ def test_bad_gradient_count_on_either_side_of_one_chunk(extra):
     assert K.count_bad_gradients(g) == 3
     g[[0, -1, g.size // 2]] = -K.GRAD_LIMIT
     assert K.count_bad_gradients(g) == 0
+
+
+# ------------------------------------------- refused steps, groups and loads change nothing
+
+
+def two_group_optimizer(steps=1):
+    """An 8-bit parameter (group 0) and a float32-state one (group 1), ``steps`` steps taken,
+    gradients set for the next."""
+    torch.manual_seed(11)
+    a = torch.nn.Parameter(torch.randn(64, 128))
+    b = torch.nn.Parameter(torch.randn(10))
+    opt = AdamW8bit([{"params": [a]}, {"params": [b]}], lr=1e-2)
+    for _ in range(steps + 1):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        if _ < steps:
+            opt.step()
+    return opt, a, b
+
+
+def snapshot(opt):
+    """Copies of every parameter, state tensor, step counter and param_group of ``opt``."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return ([p.detach().clone() for p in params],
+            [{k: v.clone() for k, v in opt.state.get(p, {}).items()} for p in params],
+            [{k: (list(map(id, v)) if k == "params" else copy.deepcopy(v))
+              for k, v in group.items()} for group in opt.param_groups])
+
+
+def assert_unchanged(opt, before):
+    params_before, states_before, groups_before = before
+    params = [p for group in opt.param_groups for p in group["params"]]
+    assert len(params) == len(params_before)
+    for p, old, old_state in zip(params, params_before, states_before):
+        assert torch.equal(p.detach(), old)
+        state = opt.state.get(p, {})
+        assert set(state) == set(old_state)
+        for k, v in old_state.items():
+            assert torch.equal(state[k], v), k
+    assert len(opt.param_groups) == len(groups_before)
+    for group, old in zip(opt.param_groups, groups_before):
+        assert set(group) == set(old)
+        assert list(map(id, group["params"])) == old["params"]
+        assert all(group[k] == v for k, v in old.items() if k != "params")
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+@pytest.mark.parametrize("key, value, error, match", [
+    ("betas", (1.0, 0.999), ValueError, r"group 0: betas\[0\]"),
+    ("lr", None, TypeError, "group 0: lr"),
+    ("lr", "0.1", TypeError, "group 0: lr"),
+    ("lr", -1.0, ValueError, "group 0: lr"),
+    ("lr", 1e39, ValueError, "group 0: lr"),
+    ("eps", 1e-50, ValueError, "group 0: eps"),
+    ("eps", 0.0, ValueError, "group 0: eps"),
+    ("weight_decay", float("inf"), TypeError, "group 0: weight_decay"),
+    ("block_size", 100, ValueError, "group 0: block_size"),
+])
+def test_a_step_with_a_bad_group_changes_nothing(steps, key, value, error, match):
+    """Every group is checked before the first parameter changes: group 1's parameter, steps
+    later in the loop than group 0's, is not updated and no step counter moves."""
+    opt, _, _ = two_group_optimizer(steps)
+    opt.param_groups[0][key] = value
+    before = snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+def test_a_step_with_states_of_another_block_size_changes_nothing():
+    """A group's block_size edited after its states were made: refused before any update (the
+    kernels would index the absmaxes by the new block count)."""
+    opt, a, b = two_group_optimizer(1)
+    opt.param_groups[0]["block_size"] = 64
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="parameter 0 of group 0 does not fit"):
+        opt.step()
+    assert_unchanged(opt, before)
+    opt.param_groups[0]["block_size"] = 256
+    opt.step()
+    assert float(opt.state[a]["step"]) == float(opt.state[b]["step"]) == 2
+
+
+@pytest.mark.parametrize("group, error, match", [
+    ({"lr": -1.0}, ValueError, "group 2: lr"),
+    ({"lr": "0.1"}, TypeError, "group 2: lr"),
+    ({"betas": (0.9, 1.0)}, ValueError, r"group 2: betas\[1\]"),
+    ({"eps": 1e-50}, ValueError, "group 2: eps"),
+    ({"block_size": 100}, ValueError, "group 2: block_size"),
+    ({"block_size": 1}, ValueError, "group 2: block_size"),
+    ({"min_8bit_size": -1}, ValueError, "group 2: min_8bit_size"),
+    ({"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]}, TypeError,
+     "float32"),
+    ({"params": [torch.nn.Parameter(torch.zeros(3, device="meta"))]}, ValueError, "meta"),
+])
+def test_add_param_group_checks_like_the_constructor(group, error, match):
+    opt, _, _ = two_group_optimizer(1)
+    before = snapshot(opt)
+    group = {"params": [torch.nn.Parameter(torch.zeros(3))], **group}
+    with pytest.raises(error, match=match):
+        opt.add_param_group(group)
+    assert_unchanged(opt, before)
+    with pytest.raises(error, match=match.replace("group 2", "group 0")):   # the constructor
+        AdamW8bit([group])
+    c = torch.nn.Parameter(torch.zeros(3))
+    opt.add_param_group({"params": [c], "lr": np.float32(0.5), "block_size": np.int64(128)})
+    assert opt.param_groups[-1]["lr"] == 0.5 and type(opt.param_groups[-1]["lr"]) is float
+    assert opt.param_groups[-1]["block_size"] == 128 and opt.param_groups[-1]["eps"] == 1e-8
+
+
+def _bad_step_shape(sd):
+    sd["state"][1]["step"] = torch.tensor([1.0, 2.0])
+
+
+def _state_entry(pid, key, index, value):
+    def edit(sd):
+        sd["state"][pid][key][index] = value
+    return edit
+
+
+def _step_value(value):
+    def edit(sd):
+        for state in sd["state"].values():
+            state["step"] = value
+    return edit
+
+
+def _group_value(key, value):
+    def edit(sd):
+        sd["param_groups"][0][key] = value
+    return edit
+
+
+def _extra_state(sd):
+    sd["state"][7] = dict(sd["state"][0])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_bad_step_shape, "parameter 0 of group 1: 'step'"),
+    (_state_entry(0, "m_absmax", (0, 0), float("nan")), "'m_absmax' must hold finite"),
+    (_state_entry(0, "r_absmax", (3, 0), float("inf")), "'r_absmax' must hold finite"),
+    (_state_entry(0, "r_absmax", (3, 0), -1.0), "'r_absmax' must hold finite values >= 0"),
+    (_state_entry(0, "m_codes", (2, 5), -128), r"'m_codes' must hold codes in \[-127, 127\]"),
+    (_state_entry(1, "m", (4, 0), float("nan")), "'m' must hold finite"),
+    (_state_entry(1, "r", (4, 0), -0.5), "'r' must hold finite values >= 0"),
+    (_step_value(torch.tensor(-1.0)), "'step' must be a whole number >= 0"),
+    (_step_value(torch.tensor(1.5)), "'step' must be a whole number >= 0"),
+    (_step_value(float("inf")), "'step' must be a whole number >= 0"),
+    (_step_value("1"), "'step' must be a real number"),
+    (_group_value("lr", -1.0), r"param_groups'\]\[0\]: lr"),
+    (_group_value("lr", "0.1"), r"param_groups'\]\[0\]: lr"),
+    (_group_value("betas", (1.0, 0.999)), r"param_groups'\]\[0\]: betas\[0\]"),
+    (_group_value("block_size", 0), r"param_groups'\]\[0\]: block_size"),
+    (_group_value("eps", 1e-50), r"param_groups'\]\[0\]: eps"),
+    (_extra_state, "parameter id 7"),
+])
+def test_a_refused_state_dict_changes_nothing(edit, match):
+    """The whole state dict is checked before anything is loaded: types, shapes, values
+    (finite absmaxes and moments, codes, a whole non-negative step) and the groups'
+    hyperparameters; the optimizer keeps its own state, groups and parameters."""
+    source, _, _ = two_group_optimizer(1)
+    source.step()
+    sd = copy.deepcopy(source.state_dict())
+    edit(sd)
+    opt, a, _ = two_group_optimizer(1)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+    opt.step()   # and it steps on as before
+    assert torch.isfinite(a).all() and float(opt.state[a]["step"]) == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lr": 1e39}, "lr must be finite in float32"),
+    ({"lr": 1e38}, "step size"),                      # lr / (1 - beta1) overflows float32
+    ({"weight_decay": 1e39}, "weight_decay must be finite in float32"),
+    ({"lr": 1e30, "weight_decay": 1e10}, "1 - lr \\* weight_decay"),
+    ({"eps": 1e-50}, "eps must be > 0 in float32"),
+    ({"eps": 1e-44}, "eps \\* sqrt"),                 # r_eps = eps * sqrt(1 - beta2) is 0
+])
+def test_hyperparameters_are_checked_as_the_kernels_take_them(kwargs, match):
+    """Values that are fine in float64 but not as the float32 scalars of a step."""
+    with pytest.raises(ValueError, match=match):
+        AdamW8bit([torch.nn.Parameter(torch.randn(64, 128))], **kwargs)
+
+
+def test_numpy_scalars_and_0d_tensors_are_numbers():
+    """As torch's AdamW: lr (and the other numbers) may be NumPy scalars or 0-d CPU tensors;
+    the groups keep them as floats and the steps are those of the same float values."""
+    lr = float(np.float32(1e-3))
+    results = []
+    for kwargs in ({"lr": lr, "betas": (0.9, 0.999), "weight_decay": 0.0},
+                   {"lr": np.float32(1e-3), "betas": (np.float64(0.9), torch.tensor(0.999,
+                    dtype=torch.float64)), "weight_decay": np.int64(0)},
+                   {"lr": torch.tensor(1e-3), "betas": [0.9, 0.999], "weight_decay": 0}):
+        torch.manual_seed(12)
+        p = torch.nn.Parameter(torch.randn(64, 128))
+        opt = AdamW8bit([p], block_size=np.int32(128), **kwargs)
+        assert type(opt.param_groups[0]["lr"]) is float
+        for _ in range(2):
+            p.grad = torch.randn_like(p)
+            opt.step()
+        opt.param_groups[0]["lr"] = torch.tensor(lr)   # as a scheduler may set it
+        p.grad = torch.randn_like(p)
+        opt.step()
+        results.append(p.detach().clone())
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lr": True}, "lr"), ({"lr": "0.1"}, "lr"), ({"lr": None}, "lr"),
+    ({"lr": torch.tensor([1e-3])}, "lr"), ({"lr": torch.tensor(True)}, "lr"),
+    ({"lr": 1e-3 + 0j}, "lr"), ({"betas": (0.9, np.bool_(True))}, r"betas\[1\]"),
+    ({"eps": "1e-8"}, "eps"), ({"block_size": np.float32(128)}, "block_size"),
+    ({"min_8bit_size": "0"}, "min_8bit_size"),
+])
+def test_non_numbers_are_refused_with_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(3))], **kwargs)
