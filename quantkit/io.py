@@ -23,11 +23,14 @@ naming the tensor; nothing is returned half-loaded.
 Writing streams: :class:`CheckpointWriter` takes the names, dtypes and shapes up front (the
 safetensors header lists every offset before the data), then one tensor at a time, into a temporary
 file in the destination folder that is renamed over ``path`` only once every tensor was written.
+Quantized tensors are checked as the readers check them (codes in [-127, 127], scales finite and
+>= 0), so no file is written that :func:`load` or ``QuantLinear`` refuses.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -35,6 +38,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _arrays
+from ._constants import QMAX
 from .qtensor import QTensor
 
 FORMAT = "quantkit.int8"
@@ -45,6 +49,7 @@ SCALE_SUFFIX = "_scale"
 
 _MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 _ALIGN = 8
+_MAX_BYTES = 2**63 - 1     # torch's sizes, strides and byte counts are int64
 
 
 def _torch():
@@ -84,6 +89,40 @@ def _itemsize(code: str) -> int:
     return _dtype_table()[code].itemsize
 
 
+def _tensor_nbytes(name: str, code: str, shape: tuple) -> int:
+    """The byte count of a ``code`` tensor of ``shape``, computed with Python ints.
+
+    ValueError naming the tensor when its nonzero dimensions span more than int64 bytes: torch
+    computes sizes and strides in int64, so it cannot hold such a tensor (even an empty one).
+    """
+    itemsize = _itemsize(code)
+    if math.prod(d for d in shape if d) * itemsize > _MAX_BYTES:
+        raise ValueError(f"tensor {name!r}: shape {tuple(shape)} of {code} is too large (its size "
+                         f"in bytes does not fit in int64)")
+    return math.prod(shape) * itemsize
+
+
+def _check_scales(name: str, scale) -> None:
+    """ValueError naming the tensor unless every scale (a torch tensor) is finite and >= 0."""
+    torch = _torch()
+    bad = ~(torch.isfinite(scale) & (scale >= 0))
+    if bool(bad.any()):
+        first = int(torch.argmax(bad.reshape(-1).to(torch.uint8)))
+        raise ValueError(f"tensor {name!r}: scales must be finite and >= 0; entry {first} is "
+                         f"{float(scale.reshape(-1)[first])}")
+
+
+def _check_qtensor_values(name: str, q: QTensor) -> None:
+    """What the readers require of a quantized tensor ``name``: codes in [-QMAX, QMAX] (the int8
+    kernels and ``QuantLinear`` refuse -128) and scales finite and >= 0 (:class:`CheckpointReader`
+    refuses others). ValueError naming the tensor otherwise."""
+    _check_scales(name + SCALE_SUFFIX, _as_cpu_tensor(q.scale, name + SCALE_SUFFIX))
+    codes = q.data
+    if math.prod(codes.shape) and int(codes.min()) < -QMAX:
+        raise ValueError(f"tensor {name!r}: int8 codes must lie in [-{QMAX}, {QMAX}]; it holds "
+                         f"-128")
+
+
 def _as_cpu_tensor(value, name: str):
     """An array or tensor as a detached, contiguous CPU torch tensor (copied if need be)."""
     torch = _torch()
@@ -116,7 +155,7 @@ def _scale_shape(name: str, shape: tuple, granularity: dict) -> tuple:
             return (shape[axis],)
         if "block_size" in granularity:
             block = _arrays.check_block_size(granularity["block_size"])
-            return (_arrays.n_blocks(int(np.prod(shape, dtype=np.int64)), block),)
+            return (_arrays.n_blocks(math.prod(shape), block),)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"tensor {name!r}: {exc}") from None
     return ()
@@ -158,7 +197,8 @@ class CheckpointWriter:
         metadata: extra ``__metadata__`` entries, str -> str.
         modules: the ``"quantkit.modules"`` entry (a JSON-serializable dict), or None.
 
-    Tensors may be written in any order; each is checked against its plan.
+    Tensors may be written in any order; each is checked against its plan, and a QTensor's codes
+    (in [-127, 127]) and scales (finite, >= 0) as the readers check them.
     """
 
     def __init__(self, path, planned: Mapping, *, metadata: Mapping | None = None,
@@ -175,7 +215,7 @@ class CheckpointWriter:
             if name in self._entries:
                 raise ValueError(f"tensor {name!r} is planned twice (a quantized tensor also "
                                  f"stores NAME{SCALE_SUFFIX})")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * _itemsize(code)
+            nbytes = _tensor_nbytes(name, code, shape)
             self._entries[name] = (code, shape, offset, nbytes)
             header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset,
                                                                                   offset + nbytes]}
@@ -249,6 +289,7 @@ class CheckpointWriter:
             if _granularity_entry(value) != self._quantized[name]:
                 raise ValueError(f"tensor {name!r}: planned granularity {self._quantized[name]}, "
                                  f"got {_granularity_entry(value)}")
+            _check_qtensor_values(name, value)
             self._write_one(name, value.data)
             self._write_one(name + SCALE_SUFFIX, value.scale)
         else:
@@ -388,6 +429,10 @@ def save(obj, path, *, metadata: Mapping | None = None) -> None:
     dict, QTensors are saved as NAME + NAME_scale; an int8 tensor with a float32 ``NAME_scale`` of
     shape ``()`` or ``(shape[0],)`` is taken as quantized per tensor / along axis 0. Nothing of
     the caller's is modified. The file appears only once it is complete (temporary file + rename).
+
+    Before anything is written, every quantized tensor is checked as :func:`load` and
+    ``QuantLinear`` check it (codes in [-127, 127], scales finite and >= 0): a bad one raises
+    ValueError naming it.
     """
     tensors, modules = _collect(obj)
     planned = {}
@@ -396,6 +441,8 @@ def save(obj, path, *, metadata: Mapping | None = None) -> None:
             planned[name] = plan_of(value)
         except TypeError as exc:
             raise TypeError(f"tensor {name!r}: {exc}") from None
+        if isinstance(value, QTensor):
+            _check_qtensor_values(name, value)
     with CheckpointWriter(path, planned, metadata=metadata, modules=modules) as writer:
         for name, value in tensors.items():
             writer.write(name, value)
@@ -475,13 +522,14 @@ class CheckpointReader:
             if not (isinstance(offsets, list) and len(offsets) == 2 and
                     all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
                 raise ValueError(f"tensor {name!r}: bad data_offsets {offsets!r}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * table[code].itemsize
+            nbytes = math.prod(shape) * table[code].itemsize
             if offsets[1] - offsets[0] != nbytes:
                 raise ValueError(f"tensor {name!r}: {code} {tuple(shape)} needs {nbytes} bytes, "
                                  f"the header gives {offsets[1] - offsets[0]}")
             if offsets[1] > data_size:
                 raise ValueError(f"tensor {name!r}: truncated file: its data ends at byte "
                                  f"{offsets[1]} of a data section of {data_size} bytes")
+            _tensor_nbytes(name, code, shape)     # an empty tensor torch can hold
             self._entries[name] = (code, tuple(shape), offsets[0], nbytes)
             spans.append((offsets[0], offsets[1], name))
         spans.sort()
@@ -573,11 +621,7 @@ class CheckpointReader:
         if name not in self.quantized:
             return value
         scale = self._read(name + SCALE_SUFFIX, _file)
-        bad = ~(_torch().isfinite(scale) & (scale >= 0))
-        if bool(bad.any()):
-            first = int(np.argmax(bad.reshape(-1).numpy()))
-            raise ValueError(f"tensor {name + SCALE_SUFFIX!r}: scales must be finite and >= 0; "
-                             f"entry {first} is {float(scale.reshape(-1)[first])}")
+        _check_scales(name + SCALE_SUFFIX, scale)
         granularity = self.quantized[name]
         return QTensor(value, scale, axis=granularity.get("axis"),
                        block_size=granularity.get("block_size"))

@@ -20,6 +20,7 @@ import fnmatch
 import functools
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -34,16 +35,19 @@ ADAPTER_FORMAT = "quantkit.lora"
 
 
 class LoRALinear(nn.Module):
-    """A frozen base layer plus a trainable rank-``r`` update scaled by ``alpha / r``."""
+    """A frozen base layer plus a trainable rank-``r`` update scaled by ``alpha / r``.
+
+    ``r`` and ``alpha`` are checked (see :func:`add_lora`) before ``base`` is frozen."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float):
         super().__init__()
         in_f, out_f = base.in_features, base.out_features
         _check_rank(r, in_f, out_f)
+        alpha = _check_alpha(alpha)
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
+        self.r, self.alpha, self.scaling = int(r), alpha, alpha / int(r)
         self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -75,6 +79,43 @@ def _check_rank(r, in_f, out_f):
                          f"smaller width) for a {in_f} -> {out_f} layer, got {r!r}")
 
 
+def _check_alpha(alpha) -> float:
+    """The LoRA alpha as a float: a real number (bools and strings are a TypeError), finite and
+    > 0 (ValueError otherwise)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"LoRA alpha must be a real number, got {alpha!r}")
+    value = float(alpha)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"LoRA alpha must be finite and > 0, got {alpha!r}")
+    return value
+
+
+def _check_target(target) -> tuple:
+    """``target`` as a tuple of names / patterns: a string, or an iterable of strings."""
+    if isinstance(target, str):
+        return (target,)
+    try:
+        names = tuple(target)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(t, str) for t in names):
+        raise TypeError(f"target must be a layer name or pattern, or a sequence of them, got "
+                        f"{target!r}")
+    return names
+
+
+def _wrap(model: nn.Module, modules: dict, name: str, base: nn.Module, r: int,
+          alpha: float) -> LoRALinear:
+    """Put a LoRALinear over ``base`` at ``name`` in ``model``, on the device of ``base``."""
+    wrapped = LoRALinear(base, r, alpha)
+    dev = next((t.device for t in base.buffers()), None) or next(
+        (t.device for t in base.parameters()), torch.device("cpu"))
+    wrapped = wrapped.to(dev)
+    parent, _, child = name.rpartition(".")
+    setattr(modules[parent] if parent else model, child, wrapped)
+    return wrapped
+
+
 def _matches(name: str, target) -> bool:
     """``target`` is a sequence of names matched against the module's last component, or of
     fnmatch patterns against its full name."""
@@ -85,11 +126,14 @@ def _matches(name: str, target) -> bool:
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, target=LLAMA_TARGETS) -> nn.Module:
     """Wrap every QuantLinear / nn.Linear whose name matches ``target`` in a LoRALinear (in place).
 
-    Every parameter outside the adapters is frozen. Raises ValueError when nothing matches or the
-    rank does not fit a layer. Returns ``model``.
+    Every parameter outside the adapters is frozen. Checked before anything changes: ``target``
+    (a name or pattern, or a sequence of them: TypeError otherwise), ``alpha`` (a real number,
+    finite and > 0; TypeError for bools and strings, ValueError otherwise), that some layer
+    matches and that the rank ``r`` fits every matched layer (ValueError); a refused call leaves
+    ``model`` as it was. Returns ``model``.
     """
-    if isinstance(target, str):
-        target = (target,)
+    target = _check_target(target)
+    alpha = _check_alpha(alpha)
     chosen = [(n, m) for n, m in model.named_modules()
               if n and isinstance(m, (QuantLinear, nn.Linear)) and _matches(n, target)]
     if not chosen:
@@ -101,11 +145,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, target=LLAMA_TARG
         p.requires_grad_(False)
     modules = dict(model.named_modules())
     for name, m in chosen:
-        parent, _, child = name.rpartition(".")
-        wrapped = LoRALinear(m, r, alpha)
-        dev = next((t.device for t in m.buffers()), None) or next(
-            (t.device for t in m.parameters()), torch.device("cpu"))
-        setattr(modules[parent] if parent else model, child, wrapped.to(dev))
+        _wrap(model, modules, name, m, r, alpha)
     return model
 
 
@@ -133,23 +173,50 @@ def save_adapter(model: nn.Module, path, metadata: dict | None = None) -> None:
     write_tensor_file(adapter_state_dict(model), path, meta)
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Load adapters saved by :func:`save_adapter` into ``model``.
+def _read_adapter(path) -> tuple[dict, dict]:
+    """``({layer: (r, alpha)}, tensors)`` of an adapter file.
 
-    Layers the model lacks adapters on are wrapped first (with the saved rank and alpha). Names,
-    ranks and shapes are all checked before the model is touched; a mismatch raises ValueError.
+    Checked: the file reads as safetensors, its format is quantkit.lora, its ``layers`` metadata
+    is a JSON object mapping each layer name to ``{"r": ..., "alpha": ...}`` (no other key) with
+    a valid alpha (see :func:`add_lora`). ValueError naming the file (and the layer) otherwise;
+    the rank is checked against the model's layer by :func:`_check_adapter_fits`.
     """
     meta, tensors = read_tensor_file(path)
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path}: not a quantkit LoRA adapter (format {meta.get('format')!r})")
-    layers = json.loads(meta["layers"])
-    modules = dict(model.named_modules())
+    if "layers" not in meta:
+        raise ValueError(f"{path}: adapter metadata has no 'layers' entry")
+    try:
+        layers = json.loads(meta["layers"])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: malformed 'layers' metadata (not JSON: {exc})") from None
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path}: 'layers' metadata must be a JSON object, got {layers!r}")
+    specs = {}
     for name, spec in layers.items():
+        if not isinstance(spec, dict) or set(spec) != {"r", "alpha"}:
+            raise ValueError(f"{path}: layer {name!r}: entry must be {{\"r\": rank, \"alpha\": "
+                             f"number}}, got {spec!r}")
+        try:
+            specs[name] = (spec["r"], _check_alpha(spec["alpha"]))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: layer {name!r}: {exc}") from None
+    return specs, tensors
+
+
+def _check_adapter_fits(path, modules: dict, specs: dict, tensors: dict) -> None:
+    """Every layer of ``specs`` is a linear layer of the model whose widths its rank fits, with
+    float32 ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)``; no tensor belongs to no layer.
+    ValueError naming the file and the layer or tensor otherwise."""
+    for name, (r, _) in specs.items():
         m = modules.get(name)
         if not isinstance(m, (LoRALinear, QuantLinear, nn.Linear)):
             raise ValueError(f"{path}: adapter for layer {name!r}, which the model does not have "
                              f"as a linear layer")
-        r = int(spec["r"])
+        try:
+            _check_rank(r, m.in_features, m.out_features)
+        except ValueError as exc:
+            raise ValueError(f"{path}: layer {name!r}: {exc}") from None
         for key, shape in ((f"{name}.lora_A", (r, m.in_features)),
                            (f"{name}.lora_B", (m.out_features, r))):
             t = tensors.get(key)
@@ -157,14 +224,30 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
                 got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
                 raise ValueError(f"{path}: tensor {key!r} is {got}, the model needs float32 "
                                  f"{shape}")
-    for name, spec in layers.items():
+    known = {f"{name}.lora_{ab}" for name in specs for ab in "AB"}
+    extra = sorted(set(tensors) - known)
+    if extra:
+        raise ValueError(f"{path}: tensor {extra[0]!r} belongs to no layer of the adapter's "
+                         f"'layers' metadata")
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Load adapters saved by :func:`save_adapter` into ``model``.
+
+    Layers the model lacks adapters on are wrapped first (with the saved rank and alpha). The
+    whole file is read and checked before the model is touched (see :func:`_read_adapter` and
+    :func:`_check_adapter_fits`: metadata, names, ranks, alphas, shapes); a bad file raises
+    ValueError naming it and leaves ``model`` as it was.
+    """
+    specs, tensors = _read_adapter(path)
+    modules = dict(model.named_modules())
+    _check_adapter_fits(path, modules, specs, tensors)
+    for name, (r, alpha) in specs.items():
         m = modules[name]
-        if not isinstance(m, LoRALinear) or m.r != int(spec["r"]):
+        if not isinstance(m, LoRALinear) or m.r != r:
             base = m.base if isinstance(m, LoRALinear) else m
-            parent, _, child = name.rpartition(".")
-            m = LoRALinear(base, int(spec["r"]), float(spec["alpha"]))
-            setattr(modules[parent] if parent else model, child, m)
-        m.alpha, m.scaling = float(spec["alpha"]), float(spec["alpha"]) / m.r
+            m = _wrap(model, modules, name, base, r, alpha)
+        m.alpha, m.scaling = alpha, alpha / m.r
         with torch.no_grad():
             m.lora_A.copy_(tensors[f"{name}.lora_A"])
             m.lora_B.copy_(tensors[f"{name}.lora_B"])

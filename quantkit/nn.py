@@ -26,7 +26,8 @@ one path. Every W8A8 path gives the same bits.
 
 - ``"static"``: the same with one calibrated activation alpha for every row (float32 buffer
   ``input_alpha``, the clipping range; ``s_x = float32(alpha / 127)``, multiplier
-  ``float32(127 / alpha)``; inputs beyond +-alpha clip to +-127).
+  ``float32(127 / alpha)``; inputs beyond +-alpha clip to +-127). Alpha 0 (a layer whose
+  calibration inputs were all zero) gives zero codes and ``s_x = 0``: the output is the bias.
 
 - block-scaled weights (``block_size=B``, a power of two in [64, 4096] dividing in_features):
   ``weight_scale`` holds one scale per block of B consecutive weights of a row (flat, row-major:
@@ -110,6 +111,24 @@ def _check_mode(activations):
         raise ValueError(f"activations must be None, 'dynamic' or 'static', got {activations!r}")
 
 
+def _check_static_alpha(value, name: str) -> np.float32:
+    """A static activation alpha as the kernels take it: one real number (not a bool) that
+    ``quantkit._arrays.alpha_array`` accepts (in float32: finite, 0 or in [MIN_POSITIVE_ALPHA,
+    MAX_ALPHA]; 0 gives zero codes). TypeError / ValueError starting with ``name`` otherwise."""
+    from ._arrays import alpha_array
+
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    a = np.asarray(value)
+    if a.dtype.kind not in "fiu" or a.size != 1:
+        raise TypeError(f"{name} must be one real number, got {value!r}")
+    try:
+        return alpha_array(a.reshape(()), ())[()]
+    except (TypeError, ValueError) as exc:
+        error = TypeError if isinstance(exc, TypeError) else ValueError
+        raise error(f"{name} (the static activation alpha): {exc}") from None
+
+
 class QuantLinear(nn.Module):
     """An int8 replacement for ``nn.Linear``; see the module docstring for the arithmetic.
 
@@ -160,8 +179,10 @@ class QuantLinear(nn.Module):
                 (``quantkit.calibrate(weight, weight_method, axis=0)``).
             activations: None (weight-only), "dynamic" (per-row alpha = max|row| at run time) or
                 "static" (one alpha, ``act_alpha``, for every row).
-            act_alpha: the activation clipping range for "static" (finite, > 0); see
-                :func:`quantize_model` to find it from calibration data.
+            act_alpha: the activation clipping range for "static": a real number whose float32
+                value is finite and 0 (zero codes: the output is the bias) or in
+                [``MIN_POSITIVE_ALPHA``, ``MAX_ALPHA``]; see :func:`quantize_model` to find it
+                from calibration data.
             block_size: None (one scale per output channel) or B, a power of two in [64, 4096]
                 dividing ``in_features``: one scale per block of B consecutive weights of a row,
                 calibrated per block (``calibrate(weight, weight_method, block_size=B)``).
@@ -174,9 +195,7 @@ class QuantLinear(nn.Module):
                 raise ValueError("activations='static' needs act_alpha (the activation clipping "
                                  "range); quantize_model(..., activations='static', "
                                  "calib_data=...) finds it from calibration data")
-            act_alpha = float(np.asarray(act_alpha, dtype=np.float64))
-            if not (math.isfinite(act_alpha) and act_alpha > 0):
-                raise ValueError(f"act_alpha must be finite and > 0, got {act_alpha}")
+            act_alpha = _check_static_alpha(act_alpha, "act_alpha")
         elif act_alpha is not None:
             raise ValueError("act_alpha is only used with activations='static'")
         block_size = _check_layer_block_size(block_size, linear.in_features)
@@ -195,10 +214,10 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach().to(torch.float32))
         if activations == "static":
-            layer.input_alpha.fill_(np.float32(act_alpha))
+            layer.input_alpha.fill_(float(act_alpha))
         layer.quant_stats = _weight_stats(w, q, alpha, linear.weight.element_size())
         if activations == "static":
-            layer.quant_stats["act_alpha"] = float(np.float32(act_alpha))
+            layer.quant_stats["act_alpha"] = float(act_alpha)
         return layer.to(linear.weight.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -373,7 +392,8 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
         inplace: modify ``model`` itself instead of a copy.
 
     The returned model has ``quantkit_report``, a :class:`QuantReport` with one entry per replaced
-    layer. A model with no Linear to replace is returned unchanged, with a warning.
+    layer. A model with no Linear to replace is returned unchanged, with a warning. Every
+    QuantLinear is built before any layer is replaced; an error names the layer.
     """
     import copy
 
@@ -416,73 +436,98 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
                       f"{len(per_channel)} layer(s) ({', '.join(per_channel[:3])}"
                       f"{', ...' if len(per_channel) > 3 else ''}); they keep per-channel weight "
                       f"scales", stacklevel=2)
+    layers = {}
     for name in names:
-        linear = modules[name]
-        layer = QuantLinear.from_float(
-            linear, weight_method=weights, activations=activations,
-            act_alpha=act_alphas.get(name),
-            block_size=None if name in per_channel else block_size)
+        try:
+            layers[name] = QuantLinear.from_float(
+                modules[name], weight_method=weights, activations=activations,
+                act_alpha=act_alphas.get(name),
+                block_size=None if name in per_channel else block_size)
+        except (TypeError, ValueError) as exc:
+            error = TypeError if isinstance(exc, TypeError) else ValueError
+            raise error(f"layer {name!r}: {exc}") from None
+    for name, layer in layers.items():
         if name == "":
             model = layer           # the model is itself a Linear
         else:
             parent_name, _, child = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child, layer)
-        report.append({"name": name, "shape": (linear.out_features, linear.in_features),
+        report.append({"name": name, "shape": (layer.out_features, layer.in_features),
                        **layer.quant_stats})
     model.quantkit_report = report
     return model
 
 
-def load_quantized(model: nn.Module, source) -> nn.Module:
-    """Load a checkpoint saved with ``quantkit.save(quantized_model, path)`` into ``model``.
+_ENTRY_KEYS = {"type", "in_features", "out_features", "bias", "activations", "input_scale",
+               "block_size"}
 
-    ``model`` is the float architecture (or an already quantized one): each layer the checkpoint
-    records in ``"quantkit.modules"`` is replaced by an empty QuantLinear of the recorded mode,
-    then every tensor is loaded (strict). ``source`` is a path or a :class:`quantkit.io.Checkpoint`.
-    Everything is checked (names, shapes, dtypes) before ``model`` is touched; a mismatch raises
-    ValueError naming the tensor. ``model`` is modified in place and returned.
-    """
-    from .io import Checkpoint, load
 
-    checkpoint = source if isinstance(source, Checkpoint) else load(source)
-    state = checkpoint.state_dict()
-    modules = dict(model.named_modules())
+def _check_module_entry(name, entry) -> None:
+    """One ``"quantkit.modules"`` entry: a JSON object with type "QuantLinear", int
+    in_features / out_features, bool bias, a known activations mode, an optional bool
+    input_scale and an optional block_size, and no other key. ValueError naming the module."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"module {name!r}: checkpoint entry must be a JSON object, got {entry!r}")
+    if entry.get("type") != "QuantLinear":
+        raise ValueError(f"module {name!r}: unknown quantized module type {entry.get('type')!r}")
+    unknown = sorted(set(entry) - _ENTRY_KEYS)
+    if unknown:
+        raise ValueError(f"module {name!r}: bad checkpoint entry {entry!r}: unknown key(s) "
+                         f"{unknown}")
+    for key, kind in (("in_features", int), ("out_features", int), ("bias", bool),
+                      ("input_scale", bool)):
+        value = entry.get(key, False if key == "input_scale" else None)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"module {name!r}: bad checkpoint entry {entry!r}: {key} must be "
+                             f"{'an int' if kind is int else 'true or false'}")
+    if "activations" not in entry or entry["activations"] not in ACTIVATION_MODES:
+        raise ValueError(f"module {name!r}: bad checkpoint entry {entry!r}: activations must be "
+                         f"null, 'dynamic' or 'static'")
+
+
+def _replacement_layers(model: nn.Module, modules: dict, entries) -> dict:
+    """The empty QuantLinear each checked ``"quantkit.modules"`` entry puts in ``model``, built
+    beside it (``model`` is not changed). The root entry ``""`` must match a QuantLinear model."""
+    if not isinstance(entries, dict):
+        raise ValueError(f"checkpoint metadata quantkit.modules must be a JSON object, got "
+                         f"{entries!r}")
     replacements = {}
-    for name, entry in checkpoint.modules.items():
-        if entry.get("type") != "QuantLinear":
-            raise ValueError(f"module {name!r}: unknown quantized module type "
-                             f"{entry.get('type')!r}")
+    for name, entry in entries.items():
+        _check_module_entry(name, entry)
         old = modules.get(name)
         if not isinstance(old, (nn.Linear, QuantLinear)):
             raise ValueError(f"module {name!r}: the checkpoint has a QuantLinear there, the model "
                              f"has {type(old).__name__ if old is not None else 'nothing'}")
-        shape = (entry.get("in_features"), entry.get("out_features"), entry.get("bias"))
+        shape = (entry["in_features"], entry["out_features"], entry["bias"])
         if shape != (old.in_features, old.out_features, old.bias is not None):
             raise ValueError(f"module {name!r}: checkpoint layer (in, out, bias) = {shape}, model "
                              f"layer = {(old.in_features, old.out_features, old.bias is not None)}")
         if name == "":
-            mode = entry.get("activations")
-            if not (isinstance(model, QuantLinear) and model.activations == mode):
+            if not (isinstance(model, QuantLinear) and model.activations == entry["activations"]):
                 raise ValueError("the checkpoint holds a single QuantLinear: load it into a "
                                  "QuantLinear built with the same activations mode")
             continue
         try:
             replacements[name] = QuantLinear(old.in_features, old.out_features,
                                              old.bias is not None,
-                                             activations=entry.get("activations"),
-                                             input_scale=bool(entry.get("input_scale", False)),
+                                             activations=entry["activations"],
+                                             input_scale=entry.get("input_scale", False),
                                              block_size=entry.get("block_size"),
                                              device=old.weight.device)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"module {name!r}: bad checkpoint entry {entry!r}: {exc}") from None
-    # The state the model will have once the layers are swapped, checked before any change.
+    return replacements
+
+
+def _check_state_fits(model: nn.Module, replacements: dict, state: dict) -> None:
+    """``state`` has exactly the tensors ``model`` will have once ``replacements`` are swapped
+    in, each of the same dtype and shape. ValueError naming a tensor otherwise."""
     expected = {}
     for key, value in model.state_dict().items():
         if not any(key.startswith(n + ".") for n in replacements):
             expected[key] = value
     for name, layer in replacements.items():
-        prefix = name + "." if name else ""
-        expected.update({prefix + k: v for k, v in layer.state_dict().items()})
+        expected.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -491,9 +536,53 @@ def load_quantized(model: nn.Module, source) -> nn.Module:
                          f"{len(unexpected)} unexpected tensor(s), e.g. {which}")
     for key, value in expected.items():
         got = state[key]
+        if not isinstance(got, torch.Tensor):
+            raise ValueError(f"tensor {key!r}: checkpoint holds a {type(got).__name__}, model "
+                             f"expects a torch tensor")
         if got.dtype != value.dtype or tuple(got.shape) != tuple(value.shape):
             raise ValueError(f"tensor {key!r}: checkpoint {got.dtype} {tuple(got.shape)}, model "
                              f"expects {value.dtype} {tuple(value.shape)}")
+
+
+def _check_quant_values(prefix: str, state: dict) -> None:
+    """The values a QuantLinear at ``prefix`` needs from ``state`` (dtypes and shapes already
+    checked): weight codes in [-QMAX, QMAX], weight scales finite and >= 0, and a static
+    ``input_alpha`` the kernels accept (:func:`_check_static_alpha`). ValueError naming the
+    tensor."""
+    codes = state[prefix + "weight"]
+    if codes.numel() and int(codes.min()) < -QMAX:
+        raise ValueError(f"tensor {prefix + 'weight'!r}: int8 weight codes must lie in "
+                         f"[-{QMAX}, {QMAX}]; the checkpoint has -128")
+    scale = state[prefix + "weight_scale"]
+    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        raise ValueError(f"tensor {prefix + 'weight_scale'!r}: scales must be finite and >= 0")
+    alpha = state.get(prefix + "input_alpha")
+    if alpha is not None:
+        _check_static_alpha(alpha, f"tensor {prefix + 'input_alpha'!r}")
+
+
+def load_quantized(model: nn.Module, source) -> nn.Module:
+    """Load a checkpoint saved with ``quantkit.save(quantized_model, path)`` into ``model``.
+
+    ``model`` is the float architecture (or an already quantized one): each layer the checkpoint
+    records in ``"quantkit.modules"`` is replaced by an empty QuantLinear of the recorded mode,
+    then every tensor is loaded (strict). ``source`` is a path or a :class:`quantkit.io.Checkpoint`.
+    Everything is checked before ``model`` is touched: the ``"quantkit.modules"`` entries, the
+    tensors' names, shapes and dtypes, and each QuantLinear's values (codes in [-127, 127],
+    scales finite and >= 0, a valid static ``input_alpha``); a mismatch raises ValueError naming
+    the module or tensor and leaves ``model`` as it was. ``model`` is modified in place and
+    returned.
+    """
+    from .io import Checkpoint, load
+
+    checkpoint = source if isinstance(source, Checkpoint) else load(source)
+    state = checkpoint.state_dict()
+    modules = dict(model.named_modules())
+    replacements = _replacement_layers(model, modules, checkpoint.modules)
+    _check_state_fits(model, replacements, state)
+    quantized = {name for name, m in modules.items() if isinstance(m, QuantLinear)}
+    for name in sorted(quantized | set(replacements)):
+        _check_quant_values(name + "." if name else "", state)
     for name, layer in replacements.items():
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer)

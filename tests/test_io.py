@@ -367,3 +367,56 @@ def test_numpy_qtensors_round_trip_including_per_tensor_scalar_scale(tmp_path):
         assert np.array_equal(back.data.numpy(), q.data)
         assert np.array_equal(back.scale.numpy(), q.scale)
         assert (back.axis, back.block_size) == (q.axis, q.block_size)
+
+
+# ------------------------------------------------------------- the writer refuses what load refuses
+
+@pytest.mark.parametrize("entry, match", [
+    ({"w": QTensor(np.ones(3, np.int8), np.array(-1.0, np.float32))}, "'w_scale'.*>= 0"),
+    ({"w": QTensor(np.ones(3, np.int8), np.array(np.nan, np.float32))}, "'w_scale'.*finite"),
+    ({"w": QTensor(torch.ones(2, 3, dtype=torch.int8), torch.tensor([1.0, np.inf]), axis=0)},
+     "'w_scale'.*entry 1 is inf"),
+    ({"w": torch.ones(3, dtype=torch.int8), "w_scale": torch.tensor(-2.0)}, "'w_scale'.*>= 0"),
+    ({"w": QTensor(np.array([1, -128], np.int8), np.array(1.0, np.float32))}, "'w'.*-128"),
+    ({"w": QTensor(torch.tensor([[-128, 3]], dtype=torch.int8), torch.ones(1), axis=0)},
+     "'w'.*-128"),
+])
+def test_save_refuses_what_load_refuses(tmp_path, entry, match):
+    with pytest.raises(ValueError, match=match):
+        quantkit.save({"b": torch.ones(2), **entry}, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_bad_quantized_values_and_leaves_no_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    bad = QTensor(np.array([1, -128], np.int8), np.array(1.0, np.float32))
+    with pytest.raises(ValueError, match="'w'.*-128"):
+        with io.CheckpointWriter(path, {"w": ("int8", (2,), {})}) as writer:
+            writer.write("w", bad)
+    nan = QTensor(np.ones(2, np.int8), np.array(np.nan, np.float32))
+    with pytest.raises(ValueError, match="'w_scale'.*finite"):
+        with io.CheckpointWriter(path, {"w": ("int8", (2,), {})}) as writer:
+            writer.write("w", nan)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape, match", [
+    ([2**32, 2**32], "'a'.*needs 73786976294838206464 bytes"),
+    ([2**63], "'a'.*needs 36893488147419103232 bytes"),
+    ([0, 2**62, 2**62], "'a'.*too large"),
+    ([2**64, 0], "'a'.*too large"),
+])
+def test_header_sizes_beyond_int64_are_refused(tmp_path, shape, match):
+    """Byte counts are Python ints: no int64 wrap-around lets a shape pass with offsets [0, 0]."""
+    path = _raw_file(tmp_path / "ovf.safetensors",
+                     {"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}, b"")
+    with pytest.raises(ValueError, match=match):
+        quantkit.load(path)
+
+
+def test_writer_refuses_a_plan_beyond_int64(tmp_path):
+    with pytest.raises(ValueError, match="'w'.*too large"):
+        io.CheckpointWriter(tmp_path / "x", {"w": ("F32", (0, 2**62, 2**62))})
+    with pytest.raises(ValueError, match="'q'.*too large"):
+        io.CheckpointWriter(tmp_path / "x", {"q": ("int8", (2**40, 2**40), {"axis": 0})})
+    assert list(tmp_path.iterdir()) == []

@@ -137,3 +137,101 @@ def test_peft_get_peft_model_on_a_quantkit_model(qmodel):
     merged = lora.merge_peft(pm.base_model.model)
     assert isinstance(merged.model.layers[0].self_attn.q_proj, nn.Linear)
     assert torch.allclose(merged(input_ids=ids).logits, want, atol=2e-3)
+
+
+# ------------------------------------------------------------ refused input leaves the model alone
+
+def _snapshot(model):
+    """Module types, cloned parameters and requires_grad flags of ``model``."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()])
+
+
+def _assert_unchanged(model, snapshot):
+    types, params = _snapshot(model)
+    assert types == snapshot[0]
+    assert len(params) == len(snapshot[1])
+    for (n, p, g), (n0, p0, g0) in zip(params, snapshot[1]):
+        assert (n, g) == (n0, g0) and p.dtype == p0.dtype and torch.equal(p, p0)
+
+
+def _two_layers(quantized=True):
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.q_proj = nn.Linear(16, 16)
+    m.v_proj = nn.Linear(16, 16)
+    m.other = nn.Linear(16, 4)
+    return quantkit.quantize_model(m) if quantized else m
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"alpha": "x"}, TypeError), ({"alpha": True}, TypeError), ({"alpha": None}, TypeError),
+    ({"alpha": float("nan")}, ValueError), ({"alpha": float("inf")}, ValueError),
+    ({"alpha": 0}, ValueError), ({"alpha": -8.0}, ValueError),
+    ({"target": 5}, TypeError), ({"target": ["q_proj", 1]}, TypeError),
+    ({"target": None}, TypeError), ({"r": 4.0}, ValueError), ({"r": 17}, ValueError),
+])
+def test_add_lora_refuses_bad_arguments_before_touching_the_model(kwargs, error):
+    model = _two_layers(quantized=False)
+    before = _snapshot(model)
+    with pytest.raises(error, match="alpha|target|rank"):
+        lora.add_lora(model, **{"r": 4, "alpha": 8, "target": ["q_proj", "v_proj"], **kwargs})
+    _assert_unchanged(model, before)
+    assert not lora.lora_layers(model)
+
+
+def test_lora_linear_refuses_bad_alpha_before_freezing_the_base():
+    base = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="alpha"):
+        lora.LoRALinear(base, 2, float("nan"))
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def _adapter_file(path, layers, tensors=None, **meta):
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    if tensors is None:
+        tensors = {f"{n}.{k}": torch.randn(shape, generator=g) for n in ("q_proj", "v_proj")
+                   for k, shape in (("lora_A", (4, 16)), ("lora_B", (16, 4)))}
+    metadata = {"format": "quantkit.lora", **meta}
+    if layers is not None:
+        metadata["layers"] = layers if isinstance(layers, str) else json.dumps(layers)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+_GOOD = {"r": 4, "alpha": 8}
+
+
+@pytest.mark.parametrize("layers, match", [
+    ({"q_proj": _GOOD, "v_proj": {"r": 4, "alpha": "abc"}}, "'v_proj'.*alpha"),
+    ({"q_proj": _GOOD, "v_proj": {"r": 4}}, "'v_proj'.*entry"),
+    ({"q_proj": _GOOD, "v_proj": {"r": 4, "alpha": 8, "dropout": 0.1}}, "'v_proj'.*entry"),
+    ({"q_proj": _GOOD, "v_proj": {"r": 0, "alpha": 8}}, "'v_proj'.*rank"),
+    ({"q_proj": _GOOD, "v_proj": {"r": "4", "alpha": 8}}, "'v_proj'.*rank"),
+    ({"q_proj": _GOOD, "v_proj": {"r": 4, "alpha": -1}}, "'v_proj'.*alpha"),
+    ({"q_proj": _GOOD, "v_proj": 4}, "'v_proj'.*entry"),
+    ({"q_proj": _GOOD}, "'v_proj.lora_A'.*no layer"),
+    ({"q_proj": _GOOD, "v_proj": _GOOD, "nope": _GOOD}, "'nope'"),
+    (None, "no 'layers'"),
+    ("{not json", "malformed 'layers'"),
+    ("[1, 2]", "'layers' metadata must be a JSON object"),
+])
+def test_load_adapter_checks_the_whole_file_before_touching_the_model(tmp_path, layers, match):
+    path = _adapter_file(tmp_path / "a.safetensors", layers)
+    model = _two_layers()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match) as info:
+        lora.load_adapter(model, path)
+    assert str(path) in str(info.value)
+    _assert_unchanged(model, before)
+
+
+def test_load_adapter_of_a_good_file_wraps_both_layers(tmp_path):
+    path = _adapter_file(tmp_path / "a.safetensors", {"q_proj": _GOOD, "v_proj": _GOOD})
+    model = lora.load_adapter(_two_layers(), path)
+    assert set(lora.lora_layers(model)) == {"q_proj", "v_proj"}
+    assert model.v_proj.scaling == 2.0 and isinstance(model.v_proj.base, QuantLinear)

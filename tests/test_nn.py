@@ -70,7 +70,7 @@ def test_bad_construction():
         QuantLinear.from_float(lin, activations="int4")
     with pytest.raises(ValueError, match="act_alpha"):
         QuantLinear.from_float(lin, activations="static")
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
+    for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="act_alpha"):
             QuantLinear.from_float(lin, activations="static", act_alpha=bad)
     with pytest.raises(ValueError, match="only used"):
@@ -82,6 +82,37 @@ def test_bad_construction():
         nan.weight[3, 5] = float("nan")
     with pytest.raises(ValueError):
         QuantLinear.from_float(nan)
+
+
+@pytest.mark.parametrize("bad", [1e-40, 3.7e-37, 1e39, -1e-30, np.float64(1e300),
+                                 float(np.finfo(np.float32).max)])
+def test_act_alpha_is_checked_as_the_kernels_use_it(bad):
+    """float32(act_alpha) must be finite and 0 or in [MIN_POSITIVE_ALPHA, MAX_ALPHA]."""
+    with pytest.raises(ValueError, match="act_alpha"):
+        QuantLinear.from_float(_linear(), activations="static", act_alpha=bad)
+
+
+def test_act_alpha_kinds():
+    from quantkit._constants import MAX_ALPHA, MIN_POSITIVE_ALPHA
+
+    lin = _linear()
+    for bad in ("2.0", True, [1.0, 2.0], object()):
+        with pytest.raises(TypeError, match="act_alpha"):
+            QuantLinear.from_float(lin, activations="static", act_alpha=bad)
+    x = torch.randn(3, 48)
+    for good in (MIN_POSITIVE_ALPHA, MAX_ALPHA, np.float32(2.5), torch.tensor(2.5), 3):
+        layer = QuantLinear.from_float(lin, activations="static", act_alpha=good)
+        assert float(layer.input_alpha) == float(np.float32(good))
+        assert torch.isfinite(layer(x)).all()
+
+
+def test_act_alpha_zero_gives_the_bias():
+    """alpha = 0 is legal (DESIGN.md section 1): zero activation codes, s_x = 0, y = bias."""
+    lin = _linear()
+    layer = QuantLinear.from_float(lin, activations="static", act_alpha=0.0)
+    assert float(layer.input_alpha) == 0.0 and layer.quant_stats["act_alpha"] == 0.0
+    x = torch.randn(5, 48)
+    assert torch.equal(layer(x), lin.bias.detach().expand(5, 24))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -387,6 +418,54 @@ def test_quantize_model_static_calibration():
         quantize_model("not a model")
 
 
+def _snapshot(model):
+    """Module types, parameters and buffers (cloned) and requires_grad flags of ``model``."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
+            [(n, b.clone()) for n, b in model.named_buffers()])
+
+
+def _equal(a, b):
+    """torch.equal, with NaN equal to NaN in the same places."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0),
+                                                                 b.nan_to_num(0.0))
+    return torch.equal(a, b)
+
+
+def _assert_unchanged(model, snapshot):
+    types, params, buffers = _snapshot(model)
+    assert types == snapshot[0]
+    assert len(params) == len(snapshot[1]) and len(buffers) == len(snapshot[2])
+    for (n, p, g), (n0, p0, g0) in zip(params, snapshot[1]):
+        assert (n, g) == (n0, g0) and _equal(p, p0)
+    for (n, b), (n0, b0) in zip(buffers, snapshot[2]):
+        assert n == n0 and _equal(b, b0)
+
+
+def test_quantize_model_static_layer_with_all_zero_inputs_gives_the_bias():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight.fill_(-1.0)
+        model[0].bias.fill_(-1.0)            # the ReLU output is always 0: a dead layer
+    q = quantize_model(model, activations="static", calib_data=[torch.rand(4, 8)])
+    assert float(q[2].input_alpha) == 0.0
+    x = torch.rand(3, 8)
+    assert torch.equal(q(x), model[2].bias.detach().expand(3, 4))
+
+
+def test_quantize_model_inplace_failure_names_the_layer_and_changes_nothing():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight[1, 1] = float("nan")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="layer '2'"):
+        quantize_model(model, inplace=True)
+    _assert_unchanged(model, before)
+
+
 # ----------------------------------------------------------------------------- state, checkpoints
 
 @pytest.mark.parametrize("mode", MODES)
@@ -581,3 +660,101 @@ def test_block_weights_with_smoothing():
     with torch.no_grad():
         rel = float((q(calib[0]) - float_y).norm() / float_y.norm())
     assert rel < 0.05
+
+
+def _bad_value(ckpt, case):
+    if case == "code_-128":
+        ckpt["2.weight"].data[0, 0] = -128
+    elif case == "negative_scale":
+        ckpt["2.weight"].scale[1] = -1.0
+    elif case == "nan_scale":
+        ckpt["2.weight"].scale[1] = float("nan")
+    elif case == "nan_alpha":
+        ckpt["2.input_alpha"].fill_(float("nan"))
+    elif case == "tiny_alpha":
+        ckpt["2.input_alpha"].fill_(1e-40)
+
+
+@pytest.mark.parametrize("case", ["code_-128", "negative_scale", "nan_scale", "nan_alpha",
+                                  "tiny_alpha"])
+def test_load_quantized_refuses_bad_values_without_touching_the_model(tmp_path, case):
+    """Values are checked before any layer is swapped: the second layer's -128 code, bad scale or
+    bad static alpha leaves the float model exactly as it was (types, values, requires_grad)."""
+    path = tmp_path / "q.safetensors"
+    quantkit.save(quantize_model(_mlp(), activations="static", calib_data=[torch.randn(8, 16)]),
+                  path)
+    ckpt = quantkit.load(path)
+    _bad_value(ckpt, case)
+    model = _mlp(1)
+    model[0].weight.requires_grad_(False)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"'2\.(weight|weight_scale|input_alpha)'"):
+        load_quantized(model, ckpt)
+    _assert_unchanged(model, before)
+
+
+def test_load_quantized_refuses_a_minus_128_file_without_touching_the_model(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "q.safetensors"
+    quantkit.save(quantize_model(_mlp()), path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["2.weight"][0, 0] = -128        # quantkit.save refuses this: written by safetensors
+    save_file(tensors, str(path), metadata=meta)
+    model = _mlp(1)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="'2.weight'.*-128"):
+        load_quantized(model, path)
+    _assert_unchanged(model, before)
+
+
+_GOOD_ENTRY = {"type": "QuantLinear", "in_features": 16, "out_features": 32, "bias": True,
+               "activations": None}
+
+
+@pytest.mark.parametrize("modules, match", [
+    ({"0": 5}, "module '0'.*JSON object"),
+    ({"0": [1, 2]}, "module '0'.*JSON object"),
+    ({"0": {**_GOOD_ENTRY, "type": None}}, "module '0'.*type"),
+    ({"0": {k: v for k, v in _GOOD_ENTRY.items() if k != "activations"}},
+     "module '0'.*activations"),
+    ({"0": {**_GOOD_ENTRY, "activations": "int4"}}, "module '0'.*activations"),
+    ({"0": {**_GOOD_ENTRY, "activations": [1]}}, "module '0'.*activations"),
+    ({"0": {**_GOOD_ENTRY, "in_features": "16"}}, "module '0'.*in_features"),
+    ({"0": {**_GOOD_ENTRY, "in_features": None}}, "module '0'.*in_features"),
+    ({"0": {**_GOOD_ENTRY, "bias": 1}}, "module '0'.*bias"),
+    ({"0": {**_GOOD_ENTRY, "input_scale": "yes"}}, "module '0'.*input_scale"),
+    ({"0": {**_GOOD_ENTRY, "group_size": 32}}, "module '0'.*unknown key"),
+    ([["0", _GOOD_ENTRY]], "quantkit.modules must be a JSON object"),
+])
+def test_load_quantized_refuses_malformed_module_entries(tmp_path, modules, match):
+    path = tmp_path / "q.safetensors"
+    quantkit.save(quantize_model(_mlp()), path)
+    ckpt = quantkit.load(path)
+    ckpt.modules = modules
+    model = _mlp(1)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        load_quantized(model, ckpt)
+    _assert_unchanged(model, before)
+
+
+def test_load_quantized_refuses_a_malformed_modules_entry_in_a_file(tmp_path):
+    import json
+
+    path = tmp_path / "q.safetensors"
+    quantkit.save(quantize_model(nn.Sequential(nn.Linear(4, 3))), path)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"]["quantkit.modules"] = json.dumps({"0": 5})
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+    model = nn.Sequential(nn.Linear(4, 3))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="module '0'"):
+        load_quantized(model, path)
+    _assert_unchanged(model, before)
