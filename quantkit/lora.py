@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import numbers
-from pathlib import Path
 
 import torch
 from torch import nn

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 from strategies import tensor_and_alpha
 
 from quantkit import QTensor, dequantize, quantize, reference
