@@ -277,6 +277,13 @@ class AdamW8bit(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__({"check_finite": True, **state})
 
+    def _layouts(self) -> dict:
+        """param -> (shape, block_size) its state was last checked against (:meth:`_plan_step`);
+        a cache beside the state, emptied by ``load_state_dict``."""
+        if not hasattr(self, "_checked_layouts"):
+            self._checked_layouts = {}
+        return self._checked_layouts
+
     # ----------------------------------------------------------------------------- the step
 
     def uses_8bit_state(self, p: torch.Tensor, group: dict) -> bool:
@@ -372,7 +379,8 @@ class AdamW8bit(torch.optim.Optimizer):
         * every gradient (:meth:`_check_gradients`);
         * every group's hyperparameters, as the constructor checks them
           (:func:`_check_hyperparameters`; a group may have been edited since);
-        * each existing state against its parameter's shape and group's block size;
+        * each existing state against its parameter's shape and group's block size (once per
+          shape and block size: a state is re-checked when either changed since);
         * the float32 scalars of each parameter's next step (:func:`_step_scalars`);
         * the CUDA library, when a parameter is on CUDA.
         """
@@ -381,18 +389,22 @@ class AdamW8bit(torch.optim.Optimizer):
                  for gi, group in enumerate(self.param_groups)}
         group_index = {id(group): gi for gi, group in enumerate(self.param_groups)}
         scalars_of = {}   # (group, step) -> the step's scalars, shared by the group's parameters
+        layouts = self._layouts()
         plan = []
         for p, group, g in work:
             h = hyper[id(group)]
             state = self.state.get(p)
             step = 1
             if state:
-                if not self._state_fits(p, state, h["block_size"]):
-                    gi = group_index[id(group)]
-                    pi = next(i for i, q in enumerate(group["params"]) if q is p)
-                    raise ValueError(f"the state of parameter {pi} of group {gi} does not fit "
-                                     f"its shape {tuple(_local(p).shape)} and block_size "
-                                     f"{h['block_size']}; no parameter was updated")
+                layout = (_local(p).shape, h["block_size"])
+                if layouts.get(p) != layout:
+                    if not self._state_fits(p, state, h["block_size"]):
+                        gi = group_index[id(group)]
+                        pi = next(i for i, q in enumerate(group["params"]) if q is p)
+                        raise ValueError(f"the state of parameter {pi} of group {gi} does not "
+                                         f"fit its shape {tuple(layout[0])} and block_size "
+                                         f"{h['block_size']}; no parameter was updated")
+                    layouts[p] = layout
                 step = int(state["step"]) + 1
             key = (id(group), step)
             if key not in scalars_of:
@@ -564,6 +576,7 @@ class AdamW8bit(torch.optim.Optimizer):
         ints), and the optimizer's current value for one a saved group lacks."""
         checked = self._check_state_dict(state_dict)
         super().load_state_dict(checked)
+        self._layouts().clear()
         for state in self.state.values():
             if "step" in state:   # each parameter's own 0-d CPU counter (step() adds in place)
                 state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
