@@ -127,6 +127,8 @@ def _as_cpu_tensor(value, name: str):
     """An array or tensor as a detached, contiguous CPU torch tensor (copied if need be)."""
     torch = _torch()
     if isinstance(value, np.ndarray):
+        if not value.dtype.isnative:   # big-endian data: the same values in native byte order
+            value = value.astype(value.dtype.newbyteorder("="))
         # np.ascontiguousarray turns a 0-d array into shape (1,): restore the shape
         return torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))
     if isinstance(value, torch.Tensor):
@@ -544,7 +546,9 @@ class CheckpointReader:
                              f"tensor's data")
         self.quantized = self._parse_quantkit_metadata()
         self._scale_names = {n + SCALE_SUFFIX for n in self.quantized}
-        self.modules = json.loads(meta["quantkit.modules"]) if "quantkit.modules" in meta else {}
+        # a plain safetensors file's metadata is its own business: modules only from quantkit's
+        quantkit_file = meta.get("format") == FORMAT and "quantkit.modules" in meta
+        self.modules = json.loads(meta["quantkit.modules"]) if quantkit_file else {}
 
     def _parse_quantkit_metadata(self) -> dict:
         meta = self.metadata

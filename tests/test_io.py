@@ -420,3 +420,22 @@ def test_writer_refuses_a_plan_beyond_int64(tmp_path):
     with pytest.raises(ValueError, match="'q'.*too large"):
         io.CheckpointWriter(tmp_path / "x", {"q": ("int8", (2**40, 2**40), {"axis": 0})})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_big_endian_arrays_are_saved_with_their_values(tmp_path):
+    x = np.arange(6, dtype=">f4").reshape(2, 3)
+    path = tmp_path / "be.safetensors"
+    quantkit.save({"w": x, "c": np.array([1, -2], dtype=">i8")}, path)
+    state = quantkit.load(path).state_dict()
+    np.testing.assert_array_equal(state["w"].numpy(), x.astype("<f4"))
+    np.testing.assert_array_equal(state["c"].numpy(), [1, -2])
+
+
+def test_plain_safetensors_metadata_is_not_read_as_quantkit_modules(tmp_path):
+    """A file that is not a quantkit checkpoint keeps its own metadata: a "quantkit.modules" key
+    there is not parsed (it need not be JSON)."""
+    path = tmp_path / "plain.safetensors"
+    save_file({"a": torch.ones(2)}, str(path), metadata={"format": "pt",
+                                                         "quantkit.modules": "not json"})
+    checkpoint = quantkit.load(path)
+    assert checkpoint.modules == {} and list(checkpoint.state_dict()) == ["a"]
