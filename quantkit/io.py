@@ -432,9 +432,9 @@ def save(obj, path, *, metadata: Mapping | None = None) -> None:
     shape ``()`` or ``(shape[0],)`` is taken as quantized per tensor / along axis 0. Nothing of
     the caller's is modified. The file appears only once it is complete (temporary file + rename).
 
-    Before anything is written, every quantized tensor is checked as :func:`load` and
-    ``QuantLinear`` check it (codes in [-127, 127], scales finite and >= 0): a bad one raises
-    ValueError naming it.
+    Every quantized tensor is checked as :func:`load` and ``QuantLinear`` check it (codes in
+    [-127, 127], scales finite and >= 0, by :meth:`CheckpointWriter.write`): a bad one raises
+    ValueError naming it and no file appears.
     """
     tensors, modules = _collect(obj)
     planned = {}
@@ -443,8 +443,6 @@ def save(obj, path, *, metadata: Mapping | None = None) -> None:
             planned[name] = plan_of(value)
         except TypeError as exc:
             raise TypeError(f"tensor {name!r}: {exc}") from None
-        if isinstance(value, QTensor):
-            _check_qtensor_values(name, value)
     with CheckpointWriter(path, planned, metadata=metadata, modules=modules) as writer:
         for name, value in tensors.items():
             writer.write(name, value)
