@@ -359,23 +359,23 @@ def sweep(v, a_lo, a_hi, points, v_units, next_event, event_step, packed, events
             events_left[new] = rem
             new += np.int64(rem > 0)
         cnt = new
-    S = np.empty(points)
-    for j in range(points):
-        S[j] = 1.0 / (u0 + j * du)
     sse = np.empty(points)
     bq = np.empty(points)
     cq = np.empty(points)
-    bb = np.float64(b0) / v_units
     bc = 0
     cc = c0
-    for j in range(points):
+    for j in range(points):  # the prefix sums alone: the loop below then vectorises
         cc += dc[j]
         bc += db[j]
-        s = S[j]
-        b = bb + bc / pb
-        sse[j] = s * (s * cc - 2.0 * b)
-        bq[j] = b
+        bq[j] = bc
         cq[j] = cc
+    bb = np.float64(b0) / v_units
+    inv_pb = 1.0 / pb  # pb is a power of two: x * inv_pb == x / pb
+    for j in range(points):
+        s = 1.0 / (u0 + j * du)
+        b = bb + bq[j] * inv_pb
+        sse[j] = s * (s * cq[j] - 2.0 * b)
+        bq[j] = b
     return sse, bq, cq
 
 
@@ -399,21 +399,33 @@ def lowest(vals, k):
 
 
 @njit(cache=True)
+def _popcount(w):
+    """Set bits of a uint64."""
+    w = w - ((w >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    m2 = np.uint64(0x3333333333333333)
+    w = (w & m2) + ((w >> np.uint64(2)) & m2)
+    w = (w + (w >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((w * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@njit(cache=True)
 def _distinct_keys(bits, m, shift):
     """Number of distinct 16-bit keys ``(bits[i] >> shift) & 0xFFFF`` among the first m entries
-    of an int32 view (a 65536-bit table filled branch-free, then a popcount per word)."""
+    of an int32 view (a 65536-bit table filled branch-free, then a popcount per word: of the
+    words the keys touched when they are fewer than the table's 1024)."""
     table = np.zeros(1024, np.uint64)
     for i in range(m):
         key = (bits[i] >> shift) & 0xFFFF
         table[key >> 6] |= np.uint64(1) << np.uint64(key & 63)
     count = 0
+    if m < 1024:  # fewer keys than words: count the words the keys touched, each once
+        for i in range(m):
+            k = ((bits[i] >> shift) & 0xFFFF) >> 6
+            count += _popcount(table[k])
+            table[k] = np.uint64(0)
+        return count
     for k in range(1024):
-        w = table[k]
-        w = w - ((w >> np.uint64(1)) & np.uint64(0x5555555555555555))
-        m2 = np.uint64(0x3333333333333333)
-        w = (w & m2) + ((w >> np.uint64(2)) & m2)
-        w = (w + (w >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-        count += np.int64((w * np.uint64(0x0101010101010101)) >> np.uint64(56))
+        count += _popcount(table[k])
     return count
 
 

@@ -70,3 +70,16 @@ def test_clustered_and_distinct_exceeds():
     assert rs.clustered(lattice)
     assert rs.distinct_exceeds(smooth, 512)
     assert not rs.distinct_exceeds(np.repeat(np.float32([1.0, 2.0]), 1000), 512)
+
+
+@pytest.mark.parametrize("m", [1, 2, 63, 64, 200, 1023, 1024, 1500])
+@pytest.mark.parametrize("shift", [0, 12])
+def test_distinct_keys_counts_what_numpy_counts(m, shift):
+    """The key counter takes two routes (the touched words when m < 1024, every word otherwise):
+    both count the distinct 16-bit keys exactly, repeats and shared words included."""
+    rng = np.random.default_rng(m + shift)
+    bits = rng.integers(0, 2**31 - 1, 2000, dtype=np.int64).astype(np.int32)
+    bits[1::3] = bits[::3][: bits[1::3].size]  # repeated values
+    bits[2::5] = bits[2::5] & ~np.int32(0xFFFF << shift) | np.int32(7 << shift)  # one key, often
+    want = np.unique((bits[:m] >> shift) & 0xFFFF).size
+    assert rs._distinct_keys(bits, m, shift) == want
