@@ -403,9 +403,11 @@ def _w8a8_linear_cpu(path: str, codes, s_x, weight, weight_scale, bias,
             threads=_threads(), b_row_sums=sums if path == "vnni" else None))
     from .backends.numba_nn import rescale_int32_numba
 
-    acc = _int8_product_on(path, codes, weight)
-    return torch.from_numpy(rescale_int32_numba(acc.numpy(), s_x.numpy(), weight_scale.numpy(),
-                                                b))
+    acc = _int8_product_on(path, codes, weight).contiguous()  # a fresh int32 product, ours
+    a = acc.numpy()
+    # rescaled in place: each float32 replaces its own int32, so the layer holds one (M, N) buffer
+    rescale_int32_numba(a, s_x.numpy(), weight_scale.numpy(), b, out=a.view(np.float32))
+    return acc.view(torch.float32)
 
 
 def w8a8_linear_blocks(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Tensor,

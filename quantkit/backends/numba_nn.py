@@ -90,7 +90,8 @@ def rescale_int32_numba(acc: np.ndarray, s_x: np.ndarray, s_w: np.ndarray, bias=
     """``float32(acc) * (s_x[:, None] * s_w[None, :]) + bias``; bias None means zeros.
 
     acc: C-contiguous int32 (M, N); s_x float32 (M,); s_w, bias float32 (N,); out: optional
-    C-contiguous float32 (M, N).
+    C-contiguous float32 (M, N), which may be acc's own memory (``acc.view(np.float32)``): each
+    element is read before its own result is written, and no other.
     """
     m, n = acc.shape
     if out is None:

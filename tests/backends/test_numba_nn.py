@@ -66,6 +66,19 @@ def test_rescale_is_the_float32_expression_bit_for_bit(shape, with_bias):
     _assert_rescale_exact(acc, s_x, s_w, bias if with_bias else None)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (300, 1000), (2048, 1536)])
+def test_rescale_in_place_gives_the_same_bits(shape):
+    """``out`` may be the int32 product's own memory (matmul rescales torch's products in place):
+    the same bits as into a separate buffer, and the result lives in that memory."""
+    rng = np.random.default_rng(shape[0] + 7 * shape[1])
+    acc, s_x, s_w, bias = _case(rng, *shape)
+    want = numba_nn.rescale_int32_numba(acc, s_x, s_w, bias)
+    buf = acc.copy()
+    got = numba_nn.rescale_int32_numba(buf, s_x, s_w, bias, out=buf.view(F32))
+    assert np.shares_memory(got, buf)
+    assert np.array_equal(_bits(got), _bits(want))
+
+
 @pytest.mark.parametrize("scale_exponent", [-40, -20, 0, 15])
 def test_rescale_at_extreme_scales(scale_exponent):
     """Products that underflow to subnormals or to 0, and that overflow to +-Inf."""
