@@ -38,6 +38,36 @@ def count_moments(counts, point_masses):
 
 
 @njit(cache=True)
+def pile_bins(counts):
+    """The (at most two) heaviest piles of a count histogram, as (bins int64, single bool): a bin
+    b holding at least 64 values and more than 8 times each neighbour (single), or else the pair
+    b, b + 1 holding that many against the bins on either side of the pair; heaviest first (its
+    count or the pair's), on equal weight the lower bin. Bins 1 .. size - 3 are examined."""
+    top_b = np.full(2, -1, np.int64)
+    top_w = np.full(2, -1, np.int64)
+    top_s = np.zeros(2, np.bool_)
+    for b in range(1, counts.size - 2):
+        cb = counts[b]
+        cn = counts[b + 1]
+        if cb + cn < 64:  # neither a single pile nor a pair can start here
+            continue
+        single = cb >= 64 and cb > 8 * max(counts[b - 1], cn)
+        if single:
+            w = cb
+        else:
+            w = cb + cn
+            if not w > 8 * max(counts[b - 1], counts[b + 2]):
+                continue
+        if w > top_w[0]:
+            top_b[1], top_w[1], top_s[1] = top_b[0], top_w[0], top_s[0]
+            top_b[0], top_w[0], top_s[0] = b, w, single
+        elif w > top_w[1]:
+            top_b[1], top_w[1], top_s[1] = b, w, single
+    m = np.int64(top_b[0] >= 0) + np.int64(top_b[1] >= 0)
+    return top_b[:m].copy(), top_s[:m].copy()
+
+
+@njit(cache=True)
 def _bin_geometry(k):
     """(lo, ulp) of histogram bin k: its smallest value and the value of one residual step."""
     e = k >> 7

@@ -286,21 +286,17 @@ def _pile_candidates(k, sample: np.ndarray, counts: np.ndarray, around: float, t
     ``j``. Those alphas within 15% of ``around`` (for the two largest piles, at most 16) join the
     candidates that the exact errors of all the data decide between.
     """
-    c = np.asarray(counts, np.int64)
-    # a pile fills one bin, or two when its value sits on a bin edge: count bins b and b + 1
-    pair = c[1:-2] + c[2:-1]
-    single = (c[1:-2] >= 64) & (c[1:-2] > 8 * np.maximum(c[:-3], c[2:-1]))
-    double = (pair >= 64) & (pair > 8 * np.maximum(c[:-3], c[3:])) & ~single
-    piles = np.nonzero(single | double)[0] + 1
+    # a pile fills one bin, or two when its value sits on a bin edge (pile_bins)
+    piles, singles = k.pile_bins(np.ascontiguousarray(counts, np.int64))
     if piles.size == 0:
         return ()
-    weight = np.where(single[piles - 1], c[piles], pair[piles - 1])
-    piles = piles[np.argsort(-weight)][:2]
     bins = np.abs(sample).view(np.int32) >> k.HIST_SHIFT
     out = []
-    for b in piles:
-        members = np.abs(sample[(bins == b) | (bins == b + 1) & ~single[b - 1]])
-        members = members.astype(np.float64)
+    for b, single in zip(piles.tolist(), singles.tolist()):
+        member = bins == b
+        if not single:
+            member |= bins == b + 1
+        members = np.abs(sample[member]).astype(np.float64)
         if members.size == 0:
             continue
         v = float(members.mean())
