@@ -188,3 +188,50 @@ def nonfinite_error(x: np.ndarray, count: int, name: str = "x") -> ValueError:
     value = x.reshape(-1)[first]
     return ValueError(f"{name} has {count} non-finite value(s) (NaN or Inf); the first is "
                       f"{value} at index {index}")
+
+
+def check_codes_and_scale(data, scale, axis, block_size) -> None:
+    """The invariants of a QTensor's fields (``axis`` normalized, ``block_size`` checked): int8
+    codes, float32 scales of the same kind of array, and a scale shape that fits the codes'
+    current shape. Checked by the constructor and again wherever the kernels read the fields,
+    since a field may have been replaced, or the codes reshaped in place, since then."""
+    kind = kind_of(data)
+    if str(data.dtype) not in ("int8", "torch.int8"):
+        raise TypeError(f"data must hold int8 codes, got {data.dtype}")
+    if kind_of(scale) != kind:
+        raise TypeError(f"scale must be the same kind of array as data ({kind}), "
+                        f"got {type(scale).__name__}")
+    if str(scale.dtype) not in ("float32", "torch.float32"):
+        raise TypeError(f"scale must be float32, got {scale.dtype}")
+    shape = tuple(data.shape)
+    if axis is not None:
+        if not 0 <= axis < len(shape):
+            raise ValueError(f"axis={axis} is out of range for codes of shape {shape}")
+        expected = (shape[axis],)
+    elif block_size is not None:
+        expected = (n_blocks(int(np.prod(shape, dtype=np.int64)), block_size),)
+    else:
+        expected = ()
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"scale must have shape {expected} for codes of shape {shape} at this "
+                         f"granularity, got {tuple(scale.shape)}")
+
+
+def check_scale_values(scale) -> None:
+    """Scales must be finite and >= 0 (any kind of array; a CUDA one is reduced on its device)."""
+    if is_torch_tensor(scale):
+        torch = _torch()
+        s = scale.detach()
+        bad = ~(torch.isfinite(s) & (s >= 0))
+        if not bool(bad.any()):
+            return
+        first = int(torch.nonzero(bad.reshape(-1))[0, 0])
+        value = float(s.reshape(-1)[first])
+    else:
+        s = np.asarray(scale)
+        bad = ~(np.isfinite(s) & (s >= 0))
+        if not bad.any():
+            return
+        first = int(np.argmax(bad.reshape(-1)))
+        value = float(s.reshape(-1)[first])
+    raise ValueError(f"scale must be finite and >= 0; entry {first} is {value}")

@@ -39,7 +39,7 @@ import numpy as np
 
 from . import _arrays
 from ._constants import QMAX
-from .qtensor import QTensor
+from .qtensor import QTensor, with_checked_scales
 
 FORMAT = "quantkit.int8"
 FORMAT_VERSION = "1"
@@ -383,8 +383,8 @@ def _collect(obj):
                 modules[prefix] = describe()
                 q = module.qtensor()
                 w = (prefix + "." if prefix else "") + "weight"
-                tensors[w] = QTensor(state[w], state[w + SCALE_SUFFIX], axis=q.axis,
-                                     block_size=q.block_size)
+                tensors[w] = with_checked_scales(state[w], state[w + SCALE_SUFFIX],
+                                                 axis=q.axis, block_size=q.block_size)
         for name, value in state.items():
             if name not in tensors and not (name.endswith(SCALE_SUFFIX) and
                                             name[: -len(SCALE_SUFFIX)] in tensors):
@@ -407,7 +407,7 @@ def _collect(obj):
         if _is_paired_int8(value, obj.get(name + SCALE_SUFFIX)):
             scale = obj[name + SCALE_SUFFIX]
             axis = None if tuple(scale.shape) == () else 0
-            value = QTensor(value.detach().cpu(), scale.detach().cpu(), axis=axis)
+            value = with_checked_scales(value.detach().cpu(), scale.detach().cpu(), axis=axis)
         tensors[name] = value
     return tensors, modules
 
@@ -625,8 +625,8 @@ class CheckpointReader:
         scale = self._read(name + SCALE_SUFFIX, _file)
         _check_scales(name + SCALE_SUFFIX, scale)
         granularity = self.quantized[name]
-        return QTensor(value, scale, axis=granularity.get("axis"),
-                       block_size=granularity.get("block_size"))
+        return with_checked_scales(value, scale, axis=granularity.get("axis"),
+                                   block_size=granularity.get("block_size"))
 
     def load(self) -> Checkpoint:
         """Every tensor, read and checked, as a :class:`Checkpoint`."""

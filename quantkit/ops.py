@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _arrays, reference
 from ._dispatch import backend as _backend, checked_out as _checked_out, dequantize_codes
-from .qtensor import QTensor
+from .qtensor import QTensor, with_checked_scales
 
 
 def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> QTensor:
@@ -35,7 +35,7 @@ def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> QTensor:
     if kind == _arrays.TORCH_CUDA:
         data, scale = _backend(kind).quantize(x, alpha, axis=axis, block_size=block_size, out=out)
         axis, block_size, _ = _arrays.granularity(tuple(x.shape), axis, block_size)
-        return QTensor(data, scale, axis=axis, block_size=block_size)
+        return with_checked_scales(data, scale, axis=axis, block_size=block_size)
     x32 = _arrays.float32_numpy(x)
     axis, block_size, alpha_shape = _arrays.granularity(x32.shape, axis, block_size)
     alpha32 = _arrays.alpha_array(alpha, alpha_shape)
@@ -50,7 +50,7 @@ def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> QTensor:
         if bad:
             raise _arrays.nonfinite_error(x32, bad)
     data = out if out is not None else _arrays.wrap_like(codes, kind)
-    return QTensor(data, _arrays.wrap_like(scale, kind), axis=axis, block_size=block_size)
+    return with_checked_scales(data, _arrays.wrap_like(scale, kind), axis=axis, block_size=block_size)
 
 
 def dequantize(q: QTensor, *, out=None):

@@ -18,41 +18,16 @@ class QTensor:
         axis: the channel axis (normalized to be >= 0) or None.
         block_size: the block length over the C-order flattening, or None.
 
-    The constructor checks that these fit together, so a QTensor rebuilt from a file is consistent.
+    The constructor checks that these fit together and that the scales are finite and >= 0, so a
+    QTensor rebuilt from a file is consistent; dequantizing checks the fields again (a field may
+    have been replaced, or the codes reshaped in place, since).
     """
 
     __slots__ = ("data", "scale", "axis", "block_size")
 
     def __init__(self, data, scale, *, axis=None, block_size=None):
-        for name, value, hint in (("data", data, ""),
-                                  ("scale", scale, " (a 0-d float32 array for one scale)")):
-            try:
-                _arrays.kind_of(value)
-            except TypeError:
-                raise TypeError(f"{name} must be a NumPy array or a torch tensor{hint}, got "
-                                f"{type(value).__name__}") from None
-        kind = _arrays.kind_of(data)
-        if str(data.dtype) not in ("int8", "torch.int8"):
-            raise TypeError(f"data must hold int8 codes, got {data.dtype}")
-        if _arrays.kind_of(scale) != kind:
-            raise TypeError(f"scale must be the same kind of array as data ({kind}), "
-                            f"got {type(scale).__name__}")
-        if str(scale.dtype) not in ("float32", "torch.float32"):
-            raise TypeError(f"scale must be float32, got {scale.dtype}")
-        if axis is not None and block_size is not None:
-            raise ValueError("a QTensor has either an axis or a block_size, not both")
-        shape = tuple(data.shape)
-        if axis is not None:
-            axis = _arrays.normalize_axis(axis, len(shape))
-            expected = (shape[axis],)
-        elif block_size is not None:
-            block_size = _arrays.check_block_size(block_size)
-            expected = (_arrays.n_blocks(int(np.prod(shape, dtype=np.int64)), block_size),)
-        else:
-            expected = ()
-        if tuple(scale.shape) != expected:
-            raise ValueError(f"scale must have shape {expected} for this granularity, "
-                             f"got {tuple(scale.shape)}")
+        axis, block_size = _checked_granularity(data, scale, axis, block_size)
+        _arrays.check_scale_values(scale)
         self.data = data
         self.scale = scale
         self.axis = axis
@@ -84,3 +59,35 @@ class QTensor:
                   "tensor": ""}[self.granularity]
         kind = "torch" if _arrays.is_torch_tensor(self.data) else "numpy"
         return f"QTensor(shape={self.shape}, granularity={self.granularity!r}{detail}, {kind})"
+
+
+def _checked_granularity(data, scale, axis, block_size):
+    """(axis normalized, block_size checked) after checking the fields fit together."""
+    for name, value, hint in (("data", data, ""),
+                              ("scale", scale, " (a 0-d float32 array for one scale)")):
+        try:
+            _arrays.kind_of(value)
+        except TypeError:
+            raise TypeError(f"{name} must be a NumPy array or a torch tensor{hint}, got "
+                            f"{type(value).__name__}") from None
+    if axis is not None and block_size is not None:
+        raise ValueError("a QTensor has either an axis or a block_size, not both")
+    if axis is not None:
+        axis = _arrays.normalize_axis(axis, len(tuple(data.shape)))
+    elif block_size is not None:
+        block_size = _arrays.check_block_size(block_size)
+    _arrays.check_codes_and_scale(data, scale, axis, block_size)
+    return axis, block_size
+
+
+def with_checked_scales(data, scale, *, axis=None, block_size=None) -> QTensor:
+    """A QTensor whose scale values the caller has checked: quantkit's kernels made them from
+    checked alphas (float32(alpha / 127) of finite alphas >= 0), or the checkpoint writer and
+    reader check them naming the tensor. The fields are checked to fit together as by the
+    constructor; the values are not checked twice (no pass over the scales and, on CUDA, no
+    device sync per call)."""
+    q = QTensor.__new__(QTensor)
+    q.axis, q.block_size = _checked_granularity(data, scale, axis, block_size)
+    q.data = data
+    q.scale = scale
+    return q

@@ -371,10 +371,22 @@ def test_numpy_qtensors_round_trip_including_per_tensor_scalar_scale(tmp_path):
 
 # ------------------------------------------------------------- the writer refuses what load refuses
 
+
+def _scale_replaced(data, scale, **granularity):
+    """A QTensor whose scale field was replaced after construction: the constructor refuses
+    such scales, and the writer must refuse them as well."""
+    zeros = torch.zeros_like(scale) if isinstance(scale, torch.Tensor) else np.zeros_like(scale)
+    q = QTensor(data, zeros, **granularity)
+    q.scale = scale
+    return q
+
+
 @pytest.mark.parametrize("entry, match", [
-    ({"w": QTensor(np.ones(3, np.int8), np.array(-1.0, np.float32))}, "'w_scale'.*>= 0"),
-    ({"w": QTensor(np.ones(3, np.int8), np.array(np.nan, np.float32))}, "'w_scale'.*finite"),
-    ({"w": QTensor(torch.ones(2, 3, dtype=torch.int8), torch.tensor([1.0, np.inf]), axis=0)},
+    ({"w": _scale_replaced(np.ones(3, np.int8), np.array(-1.0, np.float32))}, "'w_scale'.*>= 0"),
+    ({"w": _scale_replaced(np.ones(3, np.int8), np.array(np.nan, np.float32))},
+     "'w_scale'.*finite"),
+    ({"w": _scale_replaced(torch.ones(2, 3, dtype=torch.int8), torch.tensor([1.0, np.inf]),
+                           axis=0)},
      "'w_scale'.*entry 1 is inf"),
     ({"w": torch.ones(3, dtype=torch.int8), "w_scale": torch.tensor(-2.0)}, "'w_scale'.*>= 0"),
     ({"w": QTensor(np.array([1, -128], np.int8), np.array(1.0, np.float32))}, "'w'.*-128"),
@@ -393,7 +405,7 @@ def test_writer_refuses_bad_quantized_values_and_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="'w'.*-128"):
         with io.CheckpointWriter(path, {"w": ("int8", (2,), {})}) as writer:
             writer.write("w", bad)
-    nan = QTensor(np.ones(2, np.int8), np.array(np.nan, np.float32))
+    nan = _scale_replaced(np.ones(2, np.int8), np.array(np.nan, np.float32))
     with pytest.raises(ValueError, match="'w_scale'.*finite"):
         with io.CheckpointWriter(path, {"w": ("int8", (2,), {})}) as writer:
             writer.write("w", nan)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import quantkit
 from quantkit import QTensor
 
 
@@ -55,3 +56,52 @@ def test_dequantize_is_codes_times_scale(kind):
         got = got.numpy() if kind == "torch" else got
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -1.0, -0.5])
+def test_scales_must_be_finite_and_not_negative(bad):
+    codes = np.arange(-64, 64, dtype=np.int8).reshape(2, 64)
+    with pytest.raises(ValueError, match=f"scale must be finite and >= 0; entry 0 is {bad}"):
+        QTensor(codes, np.array(bad, np.float32))
+    with pytest.raises(ValueError, match=f"entry 1 is {bad}"):
+        QTensor(torch.from_numpy(codes), torch.tensor([0.5, bad]), axis=0)
+    QTensor(codes, np.array(0.0, np.float32))  # a zero scale (alpha 0) is legal
+
+
+def test_fields_changed_after_construction_are_refused_not_read_out_of_bounds():
+    """The kernels read as many scales as the codes' shape asks for: dequantizing re-checks the
+    fields, so a replaced field or codes reshaped in place give an error, never a read past the
+    scales (this was a segfault)."""
+    q = quantkit.quantize(np.ones((1, 64), np.float32), np.ones(1), axis=0)
+    q.data = np.ones((4_000_000, 64), np.int8)
+    with pytest.raises(ValueError, match=r"scale must have shape \(4000000,\)"):
+        q.dequantize()
+    with pytest.raises(ValueError, match="shape"):
+        quantkit.dequantize(q)
+    t = quantkit.quantize(torch.randn(2, 4096), torch.full((2,), 3.0), axis=0)
+    t.data.t_()
+    with pytest.raises(ValueError, match=r"scale must have shape \(4096,\)"):
+        t.dequantize()
+    r = quantkit.quantize(np.ones((3, 5), np.float32), np.ones(3), axis=0)
+    r.axis = 1
+    with pytest.raises(ValueError, match=r"scale must have shape \(5,\)"):
+        r.dequantize()
+    r.axis = 7
+    with pytest.raises(ValueError, match="axis=7 is out of range"):
+        r.dequantize()
+    b = quantkit.quantize(np.ones(200, np.float32), np.ones(4), block_size=64)
+    b.data = np.ones(300, np.int8)
+    with pytest.raises(ValueError, match=r"scale must have shape \(5,\)"):
+        b.dequantize()
+    b.data = np.ones(200, np.float32)
+    with pytest.raises(TypeError, match="int8"):
+        b.dequantize()
+
+
+def test_scales_that_require_grad_and_out_that_requires_grad():
+    codes = torch.arange(-64, 64, dtype=torch.int8).reshape(2, 64)
+    scale = torch.tensor([0.5, 0.25], requires_grad=True)
+    q = QTensor(codes, scale, axis=0)
+    assert torch.equal(q.dequantize(), codes.float() * scale.detach()[:, None])
+    with pytest.raises(ValueError, match="out must not require grad"):
+        quantkit.dequantize(q, out=torch.empty(2, 64, requires_grad=True))
