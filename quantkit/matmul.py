@@ -354,8 +354,10 @@ def _int8_product_on(path: str, codes: torch.Tensor, weight: torch.Tensor) -> to
         sums = weight_row_sums(weight) if path == "vnni" else None
         return torch.from_numpy(native_cpu.gemm_s8s8s32(codes.numpy(), weight.numpy(), path=path,
                                                         threads=_threads(), b_row_sums=sums))
-    if path == "int_mm":
+    if path == "int_mm" and codes.shape[1] > 1:
         return torch._int_mm(codes, weight.t())       # W.t() as a view is oneDNN's fast layout
+    # torch._int_mm on the CPU returns wrong sums at K == 1 (torch 2.13, oneDNN; tested): the
+    # exact float32 products give the same int32 there
     return _int8_product_float(codes, weight)
 
 

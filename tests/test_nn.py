@@ -758,3 +758,16 @@ def test_load_quantized_refuses_a_malformed_modules_entry_in_a_file(tmp_path):
     with pytest.raises(ValueError, match="module '0'"):
         load_quantized(model, path)
     _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("activations", ("dynamic", "static"))
+def test_w8a8_layer_of_one_input_feature(activations):
+    """in_features = 1 (K = 1), where torch._int_mm gives wrong sums: every path is exact."""
+    torch.manual_seed(0)
+    lin = nn.Linear(1, 8)
+    q = QuantLinear.from_float(lin, activations=activations,
+                               act_alpha=4.0 if activations == "static" else None)
+    x = torch.randn(300, 1)
+    for _ in range(8):   # the timed choice runs each candidate: every call must be right
+        y = q(x)
+        assert torch.allclose(y, lin(x), rtol=0, atol=0.05)
