@@ -59,8 +59,12 @@ class LoRALinear(nn.Module):
     def out_features(self):
         return self.base.out_features
 
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+    def forward(self, input):
+        x = input   # nn.Linear's argument name: a caller may pass it by keyword
+        # the adapter computes in its own dtype (float32) and adds in the base output's dtype
+        delta = (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        y = self.base(x)
+        return y + delta.to(y.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         """The float32 weight of base plus adapter: ``W + (alpha / r) B @ A``."""

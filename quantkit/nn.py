@@ -137,8 +137,10 @@ class QuantLinear(nn.Module):
     for ``activations="static"`` ``input_alpha`` (float32, 0-d, the
     activation clipping range). ``bias`` (float32) is a Parameter that does not require grad.
     Build one with :meth:`from_float`; the constructor makes an all-zero layer for
-    ``load_state_dict``. Inputs must be float32 with last dimension ``in_features``; the output is
-    float32 of shape ``(*x.shape[:-1], out_features)``.
+    ``load_state_dict``. Inputs are floating point with last dimension ``in_features``; the layer
+    computes in float32 (float16, bfloat16 and float64 inputs are converted) and returns the
+    input's dtype, shape ``(*x.shape[:-1], out_features)``. Dtype casts of the module keep its
+    float32 state float32.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -221,31 +223,60 @@ class QuantLinear(nn.Module):
         return layer.to(linear.weight.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The int8 kernels need codes in [-QMAX, QMAX] (DESIGN.md section 1 never makes -128);
-        # checked before anything is copied, so a refused state leaves the layer as it was.
+        # torch's copy_ would cast silently (a float weight of 200.0 becomes int8 -56, a float
+        # checkpoint's weights int8 zeros): the buffers' dtypes must match exactly, and the values
+        # must be what the kernels take (codes in [-QMAX, QMAX], scales finite and >= 0, a valid
+        # static alpha). Checked before anything is copied: a refused state leaves the layer as
+        # it was.
+        for key in ("weight", "weight_scale", "input_alpha", "input_scale"):
+            value, own = state_dict.get(prefix + key), getattr(self, key)
+            if isinstance(value, torch.Tensor) and own is not None and value.dtype != own.dtype:
+                hint = (" (a float checkpoint? quantize it with quantize_model, or load a quantkit "
+                        "checkpoint with load_quantized)" if key == "weight" else "")
+                raise ValueError(f"tensor {prefix + key!r}: the state dict holds {value.dtype}, "
+                                 f"QuantLinear needs {own.dtype}{hint}")
         codes = state_dict.get(prefix + "weight")
-        if (isinstance(codes, torch.Tensor) and codes.dtype == torch.int8 and codes.numel()
-                and int(codes.min()) < -QMAX):
+        if isinstance(codes, torch.Tensor) and codes.numel() and int(codes.min()) < -QMAX:
             raise ValueError(f"tensor {prefix + 'weight'!r}: int8 weight codes must lie in "
                              f"[-{QMAX}, {QMAX}]; the checkpoint has -128")
+        scale = state_dict.get(prefix + "weight_scale")
+        if isinstance(scale, torch.Tensor) and not bool((torch.isfinite(scale)
+                                                         & (scale >= 0)).all()):
+            raise ValueError(f"tensor {prefix + 'weight_scale'!r}: scales must be finite and >= 0")
+        alpha = state_dict.get(prefix + "input_alpha")
+        if isinstance(alpha, torch.Tensor) and self.input_alpha is not None:
+            _check_static_alpha(alpha, f"tensor {prefix + 'input_alpha'!r}")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply(self, fn, recurse=True):
+        # Dtype casts of the module (.half(), .bfloat16(), .double(), .to(dtype)) leave the
+        # float32 scales, bias, input_alpha and input_scale float32 (section 1 of DESIGN.md: a
+        # float16 scale rounds or underflows, a bfloat16 one is no scale the kernels take);
+        # device moves apply as usual.
+        def keep_float32(t):
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype != torch.float32:
+                out = t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_float32, recurse)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input   # nn.Linear's argument name: a caller may pass it by keyword
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"QuantLinear expects a torch tensor, got {type(x).__name__}")
-        if x.dtype != torch.float32:
-            raise TypeError(f"QuantLinear expects float32 input, got {x.dtype} (convert with "
-                            f".float())")
+        if not x.is_floating_point():
+            raise TypeError(f"QuantLinear expects floating-point input, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects input of shape (..., {self.in_features}), got "
                              f"{tuple(x.shape)}")
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)   # computed in float32
         if self.input_scale is not None:
             x2 = x2 * self.input_scale
         scale = self._scale_matrix()
         y = int8_linear(x2, self.weight, scale, self.bias, self.input_alpha,
                         w8a8=self.activations is not None)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _scale_matrix(self) -> torch.Tensor:
         """``weight_scale`` as the products take it: ``(N,)`` per row, ``(N, K / B)`` per block."""

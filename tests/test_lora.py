@@ -235,3 +235,19 @@ def test_load_adapter_of_a_good_file_wraps_both_layers(tmp_path):
     model = lora.load_adapter(_two_layers(), path)
     assert set(lora.lora_layers(model)) == {"q_proj", "v_proj"}
     assert model.v_proj.scaling == 2.0 and isinstance(model.v_proj.base, QuantLinear)
+
+
+def test_adapter_takes_other_float_dtypes_and_keyword_input():
+    torch.manual_seed(0)
+    base = QuantLinear.from_float(nn.Linear(32, 16), activations="dynamic")
+    layer = lora.LoRALinear(base, 4, 8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 32)
+    assert torch.equal(layer(input=x), layer(x))
+    xb = x.to(torch.bfloat16)
+    y = layer(xb)
+    assert y.dtype == torch.bfloat16
+    want = base(xb) + ((xb.float() @ layer.lora_A.t() @ layer.lora_B.t()) * layer.scaling
+                       ).to(torch.bfloat16)
+    assert torch.equal(y, want)

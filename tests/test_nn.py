@@ -118,9 +118,7 @@ def test_act_alpha_zero_gives_the_bias():
 @pytest.mark.parametrize("mode", MODES)
 def test_bad_input(mode):
     layer = _from_float(_linear(), mode)
-    with pytest.raises(TypeError, match="float32"):
-        layer(torch.randn(2, 48, dtype=torch.float64))
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="floating-point"):
         layer(torch.ones(2, 48, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"\(\.\.\., 48\)"):
         layer(torch.randn(2, 47))
@@ -771,3 +769,58 @@ def test_w8a8_layer_of_one_input_feature(activations):
     for _ in range(8):   # the timed choice runs each candidate: every call must be right
         y = q(x)
         assert torch.allclose(y, lin(x), rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("weight", torch.full((24, 48), 200.0), "'weight'.*holds torch.float32.*needs torch.int8"),
+    ("weight", torch.full((24, 48), 255, dtype=torch.uint8), "'weight'.*torch.uint8"),
+    ("weight", torch.full((24, 48), -128, dtype=torch.int16), "'weight'.*torch.int16"),
+    ("weight_scale", torch.full((24,), float("nan")), "'weight_scale'.*finite"),
+    ("weight_scale", torch.full((24,), -1.0), "'weight_scale'.*>= 0"),
+    ("weight_scale", torch.ones(24, dtype=torch.float64), "'weight_scale'.*float64"),
+    ("input_alpha", torch.tensor(-1.0), "'input_alpha'"),
+    ("input_alpha", torch.tensor(float("inf")), "'input_alpha'"),
+])
+def test_load_state_dict_refuses_casts_and_bad_values(key, value, match):
+    """torch's copy_ would cast silently (200.0 -> int8 -56); the layer is left as it was."""
+    src = _from_float(_linear(), "static")
+    layer = _from_float(_linear(seed=1), "static")
+    before = copy.deepcopy(layer.state_dict())
+    state = src.state_dict()
+    state[key] = value
+    with pytest.raises(ValueError, match=match):
+        layer.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+def test_a_float_checkpoint_does_not_load_into_int8_codes():
+    """strict=False (partial loading) of a float nn.Linear state: refused, not cast to zeros."""
+    layer = _from_float(_linear(), "dynamic")
+    with pytest.raises(ValueError, match="'0.weight'.*float checkpoint"):
+        nn.Sequential(layer).load_state_dict(nn.Sequential(_linear(seed=3)).state_dict(),
+                                             strict=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_compute_in_float32_and_keep_the_input_dtype(mode, dtype):
+    layer = _from_float(_linear(), mode)
+    x = torch.randn(5, 48).to(dtype)
+    want = layer(x.to(torch.float32)).to(dtype)
+    cast = copy.deepcopy(layer).to(dtype)          # a module cast keeps the float32 state
+    for name in ("weight_scale", "bias", "input_alpha"):
+        t = getattr(cast, name)
+        assert t is None or t.dtype == torch.float32, name
+    assert cast.weight.dtype == torch.int8
+    for m in (layer, cast):
+        y = m(x)
+        assert y.dtype == dtype and torch.equal(y, want)
+    half = nn.Sequential(copy.deepcopy(layer)).half()
+    assert half[0].weight_scale.dtype == torch.float32
+    assert torch.equal(half(x.half()), layer(x.half().float()).half())
+
+
+def test_input_passed_by_keyword_as_to_nn_linear():
+    layer = _from_float(_linear(), "dynamic")
+    x = torch.randn(3, 48)
+    assert torch.equal(layer(input=x), layer(x))
