@@ -162,7 +162,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     """A QuantLinear's product on 2-D float32 ``x``: ``quantkit::linear_w8a8`` when ``w8a8``,
     else ``quantkit::linear_w8``.
 
-    The custom op is called where it matters: under ``torch.compile``/``torch.export`` tracing,
+    The custom op is called where it matters: under ``torch.compile``/``torch.export`` tracing
+    and ``torch.jit.trace`` (which would record the direct path's NumPy result as a constant),
     when autograd records (a gradient is wanted for x or the bias), for tensor subclasses and for
     meta tensors (its fake implementation gives the output's shape).
     Otherwise (eager inference on plain tensors) its implementation runs directly: the same
@@ -170,7 +171,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     product of a small layer at batch 1.
     """
     direct = (type(x) is torch.Tensor and type(bias) in _PLAIN_BIAS and x.device.type != "meta"
-              and not torch.compiler.is_compiling()
+              and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
               and not (torch.is_grad_enabled()
                        and (x.requires_grad or (bias is not None and bias.requires_grad))))
     if w8a8:

@@ -59,7 +59,6 @@ through).
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import warnings
 from typing import Optional
@@ -72,7 +71,7 @@ from ._constants import QMAX
 from .linear_ops import int8_linear, linear_w8, linear_w8a8, quantize_rows  # noqa: F401
 from .ops import quantize
 from .qtensor import QTensor
-from .smooth import run_with_input_hooks
+from .smooth import replaceable_linears, run_with_input_hooks, warn_kept
 
 ACTIVATION_MODES = (None, "dynamic", "static")
 
@@ -399,6 +398,12 @@ def _observe_inputs(model, names, calib_data, method):
     return {name: float(obs.alpha()) for name, obs in observers.items()}
 
 
+#: nn.Module's hook dictionaries, handed from a float Linear to the QuantLinear replacing it.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
 def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optional[str] = None,
                    calib_data=None, skip=(), act_method: str = "mse", smooth=None,
                    block_size: Optional[int] = None, inplace: bool = False) -> nn.Module:
@@ -424,7 +429,12 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
 
     The returned model has ``quantkit_report``, a :class:`QuantReport` with one entry per replaced
     layer. A model with no Linear to replace is returned unchanged, with a warning. Every
-    QuantLinear is built before any layer is replaced; an error names the layer.
+    QuantLinear is built before any layer is replaced; an error names the layer. Hooks registered
+    on a replaced Linear stay attached to its QuantLinear (whose ``weight`` is the int8 codes).
+    Linear layers whose replacement's forward would not run stay float, with a warning naming
+    them (:func:`quantkit.smooth.replaceable_linears`: subclasses with their own forward,
+    ``nn.MultiheadAttention``'s ``out_proj``, ``nn.TransformerEncoderLayer``'s feed-forward).
+    Static calibration runs the model in eval mode and restores its modes afterwards.
     """
     import copy
 
@@ -450,8 +460,8 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
         inplace = True                           # smooth_model already copied unless inplace
     if not inplace:
         model = copy.deepcopy(model)
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p in skip)]
+    names, kept = replaceable_linears(model, skip)
+    warn_kept("quantize_model", kept)
     report = QuantReport()
     if not names:
         warnings.warn("quantize_model: the model has no nn.Linear layer to quantize (after skip); "
@@ -478,6 +488,8 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
             error = TypeError if isinstance(exc, TypeError) else ValueError
             raise error(f"layer {name!r}: {exc}") from None
     for name, layer in layers.items():
+        for attr in _HOOK_DICTS:    # hooks on the float layer stay attached (the same dicts)
+            setattr(layer, attr, getattr(modules[name], attr))
         if name == "":
             model = layer           # the model is itself a Linear
         else:

@@ -76,16 +76,29 @@ class SmoothLinear(nn.Linear):
 
 
 def run_with_input_hooks(model: nn.Module, calib_data, modules: dict, names, hook_for) -> None:
-    """Run every calibration batch through ``model`` (no grad) with ``hook_for(name)`` as a
-    forward pre-hook on ``modules[name]`` for each name; the hooks are removed afterwards."""
-    handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
+    """Run every calibration batch through ``model`` in eval mode (dropout off, as at inference)
+    and without grad, with ``hook_for(name)`` as a forward pre-hook on ``modules[name]`` for each
+    name (called as ``hook(module, (input,))`` also where the layer is called as
+    ``layer(input=x)``); afterwards the hooks are removed and every module's training flag is
+    restored."""
+    def positional(hook):
+        def wrapped(module, args, kwargs):
+            hook(module, args if args else (kwargs["input"],))
+        return wrapped
+
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [modules[n].register_forward_pre_hook(positional(hook_for(n)), with_kwargs=True)
+               for n in names]
     try:
+        model.eval()
         with torch.no_grad():
             for batch in calib_data:
                 run_batch(model, batch)
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes:
+            m.training = training
 
 
 def run_batch(model: nn.Module, batch):
@@ -106,11 +119,50 @@ def _check_alpha(alpha) -> float:
     return alpha
 
 
-def _selected(model: nn.Module, skip) -> list[str]:
+def replaceable_linears(model: nn.Module, skip=()) -> tuple[list, list]:
+    """(names, kept): the ``nn.Linear`` modules of ``model`` (not matched by the fnmatch patterns
+    ``skip``) that a layer of the same interface (SmoothLinear, QuantLinear) can replace, and
+    ``"name (why)"`` for each one that must stay as it is because a replacement's forward would
+    not be what runs: a subclass that overrides ``forward`` (its own computation would be lost),
+    ``nn.MultiheadAttention``'s ``out_proj`` (the attention reads its ``.weight`` itself) and
+    ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2`` (its inference fast path reads
+    their weights). The one rule of quantize_model and smooth_model."""
     if isinstance(skip, str):
         skip = (skip,)
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name
-            and not any(fnmatch.fnmatchcase(name, p) for p in skip)]
+    modules = dict(model.named_modules())
+    names, kept = [], []
+    for name, m in modules.items():
+        if not isinstance(m, nn.Linear) or any(fnmatch.fnmatchcase(name, p) for p in skip):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = modules.get(parent_name) if name else None
+        why = None
+        if isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            why = "nn.MultiheadAttention reads its weight directly"
+        elif isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
+            why = "nn.TransformerEncoderLayer's fast path reads its weight directly"
+        elif type(m).forward not in (nn.Linear.forward, SmoothLinear.forward):
+            why = f"{type(m).__name__} overrides forward"
+        if why is None:
+            names.append(name)
+        else:
+            kept.append(f"{name or '<the model>'} ({why})")
+    return names, kept
+
+
+def warn_kept(caller: str, kept: list) -> None:
+    """The warning naming the Linear layers replaceable_linears keeps as they are."""
+    if kept:
+        import warnings
+
+        warnings.warn(f"{caller}: {len(kept)} nn.Linear layer(s) kept as they are: "
+                      f"{', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}", stacklevel=3)
+
+
+def _selected(model: nn.Module, skip) -> list[str]:
+    names, kept = replaceable_linears(model, skip)
+    warn_kept("smooth_model", kept)
+    return [name for name in names if name]
 
 
 def input_absmax(model: nn.Module, names, calib_data) -> dict:

@@ -824,3 +824,84 @@ def test_input_passed_by_keyword_as_to_nn_linear():
     layer = _from_float(_linear(), "dynamic")
     x = torch.randn(3, 48)
     assert torch.equal(layer(input=x), layer(x))
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, input):
+        return super().forward(input) * 2.0
+
+
+def test_linears_whose_replacement_would_not_run_stay_float_with_a_warning():
+    """A subclass with its own forward, MultiheadAttention's out_proj (read as .weight) and
+    TransformerEncoderLayer's feed-forward (its fast path reads the weights) stay float."""
+    torch.manual_seed(0)
+    m = nn.Sequential(_ScaledLinear(16, 8), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"1 nn.Linear layer\(s\) kept.*0 \(_ScaledLinear "
+                                         r"overrides forward\)"):
+        q = quantize_model(m)
+    assert type(q[0]) is _ScaledLinear and isinstance(q[1], QuantLinear)
+    x = torch.randn(4, 16)
+    assert torch.allclose(q(x), m(x), rtol=0, atol=0.05 * float(m(x).abs().max()))
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    xs = torch.randn(2, 5, 32)
+    with pytest.warns(UserWarning, match="out_proj"):
+        qm = quantize_model(mha)
+    assert torch.equal(qm(xs, xs, xs)[0], mha(xs, xs, xs)[0])
+    enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    with pytest.warns(UserWarning, match="linear1.*fast path"):
+        qe = quantize_model(enc)
+    with torch.no_grad():
+        assert torch.allclose(qe(xs), enc(xs), atol=1e-5)
+
+
+def test_hooks_on_a_replaced_linear_stay_attached():
+    m = nn.Sequential(nn.Linear(16, 8), nn.ReLU())
+    seen = []
+    handle = m[0].register_forward_hook(lambda mod, args, out: seen.append(out.shape) or out * 0)
+    q = quantize_model(m)                      # a copy: the copied hooks run
+    assert torch.equal(q(torch.randn(3, 16)), torch.zeros(3, 8)) and seen == [(3, 8)]
+    quantize_model(m, inplace=True)            # in place: the user's handle still works
+    assert isinstance(m[0], QuantLinear) and torch.equal(m(torch.randn(3, 16)), torch.zeros(3, 8))
+    handle.remove()
+    assert m(torch.randn(3, 16)).abs().sum() > 0 and len(m[0]._forward_hooks) == 0
+
+
+def test_static_calibration_runs_in_eval_mode_and_restores_the_modes():
+    """Dropout off while observing (train mode would scale the kept activations by 2)."""
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 8)).train()
+    data = [torch.randn(256, 16)]
+    q_train = quantize_model(m, activations="static", calib_data=data)
+    q_eval = quantize_model(m.eval(), activations="static", calib_data=data)
+    assert float(q_train[2].input_alpha) == float(q_eval[2].input_alpha)
+    m.train()
+    quantize_model(m, activations="static", calib_data=data, inplace=True)
+    assert all(mod.training for mod in m.modules())
+
+
+def test_calibration_of_a_layer_called_by_keyword():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.lin(input=x)
+
+    torch.manual_seed(0)
+    m = KW()
+    q = quantize_model(m, activations="static", calib_data=[torch.randn(64, 16)])
+    x = torch.randn(5, 16)
+    assert torch.allclose(q(x), m(x), atol=0.05)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_jit_trace_records_the_op_not_a_constant(mode):
+    m = nn.Sequential(_linear(), nn.ReLU())
+    q = quantize_model(m, activations=mode,
+                       calib_data=[torch.randn(32, 48)] if mode == "static" else None)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(q, torch.randn(4, 48))
+        x = torch.randn(4, 48)
+        assert torch.equal(traced(x), q(x))

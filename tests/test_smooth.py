@@ -130,3 +130,20 @@ def test_smoothed_quantized_model_round_trips_a_checkpoint(tmp_path):
     x = torch.randint(0, 128, (1, 16))
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, q(x).logits)
+
+
+def test_smooth_model_keeps_linears_it_cannot_replace():
+    """The rule of quantize_model (smooth.replaceable_linears): a subclass with its own forward
+    stays as it is, with a warning."""
+    class Doubled(nn.Linear):
+        def forward(self, input):
+            return super().forward(input) * 2.0
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Doubled(16, 8), nn.Linear(8, 4))
+    data = [torch.randn(32, 16)]
+    with pytest.warns(UserWarning, match=r"smooth_model: 1 nn.Linear.*Doubled overrides forward"):
+        s = smooth_model(m, data)
+    assert type(s[0]) is Doubled and isinstance(s[1], SmoothLinear)
+    x = torch.randn(5, 16)
+    assert torch.allclose(s(x), m(x), atol=1e-5)
