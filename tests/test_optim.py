@@ -796,3 +796,26 @@ def test_numpy_scalars_and_0d_tensors_are_numbers():
 def test_non_numbers_are_refused_with_type_error(kwargs, match):
     with pytest.raises(TypeError, match=match):
         AdamW8bit([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5000), (5, 0), (0,)])
+def test_empty_parameters_step_like_torch(tmp_path, shape):
+    """A parameter with no elements (0 rows included) steps as in torch.optim.AdamW: nothing to
+    update, and the other parameters step normally; its state saves and loads."""
+    torch.manual_seed(0)
+    empty = torch.nn.Parameter(torch.zeros(shape))
+    empty.grad = torch.zeros(shape)
+    p = torch.nn.Parameter(torch.randn(4096))
+    p.grad = torch.randn(4096)
+    q = torch.nn.Parameter(p.detach().clone())
+    q.grad = p.grad.clone()
+    opt = AdamW8bit([empty, p], lr=0.1)
+    ref = AdamW8bit([q], lr=0.1)
+    opt.step()
+    ref.step()
+    assert torch.equal(p, q) and empty.shape == shape
+    path = tmp_path / "opt.safetensors"
+    save_optimizer_state(opt, path)
+    again = AdamW8bit([empty, p], lr=0.1)
+    load_optimizer_state(again, path)
+    again.step()

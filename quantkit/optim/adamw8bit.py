@@ -39,7 +39,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """(rows, L) view of a tensor: rows along dim 0 (a 0-d or 1-d tensor is one column)."""
     if t.dim() <= 1:
         return t.reshape(-1, 1)
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))   # -1 is ambiguous with 0 rows
 
 
 def _check_row_sharding(p, pid) -> None:
