@@ -129,7 +129,9 @@ def _matches(name: str, target) -> bool:
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, target=LLAMA_TARGETS) -> nn.Module:
     """Wrap every QuantLinear / nn.Linear whose name matches ``target`` in a LoRALinear (in place).
 
-    Every parameter outside the adapters is frozen. Checked before anything changes: ``target``
+    Every parameter outside the adapters is frozen; a layer that already has an adapter is not
+    wrapped again (a pattern such as ``"*"`` also matches the ``.base`` inside an adapter), and
+    adapters added earlier stay trainable. Checked before anything changes: ``target``
     (a name or pattern, or a sequence of them: TypeError otherwise), ``alpha`` (a real number,
     finite and > 0; TypeError for bools and strings, ValueError otherwise), that some layer
     matches and that the rank ``r`` fits every matched layer (ValueError); a refused call leaves
@@ -137,15 +139,23 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, target=LLAMA_TARG
     """
     target = _check_target(target)
     alpha = _check_alpha(alpha)
+    adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    wrapped = {id(m.base) for m in adapted}   # a layer that has an adapter gets no second one
     chosen = [(n, m) for n, m in model.named_modules()
-              if n and isinstance(m, (QuantLinear, nn.Linear)) and _matches(n, target)]
+              if n and isinstance(m, (QuantLinear, nn.Linear)) and id(m) not in wrapped
+              and _matches(n, target)]
     if not chosen:
-        raise ValueError(f"add_lora: no QuantLinear or nn.Linear layer matches target "
-                         f"{list(target)}")
+        already = [n for n, m in model.named_modules()
+                   if isinstance(m, LoRALinear) and _matches(n, target)]
+        raise ValueError(f"add_lora: no QuantLinear or nn.Linear layer without an adapter "
+                         f"matches target {list(target)}"
+                         + (f" ({already[0]!r} already has one)" if already else ""))
     for name, m in chosen:
         _check_rank(r, m.in_features, m.out_features)
+    trained = {id(p) for m in adapted for p in (m.lora_A, m.lora_B)}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in trained:        # adapters added earlier stay trainable
+            p.requires_grad_(False)
     modules = dict(model.named_modules())
     for name, m in chosen:
         _wrap(model, modules, name, m, r, alpha)
@@ -220,6 +230,11 @@ def _check_adapter_fits(path, modules: dict, specs: dict, tensors: dict) -> None
             _check_rank(r, m.in_features, m.out_features)
         except ValueError as exc:
             raise ValueError(f"{path}: layer {name!r}: {exc}") from None
+        if name == "" and not (isinstance(m, LoRALinear) and m.r == r):
+            # the model itself cannot be wrapped in place (it would become its own child)
+            raise ValueError(f"{path}: the adapter is for the model itself (layer ''), rank {r}: "
+                             f"load it into a LoRALinear of that rank (quantkit.lora.LoRALinear("
+                             f"layer, {r}, alpha)), not into a {type(m).__name__}")
         for key, shape in ((f"{name}.lora_A", (r, m.in_features)),
                            (f"{name}.lora_B", (m.out_features, r))):
             t = tensors.get(key)

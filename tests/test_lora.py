@@ -251,3 +251,38 @@ def test_adapter_takes_other_float_dtypes_and_keyword_input():
     want = base(xb) + ((xb.float() @ layer.lora_A.t() @ layer.lora_B.t()) * layer.scaling
                        ).to(torch.bfloat16)
     assert torch.equal(y, want)
+
+
+def test_add_lora_twice_adds_no_adapter_inside_an_adapter():
+    """A pattern such as "*" also matches each adapter's .base: it is not wrapped again, and
+    the adapters added first stay trainable."""
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    lora.add_lora(m, r=4, target="0")
+    first = m[0]
+    lora.add_lora(m, r=2, target="*")
+    assert m[0] is first and isinstance(m[2], lora.LoRALinear)
+    assert not isinstance(m[0].base, lora.LoRALinear)
+    assert first.lora_A.requires_grad and first.lora_B.requires_grad
+    trainable = sorted(n for n, p in m.named_parameters() if p.requires_grad)
+    assert trainable == ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
+    with pytest.raises(ValueError, match="without an adapter.*'0' already has one"):
+        lora.add_lora(m, r=2, target="0")
+
+
+def test_an_adapter_of_the_model_itself_loads_only_into_a_lora_layer(tmp_path):
+    torch.manual_seed(0)
+    base = QuantLinear.from_float(nn.Linear(64, 32))
+    w = lora.LoRALinear(base, 4, 8.0)
+    with torch.no_grad():
+        w.lora_B.normal_()
+    path = tmp_path / "root.safetensors"
+    lora.save_adapter(w, path)
+    target = QuantLinear.from_float(nn.Linear(64, 32))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="for the model itself.*LoRALinear"):
+        lora.load_adapter(target, path)
+    assert list(target.children()) == []
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    into = lora.LoRALinear(target, 4, 1.0)
+    lora.load_adapter(into, path)
+    assert torch.equal(into.lora_B, w.lora_B) and into.alpha == 8.0
