@@ -374,7 +374,7 @@ def _collect(obj):
     if isinstance(obj, torch.nn.Module):
         state = obj.state_dict()
         tensors = {}
-        for prefix, module in obj.named_modules():
+        for prefix, module in obj.named_modules(remove_duplicate=False):   # at every path
             # A quantized module describes itself (QuantLinear does): checkpoint_entry() gives
             # its "quantkit.modules" entry, qtensor() its weight (``weight`` and ``weight_scale``)
             # as a QTensor of its granularity.

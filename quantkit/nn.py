@@ -487,14 +487,20 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
         except (TypeError, ValueError) as exc:
             error = TypeError if isinstance(exc, TypeError) else ValueError
             raise error(f"layer {name!r}: {exc}") from None
+    by_module = {id(modules[name]): layer for name, layer in layers.items()}
+    # every path to a replaced Linear: one used in two places (named_modules lists it once)
+    paths = [(path, by_module[id(m)]) for path, m in model.named_modules(remove_duplicate=False)
+             if id(m) in by_module]
     for name, layer in layers.items():
         for attr in _HOOK_DICTS:    # hooks on the float layer stay attached (the same dicts)
             setattr(layer, attr, getattr(modules[name], attr))
-        if name == "":
+    for path, layer in paths:
+        if path == "":
             model = layer           # the model is itself a Linear
         else:
-            parent_name, _, child = name.rpartition(".")
-            setattr(modules[parent_name] if parent_name else model, child, layer)
+            parent_name, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for name, layer in layers.items():
         report.append({"name": name, "shape": (layer.out_features, layer.in_features),
                        **layer.quant_stats})
     model.quantkit_report = report
@@ -620,14 +626,31 @@ def load_quantized(model: nn.Module, source) -> nn.Module:
 
     checkpoint = source if isinstance(source, Checkpoint) else load(source)
     state = checkpoint.state_dict()
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))   # a shared module at each path
     replacements = _replacement_layers(model, modules, checkpoint.modules)
+    replacements = _one_layer_per_module(modules, replacements, checkpoint.modules)
     _check_state_fits(model, replacements, state)
     quantized = {name for name, m in modules.items() if isinstance(m, QuantLinear)}
     for name in sorted(quantized | set(replacements)):
         _check_quant_values(name + "." if name else "", state)
     for name, layer in replacements.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, layer)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _one_layer_per_module(modules: dict, replacements: dict, entries: dict) -> dict:
+    """``replacements`` with the paths that hold one module (a Linear used in two places) sharing
+    one QuantLinear, as they share the Linear; their checkpoint entries must agree."""
+    first, out = {}, {}
+    for name, layer in replacements.items():
+        other = first.setdefault(id(modules[name]), name)
+        if other == name:
+            out[name] = layer
+        elif entries[name] != entries[other]:
+            raise ValueError(f"modules {other!r} and {name!r} are one module of the model, but "
+                             f"the checkpoint records them differently")
+        else:
+            out[name] = out[other]
+    return out

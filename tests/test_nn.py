@@ -905,3 +905,21 @@ def test_jit_trace_records_the_op_not_a_constant(mode):
         traced = torch.jit.trace(q, torch.randn(4, 48))
         x = torch.randn(4, 48)
         assert torch.equal(traced(x), q(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_linear_used_in_two_places_is_quantized_at_both_and_stays_shared(tmp_path, mode):
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 16)
+    m = nn.Sequential(lin, nn.ReLU(), lin)
+    data = [torch.randn(32, 16)] if mode == "static" else None
+    q = quantize_model(m, activations=mode, calib_data=data)
+    assert isinstance(q[0], QuantLinear) and q[0] is q[2] and len(q.quantkit_report) == 1
+    x = torch.randn(4, 16)
+    assert torch.allclose(q(x), m(x), atol=0.05)
+    path = tmp_path / "shared.safetensors"
+    quantkit.save(q, path)
+    fresh_lin = nn.Linear(16, 16)
+    fresh = load_quantized(nn.Sequential(fresh_lin, nn.ReLU(), fresh_lin), path)
+    assert fresh[0] is fresh[2] and isinstance(fresh[0], QuantLinear)
+    assert torch.equal(fresh(x), q(x))
