@@ -47,8 +47,8 @@ class LoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.r, self.alpha, self.scaling = int(r), alpha, alpha / int(r)
-        self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_f, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, self.r, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     @property
@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
 
 
 def _check_rank(r, in_f, out_f):
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or r > min(in_f, out_f):
+    if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r < 1 or r > min(in_f, out_f):
         raise ValueError(f"LoRA rank must be an integer in [1, {min(in_f, out_f)}] (the layer's "
                          f"smaller width) for a {in_f} -> {out_f} layer, got {r!r}")
 

@@ -60,6 +60,7 @@ through).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -147,8 +148,14 @@ class QuantLinear(nn.Module):
                  block_size: Optional[int] = None, device=None):
         super().__init__()
         _check_mode(activations)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        in_features, out_features = int(in_features), int(out_features)
+        self.in_features = in_features
+        self.out_features = out_features
         self.activations = activations
         self.block_size = _check_layer_block_size(block_size, self.in_features)
         scales = out_features if block_size is None else out_features * (in_features // block_size)
@@ -190,6 +197,9 @@ class QuantLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.device.type == "meta":
+            raise ValueError("from_float: the layer's weight is on the meta device (no values to "
+                             "quantize); load its weights first")
         _check_mode(activations)
         if activations == "static":
             if act_alpha is None:
@@ -219,6 +229,7 @@ class QuantLinear(nn.Module):
         layer.quant_stats = _weight_stats(w, q, alpha, linear.weight.element_size())
         if activations == "static":
             layer.quant_stats["act_alpha"] = float(act_alpha)
+        layer.train(linear.training)     # the replaced layer's mode, not a new module's
         return layer.to(linear.weight.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -462,6 +473,11 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
         model = copy.deepcopy(model)
     names, kept = replaceable_linears(model, skip)
     warn_kept("quantize_model", kept)
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv1d:      # transformers' GPT-2-style projection: a Linear with a transposed weight
+        warnings.warn(f"quantize_model: {len(conv1d)} Conv1D layer(s) stay float (only "
+                      f"nn.Linear is replaced): {', '.join(conv1d[:3])}"
+                      f"{', ...' if len(conv1d) > 3 else ''}", stacklevel=2)
     report = QuantReport()
     if not names:
         warnings.warn("quantize_model: the model has no nn.Linear layer to quantize (after skip); "

@@ -286,3 +286,11 @@ def test_an_adapter_of_the_model_itself_loads_only_into_a_lora_layer(tmp_path):
     into = lora.LoRALinear(target, 4, 1.0)
     lora.load_adapter(into, path)
     assert torch.equal(into.lora_B, w.lora_B) and into.alpha == 8.0
+
+
+def test_rank_may_be_a_numpy_integer():
+    import numpy as np
+
+    m = nn.Sequential(nn.Linear(64, 32))
+    lora.add_lora(m, r=np.int64(4), target="0")
+    assert m[0].r == 4 and type(m[0].r) is int and m[0].lora_A.shape == (4, 64)

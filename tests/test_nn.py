@@ -923,3 +923,36 @@ def test_a_linear_used_in_two_places_is_quantized_at_both_and_stays_shared(tmp_p
     fresh = load_quantized(nn.Sequential(fresh_lin, nn.ReLU(), fresh_lin), path)
     assert fresh[0] is fresh[2] and isinstance(fresh[0], QuantLinear)
     assert torch.equal(fresh(x), q(x))
+
+
+def test_constructor_and_from_float_name_what_is_wrong():
+    for bad in (128.5, "128", None, True):
+        with pytest.raises(TypeError, match="in_features must be an int"):
+            QuantLinear(bad, 16)
+    with pytest.raises(ValueError, match="out_features must be >= 0"):
+        QuantLinear(16, -1)
+    assert QuantLinear(np.int64(16), 4).in_features == 16
+    with pytest.raises(ValueError, match="meta device"):
+        QuantLinear.from_float(nn.Linear(64, 4, device="meta"))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_from_float_keeps_the_layer_mode(training):
+    lin = _linear().train(training)
+    assert QuantLinear.from_float(lin).training is training
+
+
+def test_conv1d_layers_left_float_are_named():
+    class Conv1D(nn.Module):     # transformers' GPT-2 projection: weight (in, out)
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x, self.weight)
+
+    m = nn.Sequential(Conv1D(8, 16), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=r"1 Conv1D layer\(s\) stay float.*: 0"):
+        q = quantize_model(m)
+    assert isinstance(q[1], QuantLinear) and type(q[0]).__name__ == "Conv1D"
