@@ -153,8 +153,23 @@ def _backward_w8a8(ctx, grad):
     return (*_backward(ctx, grad), None)
 
 
+def _setup_grad_input(ctx, inputs, output):
+    _, weight, weight_scale = inputs
+    ctx.save_for_backward(weight, weight_scale)
+
+
+def _backward_grad_input(ctx, grad):
+    # grad_input(g) = g @ W_hat is linear in g: its own gradient is grad @ W_hat.T (double
+    # backward, e.g. a gradient penalty on the layer's input)
+    weight, weight_scale = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    return linear_w8(grad.contiguous(), weight, weight_scale, None), None, None
+
+
 linear_w8.register_autograd(_backward, setup_context=_setup_context)
 linear_w8a8.register_autograd(_backward_w8a8, setup_context=_setup_context)
+linear_int8_grad_input.register_autograd(_backward_grad_input, setup_context=_setup_grad_input)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias,

@@ -956,3 +956,30 @@ def test_conv1d_layers_left_float_are_named():
     with pytest.warns(UserWarning, match=r"1 Conv1D layer\(s\) stay float.*: 0"):
         q = quantize_model(m)
     assert isinstance(q[1], QuantLinear) and type(q[0]).__name__ == "Conv1D"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("block_size", [None, 64])
+def test_double_backward_through_the_input_gradient(mode, block_size):
+    """A gradient penalty on the input: the input gradient's own gradient is W_hat's (the
+    straight-through convention of the first backward), as for nn.Linear on the dequantized
+    weight."""
+    torch.manual_seed(0)
+    layer = _from_float(_linear(128, 24), mode, block_size=block_size)
+    ref = nn.Linear(128, 24)
+    with torch.no_grad():
+        ref.weight.copy_(layer.dequantized_weight())
+        ref.bias.copy_(layer.bias)
+    x = torch.randn(6, 128)
+    grads = []
+    for f in (layer, ref):
+        xi = x.clone().requires_grad_(True)
+        y = f(xi)
+        g, = torch.autograd.grad((y ** 2).sum(), xi, create_graph=True)
+        (g ** 2).sum().backward()
+        grads.append(xi.grad)
+    if mode is None:   # weight-only: the same function up to float rounding
+        assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+    else:              # W8A8: finite and of the float layer's size (activations are rounded)
+        assert torch.isfinite(grads[0]).all()
+        assert torch.allclose(grads[0].norm(), grads[1].norm(), rtol=0.05)
