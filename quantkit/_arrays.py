@@ -29,8 +29,10 @@ def is_torch_tensor(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def kind_of(x) -> str:
-    """NUMPY, TORCH_CPU or TORCH_CUDA for a supported array; TypeError otherwise."""
+def kind_of(x, name: str = None) -> str:
+    """NUMPY, TORCH_CPU or TORCH_CUDA for a supported array; TypeError (naming the argument
+    ``name`` when given) otherwise."""
+    what = f"{name} must be" if name else "expected"
     if isinstance(x, np.ndarray):
         return NUMPY
     if is_torch_tensor(x):
@@ -38,8 +40,9 @@ def kind_of(x) -> str:
             return TORCH_CPU
         if x.device.type == "cuda":
             return TORCH_CUDA
-        raise TypeError(f"tensors on device {x.device} are not supported; use a CPU or CUDA tensor")
-    raise TypeError(f"expected a NumPy array or a torch tensor, got {type(x).__name__}")
+        raise TypeError(f"{name + ': ' if name else ''}tensors on device {x.device} are not "
+                        f"supported; use a CPU or CUDA tensor")
+    raise TypeError(f"{what} a NumPy array or a torch tensor, got {type(x).__name__}")
 
 
 def float32_numpy(x, name: str = "x") -> np.ndarray:

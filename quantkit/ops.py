@@ -31,7 +31,7 @@ def quantize(x, alpha, *, axis=None, block_size=None, out=None) -> QTensor:
     Returns:
         QTensor with int8 ``data`` of x's shape and float32 ``scale = float32(alpha / 127)``.
     """
-    kind = _arrays.kind_of(x)
+    kind = _arrays.kind_of(x, "x")
     if kind == _arrays.TORCH_CUDA:
         data, scale = _backend(kind).quantize(x, alpha, axis=axis, block_size=block_size, out=out)
         axis, block_size, _ = _arrays.granularity(tuple(x.shape), axis, block_size)

@@ -265,3 +265,14 @@ def test_qtensor_checks_its_parts():
     q = QTensor(np.ones((2, 130), np.int8), np.ones(5, np.float32), block_size=64)
     assert q.granularity == "block" and q.nbytes == 260 + 20
     assert "block_size=64" in repr(q)
+
+
+def test_a_non_array_names_the_argument():
+    from quantkit import calibrate
+
+    for call in (lambda: quantize(np.float32(3.0), 1.0),
+                 lambda: quantize([1.0, 2.0], 1.0),
+                 lambda: calibrate(np.float32(3.0)),
+                 lambda: calibrate([1.0], axis=0)):
+        with pytest.raises(TypeError, match="x must be a NumPy array or a torch tensor"):
+            call()

@@ -131,7 +131,7 @@ def calibrate(x, method: str = "mse", *, axis=None, block_size=None, **options):
             library is not built.
     """
     opts = _args.check_method(method, options)
-    if _arrays.kind_of(x) == _arrays.TORCH_CUDA:
+    if _arrays.kind_of(x, "x") == _arrays.TORCH_CUDA:
         return gpu.calibrate_on_gpu(x, method, axis, block_size, opts)
     x32, kind = _args.prepare(x)
     axis, block_size = _args.granularity(x32.shape, axis, block_size)

@@ -94,7 +94,7 @@ def reject_cuda(kind: str, what: str) -> None:
 
 def prepare(x, name="x"):
     """(float32 NumPy array, kind): checks the kind, the dtype and that x is not empty."""
-    kind = _arrays.kind_of(x)
+    kind = _arrays.kind_of(x, "x")
     reject_cuda(kind, "calibration")
     x32 = _arrays.float32_numpy(x, name)
     if x32.size == 0:
