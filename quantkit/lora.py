@@ -273,10 +273,13 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by an ``nn.Linear`` holding its merged float32 weight (in place)."""
+    """Replace every LoRALinear by an ``nn.Linear`` holding its merged weight (in place), on the
+    adapter's device: float32 over a QuantLinear base, the base's dtype over an nn.Linear."""
     modules = dict(model.named_modules())
     for name, m in lora_layers(model).items():
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.base.bias is not None)
+        dtype = m.base.weight.dtype if not isinstance(m.base, QuantLinear) else torch.float32
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.base.bias is not None,
+                           device=m.lora_A.device, dtype=dtype)
         with torch.no_grad():
             linear.weight.copy_(m.merged_weight())
             if m.base.bias is not None:

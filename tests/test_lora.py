@@ -294,3 +294,14 @@ def test_rank_may_be_a_numpy_integer():
     m = nn.Sequential(nn.Linear(64, 32))
     lora.add_lora(m, r=np.int64(4), target="0")
     assert m[0].r == 4 and type(m[0].r) is int and m[0].lora_A.shape == (4, 64)
+
+
+def test_merge_keeps_an_nn_linear_base_dtype():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 16).to(torch.bfloat16))
+    lora.add_lora(m, r=4, target="0")
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    y = m(x)
+    lora.merge_lora(m)
+    assert type(m[0]) is nn.Linear and m[0].weight.dtype == torch.bfloat16
+    assert m(x).dtype == torch.bfloat16 and torch.allclose(m(x).float(), y.float(), atol=0.05)
