@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -83,7 +84,8 @@ def run_with_input_hooks(model: nn.Module, calib_data, modules: dict, names, hoo
     restored."""
     def positional(hook):
         def wrapped(module, args, kwargs):
-            hook(module, args if args else (kwargs["input"],))
+            if args or "input" in kwargs:
+                hook(module, args if args else (kwargs["input"],))
         return wrapped
 
     modes = [(m, m.training) for m in model.modules()]
@@ -153,8 +155,6 @@ def replaceable_linears(model: nn.Module, skip=()) -> tuple[list, list]:
 def warn_kept(caller: str, kept: list) -> None:
     """The warning naming the Linear layers replaceable_linears keeps as they are."""
     if kept:
-        import warnings
-
         warnings.warn(f"{caller}: {len(kept)} nn.Linear layer(s) kept as they are: "
                       f"{', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}", stacklevel=3)
 
