@@ -580,3 +580,16 @@ def test_cuda_tensors_are_not_copied_silently():
         pytest.skip("needs CUDA")
     with pytest.raises(RuntimeError, match="cpu"):
         calibrate(torch.ones(4, device="cuda"))
+
+
+@pytest.mark.parametrize("n", [6, 21, 300, 5000])
+@pytest.mark.parametrize("p", [50.0, 90.0, 99.99])
+def test_observer_percentile_interpolates_as_np_percentile(n, p):
+    """Neighbouring order statistics in different bins (heavy tails, few values): the Observer
+    interpolates between them as np.percentile does (within a bin's width, 2^-7)."""
+    rng = np.random.default_rng(n)
+    for x in (rng.standard_t(2, n), rng.lognormal(0.0, 2.0, n)):
+        x = x.astype(np.float32)
+        want = calibrate(x, "percentile", percentile=p)
+        got = Observer("percentile", percentile=p).update(x).alpha()
+        assert abs(float(got) / float(want) - 1) <= 2.0 ** -7

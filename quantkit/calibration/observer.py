@@ -24,13 +24,18 @@ class Observer:
     order-independent. alpha per method:
 
     * "max": the running ``max |x|``;
-    * "percentile": the bin where the cumulative count crosses the percentile (ranks as
-      ``np.percentile``), interpolated inside the bin;
+    * "percentile": ``np.percentile``'s rule on the binned values: the two order statistics
+      around the rank, each placed inside its bin, interpolated linearly (equal to
+      :func:`calibrate` within a bin's width, 2^-7 relative);
     * "entropy": the bins re-binned by their means to ``bins`` equal bins over [0, max], then the
       KL search of :func:`calibrate`;
     * "mse": the alpha in (0, max] minimising the model error of the histogram (each bin spread
       uniformly with its exact mean and variance, the error integrated exactly over the rounding
-      cells it meets). Within 0.5% in MSE of calibrating the concatenated batches (see the tests).
+      cells it meets). No exact errors of the data decide (the data is gone): from about 20K
+      values per channel it is within 0.5% in MSE of calibrating the concatenated batches (0.003%
+      at 100 batches of 16K values); a few hundred values, whose exact error wiggles by about
+      0.9 / sqrt(n) around the model, or clustered data (piles, tanh saturation) can be 1-3%
+      worse.
 
     Per channel (``axis``) every batch must have the same number of channels along ``axis``.
     """
@@ -191,14 +196,22 @@ def _rebin_linear(cnt, mean, var, amax, nbins):
 
 
 def _histogram_percentile(cnt, mean, var, p, amax) -> np.float32:
-    """The value at rank (n - 1) * p / 100 of the binned data (bins spread uniformly over
-    mean +- sqrt(3 var)), at most amax."""
-    total = cnt.sum()
+    """np.percentile's value at rank (n - 1) * p / 100 of the binned data: the order statistics
+    at floor(rank) and the next, each placed inside its bin (bins spread uniformly over
+    mean +- sqrt(3 var), the k-th of a bin's c values at fraction (k + 0.5) / c), interpolated
+    linearly between them; at most amax. Neighbouring order statistics can lie in different bins
+    far apart (heavy tails, few values), so the interpolation runs between them, not in one bin."""
+    total = int(cnt.sum())
     rank = (total - 1) * p / 100.0
     cum = np.cumsum(cnt)
-    j = min(int(np.searchsorted(cum, rank, side="right")), cnt.size - 1)
-    before = cum[j] - cnt[j]
-    h = np.sqrt(3.0 * var[j])
-    frac = (rank - before + 0.5) / cnt[j]
-    value = mean[j] - h + 2.0 * h * min(max(frac, 0.0), 1.0)
+
+    def value_at(k):
+        j = min(int(np.searchsorted(cum, k, side="right")), cnt.size - 1)
+        h = np.sqrt(3.0 * var[j])
+        return mean[j] - h + 2.0 * h * (k - (cum[j] - cnt[j]) + 0.5) / cnt[j]
+
+    lo = int(np.floor(rank))
+    value = value_at(lo)
+    if rank > lo and lo + 1 < total:
+        value = value + (rank - lo) * (value_at(lo + 1) - value)
     return np.float32(min(max(value, 0.0), np.float64(amax)))
