@@ -12,7 +12,8 @@ a time through :class:`quantkit.io.CheckpointWriter` into a temporary file that 
 ``out`` only when every tensor is written: peak memory stays near a few times the largest tensor,
 whatever the checkpoint's size. Every floating-point tensor with two or more dimensions is
 quantized (``channel`` means one alpha per slice along axis 0, the output channels of a Linear or
-conv weight) unless its name matches a ``skip`` pattern (shell-style, e.g. ``'*.embeddings.*'``);
+conv weight) unless its name matches a ``skip`` pattern (shell-style, e.g. ``'*embeddings*'``;
+matched against the whole name and the module's name, so ``lm_head`` keeps ``lm_head.weight``);
 the rest is copied unchanged. Callbacks report each tensor as it starts and as it is written.
 
 Failures raise :class:`ConvertError` with a one-line message.
@@ -141,6 +142,8 @@ def _open_index(index: Path):
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
+        if not weight_map:
+            raise ValueError("weight_map lists no tensors")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise ConvertError(f"{index}: not a sharded-checkpoint index ({{\"weight_map\": ...}}): "
                            f"{exc}") from None
@@ -160,6 +163,10 @@ def _open_index(index: Path):
         if listed - found:
             raise ConvertError(f"{index}: tensor {sorted(listed - found)[0]!r} is listed in "
                                f"shard {shard!r} but not stored there")
+        if found - listed:     # a tensor the index does not list would be dropped silently
+            raise ConvertError(f"{index}: shard {shard!r} stores tensor "
+                               f"{sorted(found - listed)[0]!r}, which the index does not list "
+                               f"there")
         tensors += [t for t in shard_tensors if t.name in listed]
     return [index.parent / s for s in shards], tensors, metadata, index
 
@@ -222,10 +229,17 @@ def quantizable(info: TensorInfo, skip=()) -> str | None:
         return f"{len(info.shape)}-D"
     if info.size == 0:
         return "empty"
-    for pattern in skip:
-        if fnmatch.fnmatchcase(info.name, pattern):
-            return "skip"
+    if any(skip_matches(info.name, pattern) for pattern in skip):
+        return "skip"
     return None
+
+
+def skip_matches(name: str, pattern: str) -> bool:
+    """A ``skip`` pattern (shell-style) matches a tensor by its whole name or by its module's
+    name (the name without its last part): ``lm_head`` matches ``lm_head.weight``, as
+    ``quantize_model(skip=...)`` matches the module."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rpartition(".")[0],
+                                                                      pattern)
 
 
 def quantize_tensor(x, method: str, granularity: Granularity, options=None):
@@ -324,6 +338,13 @@ def convert_checkpoint(source: SafetensorsSource, out, *, method="mse",
     if source.metadata.get("format") == FORMAT:
         raise ConvertError(f"{source.path} is already a quantkit int8 checkpoint; quantize the "
                            "float checkpoint it came from")
+    if not source.tensors:
+        raise ConvertError(f"{source.path} holds no tensors: nothing to quantize")
+    unused = [p for p in skip if not any(skip_matches(i.name, p) for i in source.tensors)]
+    if unused:
+        raise ConvertError(f"--skip {unused[0]!r} matches no tensor of {source.path} (names look "
+                           f"like {source.tensors[0].name!r}; a pattern is shell-style and matches "
+                           f"a whole tensor name or its module's name)", usage=True)
     plans, reasons = {}, {}
     for info in source.tensors:
         reason = quantizable(info, skip)

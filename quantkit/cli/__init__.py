@@ -15,7 +15,7 @@ IN (and FILE) is a ``.safetensors`` file or a sharded checkpoint: a folder holdi
 the work and can be called from Python; this package prints): every floating-point tensor with two
 or more dimensions is quantized (``channel`` means one alpha per slice along axis 0, the output
 channels of a Linear or conv weight) unless its name matches a ``--skip`` pattern (shell-style, e.g.
-``'*.embeddings.*'``); the rest is copied unchanged.
+``'*embeddings*'``, or a module name such as ``lm_head``); the rest is copied unchanged.
 
 The package: ``commands`` (quantize, inspect, calibrate), ``table`` (text output),
 ``synthetic`` (the demo without the extra).
@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the percentile for --method percentile")
     add_granularity(q, "channel")
     q.add_argument("--skip", action="append", default=[], metavar="PATTERN",
-                   help="keep tensors whose name matches this shell-style pattern (e.g. "
-                        "'*.embeddings.*') as they are; repeat for more patterns")
+                   help="keep tensors whose name (or module name) matches this shell-style "
+                        "pattern (e.g. '*embeddings*', lm_head) as they are; repeat for more "
+                        "patterns; a pattern that matches nothing is an error")
     q.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
 
     i = sub.add_parser("inspect", help="list the tensors of a checkpoint (float or int8)",
