@@ -11,7 +11,8 @@
 - Every ``checkpoint_every`` steps (and at the end) ``checkpoint.safetensors`` is written to a
   temporary file and renamed, so an interrupted run leaves the last complete checkpoint intact.
   It holds the adapters, the optimizer state (tensors in safetensors, the rest as JSON metadata),
-  the step and the losses; never pickle. ``resume=True`` continues from it bit for bit.
+  the step and the losses; never pickle. ``resume=True`` continues from it bit for bit, and
+  refuses a checkpoint made with other settings, another starting model or other training text.
 - Outputs in ``out``: ``adapter.safetensors`` (:func:`quantkit.lora.load_adapter` reads it),
   ``loss.png`` (with matplotlib), ``checkpoint.safetensors``, ``result.json``.
 """
@@ -109,8 +110,11 @@ def load_checkpoint(path: Path, model, opt, config: dict):
     if meta.get("format") != "quantkit.finetune":
         raise UsageError(f"{path}: not a quantkit finetune checkpoint")
     saved = json.loads(meta["config"])
-    differs = [k for k in ("rank", "alpha", "optimizer", "seq", "batch", "seed", "lr", "base")
-               if saved.get(k) != config.get(k)]
+    # every setting that changes what training computes; a key a checkpoint does not record
+    # (written before it was recorded) is not compared
+    differs = [k for k in ("rank", "alpha", "optimizer", "seq", "batch", "seed", "lr", "base",
+                           "weights", "model", "data")
+               if k in saved and saved.get(k) != config.get(k)]
     if differs:
         raise UsageError(f"{path}: checkpoint made with different {differs[0]} "
                          f"({saved.get(differs[0])!r}, now {config.get(differs[0])!r})")
@@ -131,14 +135,37 @@ def prepare_model(model, *, base: str, rank: int, alpha: float, weights: str = "
 
     from .lora import add_lora
 
-    if base == "int8":
-        model = quantkit.quantize_model(model, weights=weights, skip=["lm_head"])
+    if base == "int8":    # in place: no float copy of the weights stays alive while training
+        model = quantkit.quantize_model(model, weights=weights, skip=["lm_head"], inplace=True)
     elif base != "float32":
         raise UsageError(f"--base must be int8 or float32, got {base!r}")
     try:
         return add_lora(model, r=rank, alpha=alpha)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _model_fingerprint(model) -> str:
+    """The model a run starts from, for --resume to recognise: its class, parameter count and a
+    CRC-32 of the first values of every parameter (the float weights, before quantization)."""
+    import zlib
+
+    import torch
+
+    crc, count = 0, 0
+    for p in model.parameters():
+        count += p.numel()
+        head = p.detach().reshape(-1)[:16].to(device="cpu", dtype=torch.float32).contiguous()
+        crc = zlib.crc32(head.numpy().tobytes(), crc)
+    return f"{type(model).__name__}:{count}:{crc:08x}"
+
+
+def _data_fingerprint(ids) -> str:
+    """The training token ids, for --resume to recognise: their count and CRC-32."""
+    import zlib
+
+    flat = ids.detach().reshape(-1).cpu().contiguous()
+    return f"{flat.numel()}:{zlib.crc32(flat.numpy().tobytes()):08x}"
 
 
 def peak_rss_bytes() -> int:
@@ -163,7 +190,9 @@ def finetune(model, ids, out, *, rank=16, alpha=32, optimizer="adamw8bit", lr=2e
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {"rank": rank, "alpha": alpha, "optimizer": optimizer, "seq": seq, "batch": batch,
-              "seed": seed, "lr": lr, "base": base}
+              "seed": seed, "lr": lr, "base": base,
+              "weights": weights if base == "int8" else None,
+              "model": _model_fingerprint(model), "data": _data_fingerprint(ids)}
     torch.manual_seed(seed)
     model = prepare_model(model, base=base, rank=rank, alpha=alpha, weights=weights)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -195,7 +224,7 @@ def finetune(model, ids, out, *, rank=16, alpha=32, optimizer="adamw8bit", lr=2e
             elif log is not None and (step % max(1, steps // 10) == 0 or step == steps):
                 print(f"step {step}/{steps} loss {losses[-1]:.4f} {rate:.0f} tok/s", file=log,
                       flush=True)
-            if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+            if step == steps or (checkpoint_every and step % checkpoint_every == 0):
                 save_checkpoint(ckpt, model, opt, step, losses, config)
     finally:
         if progress:
@@ -291,6 +320,8 @@ def run(args) -> int:
         check_settings(rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps,
                        seq=args.seq, batch=args.batch, checkpoint_every=args.checkpoint_every,
                        weights=args.weights)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UsageError(f"-o {args.out}: is a file; give a folder for the outputs")
         try:
             folder = Path(args.model) if args.model else llm.smollm2_folder()
             model, tokenizer = llm.load_model(folder)

@@ -61,6 +61,29 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         ft.finetune(tiny_llama(), IDS, tmp_path, steps=4, resume=True, **dict(KW, rank=2))
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(weights="mse"), "different weights"),
+    (dict(model_seed=1), "different model"),
+    (dict(ids=(torch.arange(2000) % 31)), "different data"),
+])
+def test_resume_with_another_model_text_or_weights_is_refused(tmp_path, change, match):
+    ft.finetune(tiny_llama(), IDS, tmp_path, steps=2, checkpoint_every=2, **KW)
+    kw = dict(KW)
+    kw.update({k: v for k, v in change.items() if k in KW})
+    model = tiny_llama(change.get("model_seed", 0))
+    with pytest.raises(ft.UsageError, match=match):
+        ft.finetune(model, change.get("ids", IDS), tmp_path, steps=4, resume=True, **kw)
+
+
+def test_checkpoint_every_zero_still_writes_the_final_checkpoint(tmp_path):
+    full = ft.finetune(tiny_llama(), IDS, tmp_path / "a", steps=4, checkpoint_every=0, **KW)
+    assert (tmp_path / "a" / "checkpoint.safetensors").is_file()
+    ft.finetune(tiny_llama(), IDS, tmp_path / "b", steps=2, checkpoint_every=0, **KW)
+    resumed = ft.finetune(tiny_llama(), IDS, tmp_path / "b", steps=4, checkpoint_every=0,
+                          resume=True, **KW)
+    assert resumed["losses"] == full["losses"]
+
+
 def test_float32_base_trains_too(tmp_path):
     r = ft.finetune(tiny_llama(), IDS, tmp_path, steps=4, base="float32", **KW)
     assert r["losses"][-1] < r["losses"][0]
@@ -110,3 +133,10 @@ def test_command_refuses_folder_without_config_and_empty_text(tmp_path, capsys):
     assert main(["finetune", "--model", str(tmp_path), "--text", str(text), "-o",
                  str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_command_refuses_an_output_that_is_a_file_before_loading(tmp_path, capsys):
+    out = tmp_path / "afile"
+    out.write_text("keep me")
+    assert main(["finetune", "--model", str(tmp_path / "missing"), "-o", str(out)]) == 2
+    assert "is a file" in capsys.readouterr().err and out.read_text() == "keep me"
