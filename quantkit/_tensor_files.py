@@ -11,12 +11,23 @@ import tempfile
 from pathlib import Path
 
 
+def temporary_file(directory, prefix: str) -> tuple[int, str]:
+    """(fd, path) of a new file in ``directory`` to be renamed into place when complete, with
+    the permissions a plain ``open`` would give it (mkstemp's 0600 would make the result
+    private to its writer)."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_tensor_file(tensors: dict, path, metadata: dict) -> None:
     """Write ``tensors`` to a temporary file next to ``path``, then rename it over ``path``."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_file(path.parent, f".{path.name}.")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)

@@ -32,13 +32,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 
 from . import _arrays
 from ._constants import QMAX
+from ._tensor_files import temporary_file
 from .qtensor import QTensor, with_checked_scales
 
 FORMAT = "quantkit.int8"
@@ -262,11 +262,8 @@ class CheckpointWriter:
         self._total = self._data_start + offset
 
         directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=".quantkit-", suffix=".tmp", dir=directory)
+        fd, self._tmp = temporary_file(directory, ".quantkit-")
         self._file = os.fdopen(fd, "wb")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o666 & ~umask)    # mkstemp's 0600 would make the checkpoint private
         try:
             self._file.write(len(blob).to_bytes(8, "little"))
             self._file.write(blob)
