@@ -16,10 +16,15 @@ def temporary_file(directory, prefix: str) -> tuple[int, str]:
     the permissions a plain ``open`` would give it (mkstemp's 0600 would make the result
     private to its writer)."""
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    plain_permissions(tmp)
+    return fd, tmp
+
+
+def plain_permissions(path) -> None:
+    """Give ``path`` the permissions ``open`` would create it with (0666 less the umask)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_tensor_file(tensors: dict, path, metadata: dict) -> None:
@@ -31,6 +36,7 @@ def write_tensor_file(tensors: dict, path, metadata: dict) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        plain_permissions(tmp)     # save_file makes the file anew, as its writer's private file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
