@@ -259,6 +259,29 @@ def test_quantize_interrupted_leaves_no_output(checkpoint, tmp_path, capsys, mon
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+def test_quantize_terminated_leaves_no_output(checkpoint, tmp_path, capsys, monkeypatch):
+    """SIGTERM (timeout, kill, a scheduler) unwinds like Ctrl-C: no temporary file is left."""
+    import os
+    import signal
+
+    calls = []
+
+    def terminated(*args, **kwargs):
+        if calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    real = convert.quantize_tensor
+    monkeypatch.setattr(convert, "quantize_tensor", terminated)
+    out = tmp_path / "out.safetensors"
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["quantize", str(checkpoint), "-o", str(out)]) == 128 + signal.SIGTERM
+    assert "terminated; no output was written" in capsys.readouterr().err
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is before     # main puts the old handler back
+
+
 # ------------------------------------------------------------------------------------ errors
 
 

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from ..convert import ConvertError, Granularity
 from .commands import (METHODS, CommandError, _usage_error, cmd_calibrate, cmd_inspect,
@@ -140,9 +142,36 @@ def _register(sub, name, module, text):
     p.set_defaults(run=mod.run)
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is so that open writers unwind and remove
+    their temporary files (Python's default action would kill it on the spot)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
 def main(argv=None) -> int:
     """Run the ``quantkit`` command on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                previous[sig] = signal.signal(sig, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv) -> int:
     parser = build_parser()
+    stopped = "no output was written"
     try:
         try:
             args = parser.parse_args(argv)
@@ -151,6 +180,9 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if args.command == "finetune":   # its checkpoints are complete files, kept on a stop
+            stopped = (f"the last complete checkpoint (if any) is in {args.out}; continue with "
+                       f"--resume")
         if getattr(args, "run", None) is not None:
             return args.run(args) or 0
         handler = {"quantize": cmd_quantize, "inspect": cmd_inspect,
@@ -163,8 +195,11 @@ def main(argv=None) -> int:
         _error_line(str(exc))
         return 2 if exc.usage else 1
     except KeyboardInterrupt:
-        _error_line("interrupted; no output was written")
+        _error_line(f"interrupted; {stopped}")
         return 130
+    except _Terminated as exc:
+        _error_line(f"terminated; {stopped}")
+        return 128 + exc.signum
     except BrokenPipeError:
         # The reader went away (e.g. `quantkit inspect x | head`): stop quietly.
         try:
