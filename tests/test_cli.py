@@ -425,3 +425,14 @@ def test_console_script_piped(checkpoint, tmp_path):
     assert "wrote" in proc.stdout and "\r" not in proc.stdout + proc.stderr
     assert proc.stderr == ""
     _check_close(_tensors(), load(out))
+
+
+def test_quantize_reports_the_files_sizes(tmp_path, capsys):
+    """Many tiny tensors: each quantized one adds a scale and header entries, so the output can
+    be the larger file; the summary says so from the files' sizes."""
+    path = tmp_path / "small.safetensors"
+    save_file({f"layers.{i}.w": torch.randn(2, 8) for i in range(300)}, str(path))
+    out = tmp_path / "int8.safetensors"
+    assert main(["quantize", str(path), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "x larger than the input's" in text and "smaller" not in text.split("wrote")[-1]

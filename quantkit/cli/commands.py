@@ -83,12 +83,16 @@ def run_quantize(source: SafetensorsSource, out: Path, *, method="mse",
     finally:
         bar.clear()
     table.emit(table.line(["-" * w for w in table.widths]))
-    ratio = totals["bytes_before"] / max(totals["bytes_after"], 1)
+    size_in = sum(f.stat().st_size for f in source.files)
+    size_out = out.stat().st_size
+    ratio = size_in / max(size_out, 1)     # the files' sizes, headers included
+    size_text = (f"{ratio:.2f}x smaller than" if ratio >= 1 else f"{1 / ratio:.2f}x larger than")
     worst = (f", worst SQNR {totals['worst_sqnr_db']:.1f} dB" if totals["quantized"] else "")
     table.emit(table.line(["total", "", f"{totals['quantized']} quantized", "", "",
                            human_bytes(totals["bytes_before"]),
                            human_bytes(totals["bytes_after"])]))
-    table.emit(f"\nwrote {out} ({human_bytes(out.stat().st_size)}, {ratio:.2f}x smaller) in "
+    table.emit(f"\nwrote {out} ({human_bytes(size_out)}, {size_text} the input's "
+               f"{human_bytes(size_in)}) in "
                f"{totals['seconds']:.1f}s: {totals['quantized']} tensors quantized, "
                f"{totals['kept']} kept as they were{worst}; method {method}, "
                f"granularity {granularity}")
