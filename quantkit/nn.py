@@ -643,8 +643,9 @@ def load_quantized(model: nn.Module, source) -> nn.Module:
     checkpoint = source if isinstance(source, Checkpoint) else load(source)
     state = checkpoint.state_dict()
     modules = dict(model.named_modules(remove_duplicate=False))   # a shared module at each path
-    replacements = _replacement_layers(model, modules, checkpoint.modules)
-    replacements = _one_layer_per_module(modules, replacements, checkpoint.modules)
+    entries = _with_inferred_entries(checkpoint, modules, state)
+    replacements = _replacement_layers(model, modules, entries)
+    replacements = _one_layer_per_module(modules, replacements, entries)
     _check_state_fits(model, replacements, state)
     quantized = {name for name, m in modules.items() if isinstance(m, QuantLinear)}
     for name in sorted(quantized | set(replacements)):
@@ -654,6 +655,49 @@ def load_quantized(model: nn.Module, source) -> nn.Module:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _with_inferred_entries(checkpoint, modules: dict, state: dict) -> dict:
+    """The checkpoint's ``"quantkit.modules"`` entries, plus a weight-only QuantLinear entry for
+    each int8 ``PREFIX.weight`` that has none (a checkpoint written by ``quantkit quantize``)
+    where the model has an ``nn.Linear`` at ``PREFIX``: per channel along axis 0, per block of a
+    size dividing in_features, or per tensor (its one scale repeated per row in ``state``, the
+    same weights). Any other int8 tensor: ValueError naming it."""
+    from .io import SCALE_SUFFIX
+
+    if not isinstance(checkpoint.modules, dict):
+        return checkpoint.modules          # _replacement_layers refuses it with its message
+    entries = dict(checkpoint.modules)
+    described = {(n + "." if n else "") + "weight" for n in entries}
+    for name, value in checkpoint.items():
+        if not isinstance(value, QTensor) or name in described:
+            continue
+        prefix = "" if name == "weight" else (name[: -len(".weight")]
+                                              if name.endswith(".weight") else None)
+        layer = modules.get(prefix) if prefix is not None else None
+        if not isinstance(layer, nn.Linear) or isinstance(layer, QuantLinear):
+            what = type(layer).__name__ if layer is not None else "no Linear layer"
+            raise ValueError(f"tensor {name!r} is int8 in the checkpoint, but the model has "
+                             f"{what} there, which has no int8 form here: quantize without it "
+                             f"(quantkit quantize --skip), or read the file with quantkit.load")
+        q_shape, k = tuple(value.data.shape), layer.in_features
+        if q_shape != (layer.out_features, k):
+            continue                       # _check_state_fits names the shape mismatch
+        entry = {"type": "QuantLinear", "in_features": k, "out_features": layer.out_features,
+                 "bias": layer.bias is not None, "activations": None}
+        if value.block_size is not None:
+            if k % value.block_size:
+                raise ValueError(f"tensor {name!r}: blocks of {value.block_size} weights cross "
+                                 f"the rows of a {k}-wide layer; quantize it per channel")
+            entry["block_size"] = value.block_size
+        elif value.axis is None:           # per tensor: the same scale for every row
+            state[name + SCALE_SUFFIX] = value.scale.reshape(1).expand(
+                layer.out_features).clone()
+        elif value.axis != 0:
+            raise ValueError(f"tensor {name!r} is quantized along axis {value.axis}; a "
+                             f"QuantLinear keeps one scale per output row (axis 0)")
+        entries[prefix] = entry
+    return entries
 
 
 def _one_layer_per_module(modules: dict, replacements: dict, entries: dict) -> dict:

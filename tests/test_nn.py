@@ -983,3 +983,48 @@ def test_double_backward_through_the_input_gradient(mode, block_size):
     else:              # W8A8: finite and of the float layer's size (activations are rounded)
         assert torch.isfinite(grads[0]).all()
         assert torch.allclose(grads[0].norm(), grads[1].norm(), rtol=0.05)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor", "block:64"])
+def test_load_quantized_takes_a_checkpoint_from_the_command(tmp_path, granularity):
+    """`quantkit quantize` records no modules: each int8 weight of an nn.Linear becomes a
+    weight-only QuantLinear with the file's codes and scales."""
+    from safetensors.torch import save_file
+
+    from quantkit.cli import main
+
+    torch.manual_seed(0)
+
+    def arch():
+        return nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 16))
+
+    src = tmp_path / "float.safetensors"
+    save_file(arch().state_dict(), str(src))
+    out = tmp_path / "int8.safetensors"
+    assert main(["quantize", str(src), "-o", str(out), "--granularity", granularity]) == 0
+    model = load_quantized(arch(), out)
+    stored = quantkit.load(out)
+    x = torch.randn(5, 128)
+    ref = arch()
+    with torch.no_grad():
+        for i in (0, 2):
+            assert isinstance(model[i], QuantLinear) and model[i].activations is None
+            ref[i].weight.copy_(torch.as_tensor(stored[f"{i}.weight"].dequantize()))
+            ref[i].bias.copy_(stored[f"{i}.bias"])
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+
+
+def test_load_quantized_names_an_int8_tensor_of_no_linear(tmp_path):
+    from safetensors.torch import save_file
+
+    from quantkit.cli import main
+
+    def arch():
+        return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 4))
+
+    src = tmp_path / "float.safetensors"
+    save_file(arch().state_dict(), str(src))
+    out = tmp_path / "int8.safetensors"
+    assert main(["quantize", str(src), "-o", str(out)]) == 0
+    with pytest.raises(ValueError, match="'0.weight' is int8.*Embedding.*--skip"):
+        load_quantized(arch(), out)
