@@ -262,6 +262,11 @@ class CheckpointWriter:
         self._total = self._data_start + offset
 
         directory = os.path.dirname(os.path.abspath(self.path))
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(f"{self.path} is a folder; give a file name for the "
+                                    f"checkpoint")
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"folder {directory} does not exist (for {self.path})")
         fd, self._tmp = temporary_file(directory, ".quantkit-")
         self._file = os.fdopen(fd, "wb")
         try:

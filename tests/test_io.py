@@ -451,3 +451,11 @@ def test_plain_safetensors_metadata_is_not_read_as_quantkit_modules(tmp_path):
                                                          "quantkit.modules": "not json"})
     checkpoint = quantkit.load(path)
     assert checkpoint.modules == {} and list(checkpoint.state_dict()) == ["a"]
+
+
+def test_save_to_a_folder_or_into_a_missing_folder_names_the_path(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder; give a file name"):
+        quantkit.save({"a": torch.ones(2)}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="folder .*nodir does not exist"):
+        quantkit.save({"a": torch.ones(2)}, tmp_path / "nodir" / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
