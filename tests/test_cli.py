@@ -387,6 +387,14 @@ def test_calibrate_one_tensor_with_plot(checkpoint, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_calibrate_plot_into_a_missing_folder_is_refused_before_the_work(checkpoint, tmp_path,
+                                                                          capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["calibrate", str(checkpoint), "--plot", str(tmp_path / "nodir" / "c.png")]) == 2
+    captured = capsys.readouterr()
+    assert "does not exist" in captured.err and "calibration methods" not in captured.out
+
+
 def test_calibrate_plot_without_matplotlib(checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["calibrate", str(checkpoint), "--plot", str(tmp_path / "c.png")]) == 1

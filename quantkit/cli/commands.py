@@ -226,6 +226,11 @@ def cmd_calibrate(args) -> int:
     plot_path = Path(args.plot) if args.plot else None
     if plot_path is not None:
         _require_matplotlib()
+        if plot_path.is_dir() or not plot_path.parent.is_dir():   # before the work, not after
+            raise _usage_error(f"--plot {plot_path}: " + ("is a folder; give a file name"
+                                                          if plot_path.is_dir() else
+                                                          f"folder {plot_path.parent} does not "
+                                                          f"exist"))
     name_w = max([len(i.name) for i in chosen] + [6])
     table = Table(["tensor", "method", "alpha", "MSE", "vs best", "ms"],
                   [name_w, 10, 17, 10, 8, 8], [False, False, False, True, True, True], sys.stdout)
