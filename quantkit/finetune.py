@@ -298,19 +298,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", nargs="+", metavar="FILE",
                         help="training text files (default: the Shakespeare training works)")
     parser.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32)
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw8bit")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--base", choices=("int8", "float32"), default="int8")
+    parser.add_argument("--rank", type=int, default=16,
+                        help="LoRA rank, 1 to the layer's width (default 16)")
+    parser.add_argument("--alpha", type=float, default=32,
+                        help="LoRA alpha, > 0; the update is scaled by alpha / rank (default 32)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw8bit",
+                        help="default adamw8bit")
+    parser.add_argument("--lr", type=float, default=2e-4, help="learning rate, > 0 (default 2e-4)")
+    parser.add_argument("--steps", type=int, default=100, help="training steps, >= 1 (default 100)")
+    parser.add_argument("--seq", type=int, default=128,
+                        help="tokens per training window, >= 1 (default 128)")
+    parser.add_argument("--batch", type=int, default=4, help="windows per step, >= 1 (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="default 0")
+    parser.add_argument("--base", choices=("int8", "float32"), default="int8",
+                        help="the frozen base's weights (default int8)")
     parser.add_argument("--weights", default="mse", help="int8 weight calibration (default mse)")
-    parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N")
+    parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                        help="write a checkpoint every N steps, 0 = only at the end (default 50)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
