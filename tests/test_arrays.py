@@ -15,6 +15,8 @@ def test_kind_of():
         _arrays.kind_of(torch.zeros(2, device="meta"))
     with pytest.raises(TypeError, match="list"):
         _arrays.kind_of([1.0])
+    with pytest.raises(TypeError, match="^x must be a NumPy array or a torch tensor, got list"):
+        _arrays.kind_of([1.0], "x")
 
 
 def test_float32_numpy_is_zero_copy_for_float32_and_converts_other_floats():

@@ -449,7 +449,7 @@ def test_calibrate_dispatches_cuda_tensors_to_the_backend(monkeypatch):
                         lambda x, method, axis, block_size, opts:
                         seen.append((method, dict(axis=axis, block_size=block_size, **opts)))
                         or 1.5)
-    monkeypatch.setattr(calibration._arrays, "kind_of", lambda x: _arrays.TORCH_CUDA)
+    monkeypatch.setattr(calibration._arrays, "kind_of", lambda x, name=None: _arrays.TORCH_CUDA)
     assert quantkit.calibrate(torch.ones(4), "percentile", axis=0) == 1.5
     assert seen == [("percentile", dict(axis=0, block_size=None, percentile=99.99))]
 
