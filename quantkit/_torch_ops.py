@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from . import _arrays, ops
-from .qtensor import QTensor
+from .qtensor import QTensor, with_checked_scales
 
 Tensor = torch.Tensor
 
@@ -80,7 +80,8 @@ def dequantize_int8(codes: Tensor, scale: Tensor, axis: Optional[int] = None,
 @dequantize_int8.register_kernel("cuda")
 def _dequantize_int8_cuda(codes, scale, axis=None, block_size=None):
     scale = scale.to(device=codes.device, dtype=torch.float32)
-    q = QTensor(codes, scale, axis=axis, block_size=block_size)  # checks the granularity
+    # the granularity is checked; the scale values are not (that would sync the device per call)
+    q = with_checked_scales(codes, scale, axis=axis, block_size=block_size)
     values = _cuda().dequantize(q.data, q.scale, axis=q.axis, block_size=q.block_size)
     return values.contiguous()
 

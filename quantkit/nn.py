@@ -71,7 +71,7 @@ from torch import nn
 from ._constants import QMAX
 from .linear_ops import int8_linear, linear_w8, linear_w8a8, quantize_rows  # noqa: F401
 from .ops import quantize
-from .qtensor import QTensor
+from .qtensor import QTensor, with_checked_scales
 from .smooth import replaceable_linears, run_with_input_hooks, warn_kept
 
 ACTIVATION_MODES = (None, "dynamic", "static")
@@ -307,9 +307,11 @@ class QuantLinear(nn.Module):
     def qtensor(self) -> QTensor:
         """The weight as a QTensor (per channel along axis 0, or blockwise with ``block_size``),
         sharing this layer's buffers."""
+        # the buffers' values were checked when they were made or loaded: no pass (or device
+        # sync) over the scales here
         if self.block_size is None:
-            return QTensor(self.weight, self.weight_scale, axis=0)
-        return QTensor(self.weight, self.weight_scale, block_size=self.block_size)
+            return with_checked_scales(self.weight, self.weight_scale, axis=0)
+        return with_checked_scales(self.weight, self.weight_scale, block_size=self.block_size)
 
     def checkpoint_entry(self) -> dict:
         """What a checkpoint records to rebuild this layer (``"quantkit.modules"``)."""
@@ -415,6 +417,32 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
                "_backward_pre_hooks")
 
 
+def _weight_hook_types() -> tuple:
+    """Forward pre-hooks that rebuild ``module.weight`` from the float layer's own tensors
+    (pruning masks, weight_norm's g and v, spectral_norm's u and v): the QuantLinear has none of
+    them, and its int8 weight already holds their result."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return (BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+def _move_hooks(old: nn.Module, layer: nn.Module) -> None:
+    """The hooks of the float layer ``old``, attached to its replacement ``layer`` (the same dicts,
+    so the caller's handles still remove them), less the weight-rebuilding ones."""
+    weight_hooks = _weight_hook_types()
+    for attr in _HOOK_DICTS:
+        hooks = getattr(old, attr)
+        if any(isinstance(h, weight_hooks) for h in hooks.values()):
+            hooks = type(hooks)((k, h) for k, h in hooks.items()
+                                if not isinstance(h, weight_hooks))
+        setattr(layer, attr, hooks)
+    # which kind _backward_hooks holds (True: register_full_backward_hook); without it nn.Module
+    # calls none of them
+    layer._is_full_backward_hook = old._is_full_backward_hook
+
+
 def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optional[str] = None,
                    calib_data=None, skip=(), act_method: str = "mse", smooth=None,
                    block_size: Optional[int] = None, inplace: bool = False) -> nn.Module:
@@ -508,8 +536,7 @@ def quantize_model(model: nn.Module, *, weights: str = "mse", activations: Optio
     paths = [(path, by_module[id(m)]) for path, m in model.named_modules(remove_duplicate=False)
              if id(m) in by_module]
     for name, layer in layers.items():
-        for attr in _HOOK_DICTS:    # hooks on the float layer stay attached (the same dicts)
-            setattr(layer, attr, getattr(modules[name], attr))
+        _move_hooks(modules[name], layer)
     for path, layer in paths:
         if path == "":
             model = layer           # the model is itself a Linear
@@ -675,7 +702,12 @@ def _with_inferred_entries(checkpoint, modules: dict, state: dict) -> dict:
         prefix = "" if name == "weight" else (name[: -len(".weight")]
                                               if name.endswith(".weight") else None)
         layer = modules.get(prefix) if prefix is not None else None
-        if not isinstance(layer, nn.Linear) or isinstance(layer, QuantLinear):
+        if isinstance(layer, QuantLinear):  # already int8 there: its tensors load into it
+            if value.axis is None and value.block_size is None:
+                state[name + SCALE_SUFFIX] = value.scale.reshape(1).expand(
+                    layer.out_features).clone()
+            continue
+        if not isinstance(layer, nn.Linear):
             what = type(layer).__name__ if layer is not None else "no Linear layer"
             raise ValueError(f"tensor {name!r} is int8 in the checkpoint, but the model has "
                              f"{what} there, which has no int8 form here: quantize without it "

@@ -132,9 +132,12 @@ def replaceable_linears(model: nn.Module, skip=()) -> tuple[list, list]:
     if isinstance(skip, str):
         skip = (skip,)
     modules = dict(model.named_modules())
+    # a module used at two paths is one module: skipped at one path, it stays at every path
+    skipped = {id(m) for n, m in model.named_modules(remove_duplicate=False)
+               if any(fnmatch.fnmatchcase(n, p) for p in skip)}
     names, kept = [], []
     for name, m in modules.items():
-        if not isinstance(m, nn.Linear) or any(fnmatch.fnmatchcase(name, p) for p in skip):
+        if not isinstance(m, nn.Linear) or id(m) in skipped:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = modules.get(parent_name) if name else None

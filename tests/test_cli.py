@@ -282,6 +282,23 @@ def test_quantize_terminated_leaves_no_output(checkpoint, tmp_path, capsys, monk
     assert signal.getsignal(signal.SIGTERM) is before     # main puts the old handler back
 
 
+def test_an_ignored_hangup_stays_ignored(checkpoint, monkeypatch):
+    """Under nohup (SIGHUP ignored) the command keeps running on a hang-up."""
+    import signal
+
+    import quantkit.cli as cli_module
+
+    seen = []
+    monkeypatch.setattr(cli_module, "cmd_inspect", lambda args: seen.append(
+        (signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM))) or 0)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert main(["inspect", str(checkpoint)]) == 0
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert seen[0][0] is signal.SIG_IGN and seen[0][1] is not signal.SIG_DFL
+
+
 # ------------------------------------------------------------------------------------ errors
 
 

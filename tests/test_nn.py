@@ -1028,3 +1028,67 @@ def test_load_quantized_names_an_int8_tensor_of_no_linear(tmp_path):
     assert main(["quantize", str(src), "-o", str(out)]) == 0
     with pytest.raises(ValueError, match="'0.weight' is int8.*Embedding.*--skip"):
         load_quantized(arch(), out)
+
+
+def test_pruned_and_reparametrized_linears_quantize_their_effective_weight():
+    """Hooks that rebuild .weight (pruning, weight_norm, spectral_norm) are not moved to the
+    QuantLinear (it has their result); the layer quantizes and runs."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    for wrap in (lambda m: prune.l1_unstructured(m, "weight", amount=0.5),
+                 lambda m: nn.utils.weight_norm(m), lambda m: nn.utils.spectral_norm(m)):
+        model = nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval()
+        wrap(model[0])
+        x = torch.randn(4, 16)
+        with torch.no_grad():
+            want = model(x)
+        q = quantize_model(model, weights="max", inplace=True)
+        with torch.no_grad():
+            assert torch.allclose(q(x), want, atol=0.05)
+
+
+def test_full_backward_hooks_move_with_the_layer():
+    model = nn.Sequential(nn.Linear(8, 4))
+    fired = []
+    model[0].register_full_backward_hook(lambda mod, gin, gout: fired.append(1))
+    q = quantize_model(model, weights="max")
+    q(torch.randn(2, 8, requires_grad=True)).sum().backward()
+    assert fired == [1]
+
+
+def test_skip_names_a_shared_linear_at_any_of_its_paths():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = self.b = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    for skip in ("a", "b"):
+        with pytest.warns(UserWarning, match="no nn.Linear"):
+            q = quantize_model(Shared(), weights="max", skip=[skip])
+        assert type(q.a) is nn.Linear and q.a is q.b
+    q = quantize_model(Shared(), weights="max")
+    assert isinstance(q.a, QuantLinear) and q.a is q.b
+
+
+def test_a_command_checkpoint_loads_into_an_already_quantized_model(tmp_path):
+    from safetensors.torch import save_file
+
+    from quantkit.cli import main
+
+    torch.manual_seed(0)
+
+    def arch():
+        return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    src = tmp_path / "float.safetensors"
+    save_file(arch().state_dict(), str(src))
+    out = tmp_path / "int8.safetensors"
+    assert main(["quantize", str(src), "-o", str(out), "--granularity", "tensor"]) == 0
+    into_float = load_quantized(arch(), out)
+    into_quantized = load_quantized(quantize_model(arch(), weights="max"), out)
+    x = torch.randn(3, 16)
+    assert torch.equal(into_quantized(x), into_float(x))

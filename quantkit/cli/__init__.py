@@ -160,7 +160,9 @@ def main(argv=None) -> int:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if sig is not None:
+            # an ignored signal stays ignored (nohup, a parent's SIG_IGN); None: a handler not
+            # set from Python, which signal.signal could not restore
+            if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
                 previous[sig] = signal.signal(sig, _raise_terminated)
     try:
         return _main(argv)
