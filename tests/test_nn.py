@@ -985,23 +985,29 @@ def test_double_backward_through_the_input_gradient(mode, block_size):
         assert torch.allclose(grads[0].norm(), grads[1].norm(), rtol=0.05)
 
 
-@pytest.mark.parametrize("granularity", ["channel", "tensor", "block:64"])
-def test_load_quantized_takes_a_checkpoint_from_the_command(tmp_path, granularity):
-    """`quantkit quantize` records no modules: each int8 weight of an nn.Linear becomes a
-    weight-only QuantLinear with the file's codes and scales."""
+def _command_checkpoint(tmp_path, arch, *args):
+    """A float checkpoint of ``arch()`` quantized by the `quantkit quantize` command: its path."""
     from safetensors.torch import save_file
 
     from quantkit.cli import main
 
+    src = tmp_path / "float.safetensors"
+    save_file(arch().state_dict(), str(src))
+    out = tmp_path / "int8.safetensors"
+    assert main(["quantize", str(src), "-o", str(out), *args]) == 0
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor", "block:64"])
+def test_load_quantized_takes_a_checkpoint_from_the_command(tmp_path, granularity):
+    """`quantkit quantize` records no modules: each int8 weight of an nn.Linear becomes a
+    weight-only QuantLinear with the file's codes and scales."""
     torch.manual_seed(0)
 
     def arch():
         return nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 16))
 
-    src = tmp_path / "float.safetensors"
-    save_file(arch().state_dict(), str(src))
-    out = tmp_path / "int8.safetensors"
-    assert main(["quantize", str(src), "-o", str(out), "--granularity", granularity]) == 0
+    out = _command_checkpoint(tmp_path, arch, "--granularity", granularity)
     model = load_quantized(arch(), out)
     stored = quantkit.load(out)
     x = torch.randn(5, 128)
@@ -1015,17 +1021,10 @@ def test_load_quantized_takes_a_checkpoint_from_the_command(tmp_path, granularit
 
 
 def test_load_quantized_names_an_int8_tensor_of_no_linear(tmp_path):
-    from safetensors.torch import save_file
-
-    from quantkit.cli import main
-
     def arch():
         return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 4))
 
-    src = tmp_path / "float.safetensors"
-    save_file(arch().state_dict(), str(src))
-    out = tmp_path / "int8.safetensors"
-    assert main(["quantize", str(src), "-o", str(out)]) == 0
+    out = _command_checkpoint(tmp_path, arch)
     with pytest.raises(ValueError, match="'0.weight' is int8.*Embedding.*--skip"):
         load_quantized(arch(), out)
 
@@ -1075,19 +1074,12 @@ def test_skip_names_a_shared_linear_at_any_of_its_paths():
 
 
 def test_a_command_checkpoint_loads_into_an_already_quantized_model(tmp_path):
-    from safetensors.torch import save_file
-
-    from quantkit.cli import main
-
     torch.manual_seed(0)
 
     def arch():
         return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
 
-    src = tmp_path / "float.safetensors"
-    save_file(arch().state_dict(), str(src))
-    out = tmp_path / "int8.safetensors"
-    assert main(["quantize", str(src), "-o", str(out), "--granularity", "tensor"]) == 0
+    out = _command_checkpoint(tmp_path, arch, "--granularity", "tensor")
     into_float = load_quantized(arch(), out)
     into_quantized = load_quantized(quantize_model(arch(), weights="max"), out)
     x = torch.randn(3, 16)
