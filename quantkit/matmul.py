@@ -306,8 +306,25 @@ def int8_product(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if m == 0 or n == 0 or codes.shape[1] == 0:
         return torch.zeros((m, n), dtype=torch.int32, device=codes.device)
     if codes.device.type != "cpu":
-        return torch._int_mm(codes, weight.t())
+        return _int8_product_device(codes, weight)
     return _int8_product_on(_int8_path_cpu(m, codes.shape[1]), codes, weight)
+
+
+def _int8_product_device(codes: torch.Tensor, weight: torch.Tensor, int_mm=None) -> torch.Tensor:
+    """int8_product of non-empty tensors on a GPU: ``torch._int_mm`` where its CUDA kernel takes
+    the shape (more than 16 rows, K and N multiples of 8); 16 rows or fewer are padded with zero
+    rows to 17 (a zero row adds nothing to the others); K or N not a multiple of 8 take float64
+    products (exact: every sum is below 2^31, far below 2^53; float32 could run as TF32).
+    ``int_mm`` stands in for ``torch._int_mm`` in tests."""
+    int_mm = int_mm or torch._int_mm
+    (m, k), n = codes.shape, weight.shape[0]
+    if k % 8 or n % 8:
+        return (codes.to(torch.float64) @ weight.to(torch.float64).t()).to(torch.int32)
+    if m <= 16:
+        padded = torch.zeros((17, k), dtype=torch.int8, device=codes.device)
+        padded[:m] = codes
+        return int_mm(padded, weight.t())[:m]
+    return int_mm(codes, weight.t())
 
 
 def weight_row_sums(weight: torch.Tensor):

@@ -548,3 +548,25 @@ def test_dense_chunks_grow_with_the_activations(monkeypatch, rows, chunks):
     g = matmul.grad_input(grad, codes, scale)
     assert len(calls) == chunks          # the result grad @ W_hat has the size of x
     torch.testing.assert_close(g, grad @ (codes.float() * scale[:, None]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 64, 32), (16, 64, 8), (17, 64, 8), (300, 128, 24),
+                                     (5, 1, 8), (40, 12, 16), (3, 64, 7), (1, 4096, 4096)])
+def test_device_product_calls_int_mm_only_with_shapes_its_cuda_kernel_takes(m, k, n):
+    """On a GPU torch._int_mm needs more than 16 rows and K, N multiples of 8: fewer rows are
+    padded, other K or N take float64 products; every result is exact (checked here with a
+    stand-in that refuses what the CUDA kernel refuses and computes on the CPU)."""
+    calls = []
+
+    def cuda_like_int_mm(a, b):
+        assert a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0, (a.shape, b.shape)
+        calls.append(a.shape)
+        return torch._int_mm(a, b)
+
+    rng = np.random.default_rng(m * 7 + k + n)
+    a, b = _codes(rng, (m, k)), _codes(rng, (n, k))
+    acc = matmul._int8_product_device(torch.from_numpy(a), torch.from_numpy(b),
+                                      int_mm=cuda_like_int_mm)
+    assert acc.dtype == torch.int32 and tuple(acc.shape) == (m, n)
+    assert np.array_equal(acc.numpy(), _exact(a, b))
+    assert bool(calls) == (k % 8 == 0 and n % 8 == 0)
