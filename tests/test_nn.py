@@ -1084,3 +1084,25 @@ def test_a_command_checkpoint_loads_into_an_already_quantized_model(tmp_path):
     into_quantized = load_quantized(quantize_model(arch(), weights="max"), out)
     x = torch.randn(3, 16)
     assert torch.equal(into_quantized(x), into_float(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows, k, n", [(1, 64, 32), (16, 64, 24), (17, 128, 64), (300, 12, 16),
+                                        (5, 1, 8), (40, 384, 1536)])
+def test_quantlinear_on_cuda_matches_the_cpu(mode, rows, k, n):
+    """A QuantLinear moved to the GPU: W8A8 gives the CPU's bits (exact int32 products, the same
+    float32 rescale), weight-only the CPU's values up to float32 rounding; any row count."""
+    torch.manual_seed(0)
+    layer = _from_float(_linear(k, n), mode)
+    x = torch.randn(rows, k)
+    want = layer(x)
+    cuda = copy.deepcopy(layer).to("cuda")
+    assert cuda.weight.dtype == torch.int8 and cuda.weight_scale.dtype == torch.float32
+    got = cuda(x.to("cuda")).cpu()
+    if mode is None:
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    else:
+        assert torch.equal(got, want)
+    half = cuda(x.to("cuda", torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and half.is_cuda
