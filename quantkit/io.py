@@ -103,13 +103,11 @@ def _tensor_nbytes(name: str, code: str, shape: tuple) -> int:
 
 
 def _check_scales(name: str, scale) -> None:
-    """ValueError naming the tensor unless every scale (a torch tensor) is finite and >= 0."""
-    torch = _torch()
-    bad = ~(torch.isfinite(scale) & (scale >= 0))
-    if bool(bad.any()):
-        first = int(torch.argmax(bad.reshape(-1).to(torch.uint8)))
-        raise ValueError(f"tensor {name!r}: scales must be finite and >= 0; entry {first} is "
-                         f"{float(scale.reshape(-1)[first])}")
+    """ValueError naming the tensor unless every scale is finite and >= 0."""
+    try:
+        _arrays.check_scale_values(scale)
+    except ValueError as exc:
+        raise ValueError(f"tensor {name!r}: {exc}") from None
 
 
 def _check_qtensor_values(name: str, q: QTensor) -> None:

@@ -245,17 +245,7 @@ class QuantLinear(nn.Module):
                         "checkpoint with load_quantized)" if key == "weight" else "")
                 raise ValueError(f"tensor {prefix + key!r}: the state dict holds {value.dtype}, "
                                  f"QuantLinear needs {own.dtype}{hint}")
-        codes = state_dict.get(prefix + "weight")
-        if isinstance(codes, torch.Tensor) and codes.numel() and int(codes.min()) < -QMAX:
-            raise ValueError(f"tensor {prefix + 'weight'!r}: int8 weight codes must lie in "
-                             f"[-{QMAX}, {QMAX}]; the checkpoint has -128")
-        scale = state_dict.get(prefix + "weight_scale")
-        if isinstance(scale, torch.Tensor) and not bool((torch.isfinite(scale)
-                                                         & (scale >= 0)).all()):
-            raise ValueError(f"tensor {prefix + 'weight_scale'!r}: scales must be finite and >= 0")
-        alpha = state_dict.get(prefix + "input_alpha")
-        if isinstance(alpha, torch.Tensor) and self.input_alpha is not None:
-            _check_static_alpha(alpha, f"tensor {prefix + 'input_alpha'!r}")
+        _check_quant_values(prefix, state_dict)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
@@ -637,19 +627,24 @@ def _check_state_fits(model: nn.Module, replacements: dict, state: dict) -> None
 
 
 def _check_quant_values(prefix: str, state: dict) -> None:
-    """The values a QuantLinear at ``prefix`` needs from ``state`` (dtypes and shapes already
-    checked): weight codes in [-QMAX, QMAX], weight scales finite and >= 0, and a static
-    ``input_alpha`` the kernels accept (:func:`_check_static_alpha`). ValueError naming the
-    tensor."""
-    codes = state[prefix + "weight"]
-    if codes.numel() and int(codes.min()) < -QMAX:
+    """The values a QuantLinear at ``prefix`` needs from ``state`` (dtypes and shapes checked
+    before), for those of its tensors that ``state`` holds: weight codes in [-QMAX, QMAX], weight
+    scales finite and >= 0, and a static ``input_alpha`` the kernels accept
+    (:func:`_check_static_alpha`). ValueError naming the tensor."""
+    from ._arrays import check_scale_values
+
+    codes = state.get(prefix + "weight")
+    if isinstance(codes, torch.Tensor) and codes.numel() and int(codes.min()) < -QMAX:
         raise ValueError(f"tensor {prefix + 'weight'!r}: int8 weight codes must lie in "
                          f"[-{QMAX}, {QMAX}]; the checkpoint has -128")
-    scale = state[prefix + "weight_scale"]
-    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-        raise ValueError(f"tensor {prefix + 'weight_scale'!r}: scales must be finite and >= 0")
+    scale = state.get(prefix + "weight_scale")
+    if isinstance(scale, torch.Tensor):
+        try:
+            check_scale_values(scale)
+        except ValueError as exc:
+            raise ValueError(f"tensor {prefix + 'weight_scale'!r}: {exc}") from None
     alpha = state.get(prefix + "input_alpha")
-    if alpha is not None:
+    if isinstance(alpha, torch.Tensor):
         _check_static_alpha(alpha, f"tensor {prefix + 'input_alpha'!r}")
 
 
