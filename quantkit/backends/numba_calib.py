@@ -13,8 +13,9 @@ its job:
 from .._constants import CHUNK, HIST_BINS, HIST_SHIFT  # noqa: F401
 from .numba_entropy import entropy_threshold  # noqa: F401
 from .numba_error_sums import scale_inv, search_unit, sse_search, unit_inverse  # noqa: F401
-from .numba_histogram_model import (count_moments, histogram_moments, model_search,  # noqa: F401
-                                    model_sse, model_tables, pile_bins)
+from .numba_histogram_model import (count_moments, histogram_moments, model_minima,  # noqa: F401
+                                    model_search, model_sse, model_sse_many, model_tables,
+                                    pile_bins)
 from .numba_small_search import (LATTICE_MAX_DISTINCT, nonzero_abs, search_mse,  # noqa: F401
                                  search_mse_blocks, search_mse_discrete, search_mse_rows,
                                  search_mse_values)

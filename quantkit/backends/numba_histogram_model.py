@@ -204,34 +204,17 @@ def model_sse(cnt, mean, var, alpha):
     return _model_sse(cnt, mean, var, model_tables(cnt, mean, var), alpha, 0.0)
 
 
-@njit(cache=True)
-def model_search(cnt, mean, var, amax, smooth_below=0.0):
-    """The alpha in (0, amax] minimising model_sse: coarse geometric scan from amax (pruned once the
-    error has grown 16x past the best), then geometric refinements around the best.
+_FINE_RATIO = 2.0 ** (-1.0 / 32.0)  # the scan of the region near the coarse minimum (~2.2%)
 
-    With ``smooth_below > 0`` the bins below it are a sample of a smooth density: one that meets a
-    rounding step (neither wholly in cell 0 nor wholly clipped) counts s^2 / 12 per value, the
-    average over the phase of the step, instead of the exact integral over its narrow range, whose
-    dependence on the step's phase would mirror the sample's count noise (a wiggle of about
-    1 / sqrt(sample size) that would move the minimum)."""
-    tables = model_tables(cnt, mean, var)
-    a64 = np.float64(amax)
-    best_a = np.float32(amax)
+
+@njit(cache=True)
+def _refine(cnt, mean, var, tables, smooth_below, a64, centre, ratio, rounds):
+    """(alpha, model error): ``rounds`` geometric refinements of 17 points over
+    [centre * ratio, centre / ratio] (at most amax), each 16 times finer than the last."""
+    best_a = np.float32(centre)
     best_s = _model_sse(cnt, mean, var, tables, best_a, smooth_below)
-    a = a64
-    for _ in range(8 * 40):
-        a *= COARSE_RATIO
-        af = np.float32(a)
-        if not af >= MIN_ALPHA:
-            break
-        s = _model_sse(cnt, mean, var, tables, af, smooth_below)
-        if s < best_s:
-            best_s = s
-            best_a = af
-        elif s > 16.0 * best_s:
-            break
-    step = 1.0 / COARSE_RATIO
-    for _ in range(4):
+    step = 1.0 / ratio
+    for _ in range(rounds):
         lo = np.float64(best_a) / step
         hi = min(np.float64(best_a) * step, a64)
         for k in range(17):
@@ -243,4 +226,102 @@ def model_search(cnt, mean, var, amax, smooth_below=0.0):
                 best_s = s
                 best_a = af
         step = (hi / lo) ** (1.0 / 16.0)
-    return best_a
+    return best_a, best_s
+
+
+@njit(cache=True)
+def model_minima(cnt, mean, var, amax, smooth_below, within, count):
+    """The local minima of model_sse over (0, amax] whose model error is within ``within``
+    (relative) of the lowest: (alphas float32, errors float64), lowest error first, at most
+    ``count``.
+
+    1. Coarse geometric scan from amax down by 2^(-1/8), stopped once the error has grown 16x past
+       the best.
+    2. The region where the coarse error is within 10% of the best, one coarse step wider on each
+       side, scanned again by 2^(-1/32): values piled near one magnitude (the minimum of GELU or
+       SiLU, a saturated level) make narrow dips where the rounding grid meets them, a few percent
+       wide and 10-20% apart in alpha, which the coarse scan steps over.
+    3. Every local minimum of that scan (the ends included) within ``within`` + 1% of its lowest
+       point is refined by two geometric rounds (to ~0.01%); those within ``within`` of the lowest
+       refined error are returned.
+
+    ``smooth_below``: see model_search.
+    """
+    tables = model_tables(cnt, mean, var)
+    a64 = np.float64(amax)
+    ca = np.empty(8 * 40 + 1)
+    cs = np.empty(8 * 40 + 1)
+    ca[0] = a64
+    cs[0] = _model_sse(cnt, mean, var, tables, np.float32(amax), smooth_below)
+    nc = 1
+    best = cs[0]
+    a = a64
+    for _ in range(8 * 40):
+        a *= COARSE_RATIO
+        af = np.float32(a)
+        if not af >= MIN_ALPHA:
+            break
+        s = _model_sse(cnt, mean, var, tables, af, smooth_below)
+        ca[nc] = np.float64(af)
+        cs[nc] = s
+        nc += 1
+        if s < best:
+            best = s
+        elif s > 16.0 * best:
+            break
+    hi = 0.0
+    lo = np.inf
+    for j in range(nc):
+        if cs[j] <= 1.1 * best:
+            hi = max(hi, ca[j] / COARSE_RATIO)
+            lo = min(lo, ca[j] * COARSE_RATIO)
+    hi = min(hi, a64)
+    lo = max(lo, np.float64(MIN_ALPHA))
+    nf = max(2, np.int64(np.ceil(np.log(lo / hi) / np.log(_FINE_RATIO))) + 1)
+    fa = np.empty(nf)
+    fs = np.empty(nf)
+    for j in range(nf):
+        af = np.float32(hi * (lo / hi) ** (j / (nf - 1)))
+        fa[j] = np.float64(af)
+        fs[j] = _model_sse(cnt, mean, var, tables, af, smooth_below)
+    fbest = fs.min()
+    ratio = (lo / hi) ** (1.0 / (nf - 1))
+    out_a = np.empty(count, np.float32)
+    out_s = np.empty(count)
+    m = 0
+    for j in np.argsort(fs):
+        if m == count or fs[j] > (1.0 + within + 0.01) * fbest:
+            break
+        if (j > 0 and fs[j - 1] < fs[j]) or (j + 1 < nf and fs[j + 1] < fs[j]):
+            continue  # not a local minimum of the scan
+        a_r, s_r = _refine(cnt, mean, var, tables, smooth_below, a64, fa[j], ratio, 2)
+        out_a[m] = a_r
+        out_s[m] = s_r
+        m += 1
+    order = np.argsort(out_s[:m])
+    out_a = out_a[:m][order]
+    out_s = out_s[:m][order]
+    keep = out_s <= (1.0 + within) * out_s[0]
+    return out_a[keep], out_s[keep]
+
+
+@njit(cache=True)
+def model_sse_many(cnt, mean, var, alphas, smooth_below):
+    """model_sse (with ``smooth_below``, see model_search) at each float32 alpha of ``alphas``."""
+    tables = model_tables(cnt, mean, var)
+    out = np.empty(alphas.size)
+    for j in range(alphas.size):
+        out[j] = _model_sse(cnt, mean, var, tables, alphas[j], smooth_below)
+    return out
+
+
+@njit(cache=True)
+def model_search(cnt, mean, var, amax, smooth_below=0.0):
+    """The alpha in (0, amax] minimising model_sse: the lowest of model_minima.
+
+    With ``smooth_below > 0`` the bins below it are a sample of a smooth density: one that meets a
+    rounding step (neither wholly in cell 0 nor wholly clipped) counts s^2 / 12 per value, the
+    average over the phase of the step, instead of the exact integral over its narrow range, whose
+    dependence on the step's phase would mirror the sample's count noise (a wiggle of about
+    1 / sqrt(sample size) that would move the minimum)."""
+    return model_minima(cnt, mean, var, amax, smooth_below, 0.0, 1)[0][0]

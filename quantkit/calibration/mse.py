@@ -27,7 +27,16 @@ SMALL = 1 << 16
 #: From this size on, "mse" per tensor models the bulk from a sample (_search_sampled).
 SAMPLED_MIN = 1 << 23
 SAMPLE_RATE = 256
+#: The sampled path's sample holds at least this many values (a higher rate below 2^24 values).
+SAMPLED_SAMPLE = 1 << 16
 _SAMPLED_MARGIN = 0.03  # the exact search stays within 3% below the model's alpha
+_GUESS_MARGIN = 0.1     # how far below the sample's first guess the exact tail may need to reach
+#: A sample whose model with exact rounding cells dips more than this many noise units below its
+#: value at the smooth model's alpha has structure a smooth bulk misses (_cell_model_gap).
+_DIP_GAP = 1.5
+#: Local minima of the histogram model within this of its lowest are decided by exact errors
+#: (the dips of piled-up values, where the model ranks minima less than 1% apart wrongly).
+MODEL_RIVALS = 0.02
 
 
 class FlatScan(NamedTuple):
@@ -122,7 +131,7 @@ def search_flat(k: FlatKernels, flat, n: int, nonfinite) -> np.float32:
         return np.float32(k.search_exact(flat, amax, f"a tensor of {n} <= {SMALL} values"))
     sample = None
     if k.sample_pieces is not None:
-        sample = k.sample_pieces(flat, SAMPLE_RATE)
+        sample = k.sample_pieces(flat, _sample_rate(n))
         if n >= SAMPLED_MIN:
             alpha = _search_sampled(k, flat, n, sample, nonfinite)
             if alpha is not None:
@@ -148,6 +157,15 @@ def search_flat(k: FlatKernels, flat, n: int, nonfinite) -> np.float32:
     return _search_histogram(k, flat, n, amax, scan.counts, int(scan.low_bits), nonzero, sample)
 
 
+def _sample_rate(n: int) -> int:
+    """One value in this many goes into the sample: SAMPLE_RATE, or fewer from SAMPLED_MIN on
+    where that would leave the sampled path fewer than SAMPLED_SAMPLE values (its test of a
+    smooth bulk, step 1 of _search_sampled, needs them)."""
+    if n < SAMPLED_MIN:
+        return SAMPLE_RATE
+    return max(1, min(SAMPLE_RATE, n // SAMPLED_SAMPLE))
+
+
 def _search_histogram(k: FlatKernels, flat, n: int, amax: np.float32, counts: np.ndarray,
                       low_bits: int, nonzero: int, sample=None):
     """MSE-optimal alpha of a large flat array from its count histogram, verified on the data.
@@ -164,18 +182,20 @@ def _search_histogram(k: FlatKernels, flat, n: int, amax: np.float32, counts: np
     """
     h = _args.host_kernels()
     cnt, mean, var = h.count_moments(counts, low_bits == 0)
-    model_alpha = float(h.model_search(cnt, mean, var, amax))
+    minima, _ = h.model_minima(cnt, mean, var, amax, 0.0, MODEL_RIVALS, 4)
     a_max = float(amax)
     unit_inv = h.unit_inverse(amax, n)
 
     def evaluate(alphas):
         return k.sse_fixed_many(flat, alphas, unit_inv)
 
+    # the model's local minima within MODEL_RIVALS of its lowest all go to the exact decision
+    centres = [float(a) for a in minima]
     extra, dense = (), False
     if sample is not None:
-        extra = _pile_candidates(h, sample, counts, model_alpha, a_max)
+        extra = _pile_candidates(h, sample, counts, centres[0], a_max)
         dense = _clustered_sample(h, sample)
-    return np.float32(_decide_exact(evaluate, model_alpha, nonzero, a_max, extra, dense))
+    return np.float32(_decide_exact(evaluate, centres, nonzero, a_max, extra, dense))
 
 
 def _clustered_sample(k, sample: np.ndarray) -> bool:
@@ -191,16 +211,18 @@ def _clustered_sample(k, sample: np.ndarray) -> bool:
     return bool(clustered(np.ascontiguousarray(ax)))
 
 
-def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float, extra=(),
-                  dense=False) -> float:
+def _decide_exact(evaluate, centres, nonzero: int, top: float, extra=(), dense=False) -> float:
     """Exact errors of the data decide around the model's alpha (``evaluate(alphas)``: exact error
-    sums, one pass over the data per call).
+    sums, one pass over the data per call). ``centres``: the model's alpha first, then rival
+    minima of a model (dips of piled-up values) that the exact errors decide between: the
+    largest arrays search around each from the first pass on, the others take the best of them
+    (one pass) as the model's alpha.
 
     The exact MSE wiggles around the smooth model by about 0.9 / sqrt(nonzero) (rounding errors
     decorrelate as alpha moves), so the scan is as wide and as dense as that asks for and the
-    size affords: for 2^24 non-zero values and more, _exact_search from the model's alpha
-    +-0.05% (plus max|x| when the model's alpha is within 3% of it); for fewer, up to 41 points
-    over up to +-2%, then 11 points at a fifth of that step around the best. ``extra`` alphas
+    size affords: for 2^24 non-zero values and more, _exact_search from the model's
+    alpha +-0.05% (plus max|x| when the model's alpha is within 3% of it); for fewer, up to 41
+    points over up to +-2%, then 11 points at a fifth of that step around the best. ``extra`` alphas
     (_pile_candidates: where the grid meets piled-up values) join the first evaluation; for the
     largest arrays the best of them is refined over +-0.1% at 0.02% and competes with the rest.
     ``dense`` (clustered values) takes the wide scan at any size. The lowest exact error wins (on
@@ -214,15 +236,18 @@ def _decide_exact(evaluate, model_alpha: float, nonzero: int, top: float, extra=
     half = int(min(20, max(2, (1 << 25) // nonzero)))  # points on each side
     if dense:  # clustered values (_clustered_sample): the wide scan, whatever the size
         half = max(half, 20)
-    near_top = ((top,) if model_alpha > 0.97 * top else ()) + tuple(extra)
+    model_alpha, rivals = float(centres[0]), [float(c) for c in centres[1:]]
+    near_top = ((top,) if max([model_alpha, *rivals]) > 0.97 * top else ()) + tuple(extra)
     if half <= 2:
-        best = _exact_search(evaluate, model_alpha, 0.001, top, near_top)  # +-0.05%
+        best = _exact_search(evaluate, model_alpha, 0.001, top, near_top, rivals)  # +-0.05%
         if extra:  # lumpy data: the dips, refined around the best one (+-0.1% at 0.02%)
             dip = best_of(extra[0], [0.0], extra[1:])
             dip = best_of(dip, [0.0002 * j for j in range(-5, 6)])
             pair = np.array(sorted({np.float32(best), np.float32(dip)}), np.float32)
             best = float(pair[np.lexsort((-pair, evaluate(pair)))[0]])
         return best
+    if rivals:
+        model_alpha = best_of(model_alpha, [0.0], rivals)
     width = min(0.02, max(0.003, 8 * wiggle))
     best = best_of(model_alpha, [width * j / half for j in range(-half, half + 1)], near_top)
     step = width / half
@@ -236,14 +261,15 @@ def _candidates(center: float, steps, top: float, extra=()) -> np.ndarray:
     return np.array(sorted(c for c in cands if c > 0), np.float32)
 
 
-def _exact_search(evaluate, center: float, step: float, top: float, extra=()) -> float:
+def _exact_search(evaluate, center: float, step: float, top: float, extra=(), rivals=()) -> float:
     """Exact errors of the data decide around a model's alpha, for arrays so large (2^24 non-zero
     values and more) that the exact MSE wiggles by less than 0.02% and the model is accurate.
 
     ``evaluate(alphas)`` returns the exact error sums at a float32 array of alphas (one pass over
-    the data per call). First the pair ``center * (1 +- step / 2)`` (at most ``top``) and
-    ``extra``; then, while the steepest rise from the best (relative error per relative alpha, over
-    the points of the search) times the step exceeds 0.1% (a minimum sharper than the step, e.g.
+    the data per call). First the pair ``center * (1 +- step / 2)`` (at most ``top``), the same
+    pair around each of ``rivals`` (other minima of a model) and ``extra``; then, while the
+    steepest rise from the best (relative error per relative alpha, over the points of the
+    search) times the step exceeds 0.1% (a minimum sharper than the step, e.g.
     values crowded just below max|x| such as tanh outputs, where the model's bins of relative width
     2^-7 cannot follow the curve), the step is cut by 3 and the best's neighbours at that step are
     added. The lowest exact error wins, on a tie the larger alpha.
@@ -259,7 +285,8 @@ def _exact_search(evaluate, center: float, step: float, top: float, extra=()) ->
     def best():
         return min(known, key=lambda a: (known[a], -a))
 
-    run([center * (1 - step / 2), min(center * (1 + step / 2), top), *extra])
+    run([a for c in (center, *rivals) for a in (c * (1 - step / 2), min(c * (1 + step / 2), top))]
+        + list(extra))
     extras = {float(np.float32(e)) for e in extra}
     for _ in range(16):
         b = best()
@@ -309,38 +336,56 @@ def _pile_candidates(k, sample: np.ndarray, counts: np.ndarray, around: float, t
 def _search_sampled(k: FlatKernels, flat, n: int, sample: np.ndarray, nonfinite):
     """MSE-optimal alpha of a very large flat array (at least SAMPLED_MIN values), or None when
     the data needs the full-histogram path: NaN/Inf (it raises there), few distinct values,
-    bfloat16 values, mostly zeros, values in tight clusters, or an optimum among the top 1/4096
-    of the values.
+    bfloat16 values, mostly zeros, values in tight clusters, values piled near one magnitude
+    (dips in the error, step 1), or an optimum among the top 1/4096 of the values.
 
     The rounding error of the bulk of the values is about s^2 / 12 each whatever their exact
     distribution; the clipping error needs the tail exactly. So:
 
-    1. ``sample`` (sample_pieces: one piece of 256 values in SAMPLE_RATE, spread by
+    1. ``sample`` (sample_pieces: one piece of 256 values in _sample_rate(n), spread by
        golden-ratio hashing; the caller keeps it for the fallback) gets the full log histogram,
-       and its model alpha ``a_s``. The tail threshold ``T`` is the
-       histogram bin holding the sample's top 1/4096 (so the tail costs the pass little).
+       and its model alpha ``a_s``. The tail threshold ``T`` is the lower of the histogram bin
+       holding the sample's top 1/4096 (so the tail costs the pass little) and the bin 10% and
+       _SAMPLED_MARGIN below ``a_s`` (a guess from the sample's few largest values), as long as
+       that tail holds at most 1/256 of the sample. Where the sample's model with exact rounding
+       cells falls more than _DIP_GAP times the sample's noise (1 / sqrt(its non-zero count)) below
+       its error at ``a_s`` within +-20% of it, the bulk is not smooth (piled values: GELU,
+       SiLU outputs) and the full histogram decides (_cell_model_gap; again at ``a_c``, step 3).
     2. One pass over all the data (scan_tail): NaN/Inf and zero counts, the max of every chunk,
        and the exact histogram of the |x| >= T.
     3. The model (model_search) of the exact tail plus the sample's bulk below T, scaled to the
        exact count there and taken as a smooth density (s^2 / 12 per value that a step splits):
        ``a_c``. It stands only if ``a_c`` lies above T (every value that the candidates clip or
-       round near the top is in the exact tail).
+       round near the top is in the exact tail) and that model with exact cells shows no dips
+       near it (a gap of one to _DIP_GAP noise units: its minimum joins the exact search).
     4. Exact errors of the data decide (_decide_exact with sse_chunked_many).
     """
     h = _args.host_kernels()
     counts_s = np.zeros(h.HIST_BINS, np.int64)
     amax_s, bad_s, zeros_s, low_s = h.scan_flat(sample, 1, counts_s)
     nonzero_s = sample.size - int(zeros_s)
-    if (bad_s or low_s == 0 or amax_s < MIN_ALPHA or nonzero_s * SAMPLE_RATE <= 4 * SMALL
+    if (bad_s or low_s == 0 or amax_s < MIN_ALPHA or nonzero_s * _sample_rate(n) <= 4 * SMALL
             or np.count_nonzero(counts_s) <= h.LATTICE_MAX_DISTINCT + 1
             or _clustered_sample(h, sample)):
         return None
     above = np.cumsum(counts_s[::-1])[::-1]  # above[b] = sample count in bins >= b
     tail_bin = int(np.searchsorted(-above, -(sample.size // 4096), side="left"))
-    tail_bin = max(tail_bin, 1)
-    t_value = float(np.array([tail_bin << h.HIST_SHIFT], np.int32).view(np.float32)[0])
     cnt, mean, var = h.count_moments(counts_s, False)
     a_s = float(h.model_search(cnt, mean, var, amax_s, np.inf))  # a smooth model: a first guess
+    # a_s rests on the sample's few largest values; a tail reaching _GUESS_MARGIN below it (at
+    # most 1/256 of the values) lets a_c stand where the true optimum lies above a low guess
+    guess = a_s * (1 - _GUESS_MARGIN) * (1 - _SAMPLED_MARGIN) * ((QMAX - 0.5) / QMAX)
+    guess_bin = int(np.array([guess], np.float32).view(np.int32)[0]) >> h.HIST_SHIFT
+    if guess_bin < tail_bin and above[guess_bin] <= sample.size // 256:
+        tail_bin = guess_bin
+    tail_bin = max(tail_bin, 1)
+    t_value = float(np.array([tail_bin << h.HIST_SHIFT], np.int32).view(np.float32)[0])
+    # values piled near some magnitude (the minimum of GELU or SiLU outputs) make dips in the
+    # error that a smooth bulk cannot show: when the sample's own model with exact rounding cells,
+    # over a_s +-20% at 1% steps, falls below its error at a_s by more than _DIP_GAP times
+    # the sample's noise, the full histogram decides
+    if _cell_model_gap(h, cnt, mean, var, a_s, amax_s, nonzero_s)[0] > _DIP_GAP:
+        return None
 
     def stands(alpha):  # every value the exact search can clip or round near the top is >= T
         return alpha * (1 - _SAMPLED_MARGIN) * ((QMAX - 0.5) / QMAX) >= t_value
@@ -364,13 +409,31 @@ def _search_sampled(k: FlatKernels, flat, n: int, sample: np.ndarray, nonfinite)
     exact_tail = np.zeros(h.HIST_BINS, np.int64)
     exact_tail[tail_bin:] = tail
     c2, m2, v2 = h.count_moments(exact_tail, False)
-    a_c = float(h.model_search(np.concatenate([c1 * (below_full / below_sample), c2]),
-                               np.concatenate([m1, m2]), np.concatenate([v1, v2]), amax, t_value))
+    cnt_c, mean_c = np.concatenate([c1 * (below_full / below_sample), c2]), np.concatenate([m1, m2])
+    var_c = np.concatenate([v1, v2])
+    a_c = float(h.model_search(cnt_c, mean_c, var_c, amax, t_value))
     if not stands(a_c):
         return None
-    return np.float32(_decide_exact(lambda a: k.sse_chunked_many(flat, a, chunk_max), a_c,
+    gap, a_e = _cell_model_gap(h, cnt_c, mean_c, var_c, a_c, amax, nonzero_s)
+    if gap > _DIP_GAP:
+        return None
+    # a shallower dip than the sample can prove: its alpha competes in the exact search
+    centres = [a_c] + ([a_e] if gap > 1 and abs(a_e / a_c - 1) > 0.005 and stands(a_e) else [])
+    return np.float32(_decide_exact(lambda a: k.sse_chunked_many(flat, a, chunk_max), centres,
                                     n - int(zeros), float(amax),
                                     _pile_candidates(h, sample, counts_s, a_c, amax)))
+
+
+def _cell_model_gap(h, cnt, mean, var, alpha: float, top, sample_nonzero: int) -> tuple:
+    """(gap, alpha_min): how far the histogram model with exact rounding cells falls below its
+    value at ``alpha`` over alpha * (1 + j / 100), j = -20..20 (at most ``top``), relative to that
+    minimum and in units of the noise of a sample of ``sample_nonzero`` values (1 / sqrt of it),
+    and the grid alpha of that minimum. A gap of a few units: the error has dips that a smooth
+    model of the bulk cannot place (_search_sampled)."""
+    grid = np.minimum(alpha * (1 + 0.01 * np.arange(-20, 21)), float(top)).astype(np.float32)
+    cells = h.model_sse_many(cnt, mean, var, grid, 0.0)
+    j = int(np.argmin(cells))
+    return float((cells[20] / cells[j] - 1) * np.sqrt(sample_nonzero)), float(grid[j])
 
 
 # ------------------------------------------------------------------------ rows and blocks

@@ -51,3 +51,38 @@ def test_pile_bins_edges():
     counts[3] = 9                # pair (3, 4): 73 > 8 * 8; pair (4, 5): 72 is not > 8 * 9
     bins, singles = hm.pile_bins(counts)
     assert bins.tolist() == [3] and singles.tolist() == [False]
+
+
+def _dips(rng):
+    """The log histogram of 2^20 GELU outputs, whose model error has dips where the rounding grid
+    meets the values piled near GELU's minimum (-0.17): at alpha ~3.6 and ~4.1."""
+    z = rng.standard_normal(1 << 20)
+    x = (z * 0.5 * (1 + np.tanh(0.7978845608 * (z + 0.044715 * z ** 3)))).astype(np.float32)
+    counts = np.zeros(1 << 15, np.int64)
+    np.add.at(counts, np.abs(x).view(np.int32) >> 16, 1)
+    return hm.count_moments(counts, False), float(np.abs(x).max())
+
+
+def test_model_minima_are_local_minima_lowest_first():
+    (cnt, mean, var), amax = _dips(np.random.default_rng(0))
+    alphas, errors = hm.model_minima(cnt, mean, var, amax, 0.0, 0.05, 4)
+    assert 1 < alphas.size <= 4 and np.all(np.diff(errors) >= 0)
+    assert errors[-1] <= 1.05 * errors[0]
+    for a, e in zip(alphas, errors):
+        assert hm.model_sse(cnt, mean, var, a) == e
+        for d in (0.995, 1.005):  # nothing lower just beside a minimum
+            assert hm.model_sse(cnt, mean, var, np.float32(min(a * d, amax))) >= e
+    # the lowest over a dense grid is the first minimum (to the grid's resolution)
+    grid = np.linspace(0.2 * amax, amax, 4001).astype(np.float32)
+    dense = hm.model_sse_many(cnt, mean, var, grid, 0.0)
+    assert errors[0] <= dense.min() * (1 + 1e-9)
+    assert hm.model_search(cnt, mean, var, amax) == alphas[0]
+    one, _ = hm.model_minima(cnt, mean, var, amax, 0.0, 0.05, 1)
+    assert one.tolist() == alphas[:1].tolist()
+
+
+def test_model_sse_many_is_model_sse_at_each_alpha():
+    (cnt, mean, var), amax = _dips(np.random.default_rng(1))
+    alphas = np.linspace(0.1, amax, 37).astype(np.float32)
+    got = hm.model_sse_many(cnt, mean, var, alphas, 0.0)
+    assert got.tolist() == [hm.model_sse(cnt, mean, var, a) for a in alphas]
