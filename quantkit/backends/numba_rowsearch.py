@@ -25,7 +25,7 @@ them.
        g(s) = -254 sum_clip (v/s - 127) + N_mid / 6 - 2 sum_low q (v/s - q),
 
    one vectorised pass with int64 fixed-point sums.  Coarse scan of M (``model_g_error_clip``)
-   from amax/127 down by 2^(-1/4) until its clip part (a lower bound of M at all smaller s)
+   from amax/127 down by 2^(-1/8) until its clip part (a lower bound of M at all smaller s)
    reaches the best M; every local minimum (top end with g <= 0, or a - to + sign change of g; a finer scan where the
    lowest coarse point is unexplained: two roots within one step, multimodal data) near the best is
    refined by Illinois regula falsi on g in t = ln(s / s_top) to ``tol``; a runner-up within 3% of
@@ -167,7 +167,7 @@ def model_g_error_clip(v, s, v_units):
 def trend_global(v, amax, v_units, tol):
     """Global minimum of the smooth model (robust to several local minima: multimodal data).
 
-    Coarse scan of M from s_top = amax/127 down by 2^(-1/4) (one pass each, ``model_g_error_clip``),
+    Coarse scan of M from s_top = amax/127 down by 2^(-1/8) (one pass each, ``model_g_error_clip``),
     stopped when the clip part (a lower bound of M at every smaller s) reaches the best M seen.
     Local minima: the top end if g(s_top) <= 0, and every coarse interval where g changes sign
     from - (below) to + (above).  The interval next to the lowest coarse M (and any other whose
@@ -176,7 +176,7 @@ def trend_global(v, amax, v_units, tol):
     -1: a runner-up minimum within 3% of the best model error, which the caller may sweep too).
     """
     s_top = np.float64(amax) / Q64
-    step = -0.25 * np.log(2.0)
+    step = -0.125 * np.log(2.0)
     ts = np.empty(400)
     gs = np.empty(400)
     ms = np.empty(400)

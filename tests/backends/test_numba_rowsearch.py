@@ -9,7 +9,11 @@ from quantkit.backends import numba_rowsearch as rs
 
 def _row(kind: str, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(n) if kind == "normal" else rng.standard_t(3, n)
+    if kind == "gelu":  # piled near the minimum -0.17: narrow dips of the error 10-20% apart
+        z = rng.standard_normal(n)
+        x = z * 0.5 * (1 + np.tanh(0.7978845608 * (z + 0.044715 * z ** 3)))
+    else:
+        x = rng.standard_normal(n) if kind == "normal" else rng.standard_t(3, n)
     v = np.abs(x).astype(np.float32)
     return v[v > 0]
 
@@ -49,10 +53,14 @@ def test_sweep_equals_the_real_arithmetic_error_at_its_grid(kind, n):
     assert abs(sse[j] + total - exact) <= 5e-6 * exact
 
 
-@pytest.mark.parametrize("kind", ["normal", "student_t3"])
-@pytest.mark.parametrize("n", [600, 4096, 65536])
-def test_search_row_is_within_a_tenth_of_a_percent_of_brute_force(kind, n):
-    v = _row(kind, n, seed=7 + n)
+@pytest.mark.parametrize("kind, n, seed", [(k, n, 7 + n) for k in ("normal", "student_t3", "gelu")
+                                           for n in (600, 4096, 65536)]
+                         + [("gelu", 16384, 0), ("gelu", 65536, 2)])
+def test_search_row_is_within_a_tenth_of_a_percent_of_brute_force(kind, n, seed):
+    """GELU rows: the smooth model's coarse scan must not step over the lowest dip (by 2^(-1/4)
+    it did on 9 of 40 rows of 16384 values and 22 of 40 of 65536, up to 19% above the optimum;
+    seeds 0 and 2 are two of them)."""
+    v = _row(kind, n, seed=seed)
     amax = np.float32(v.max())
     alpha = rs.search_row(v, amax)
     assert 0 < alpha <= amax
