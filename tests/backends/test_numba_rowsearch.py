@@ -55,11 +55,12 @@ def test_sweep_equals_the_real_arithmetic_error_at_its_grid(kind, n):
 
 @pytest.mark.parametrize("kind, n, seed", [(k, n, 7 + n) for k in ("normal", "student_t3", "gelu")
                                            for n in (600, 4096, 65536)]
-                         + [("gelu", 16384, 0), ("gelu", 65536, 2)])
+                         + [("gelu", 16384, 0), ("gelu", 65536, 2), ("gelu", 4096, 162)])
 def test_search_row_is_within_a_tenth_of_a_percent_of_brute_force(kind, n, seed):
     """GELU rows: the smooth model's coarse scan must not step over the lowest dip (by 2^(-1/4)
-    it did on 9 of 40 rows of 16384 values and 22 of 40 of 65536, up to 19% above the optimum;
-    seeds 0 and 2 are two of them)."""
+    it did on 9 of 40 rows of 16384 values and 22 of 40 of 65536, up to 19% above the optimum,
+    seeds 0 and 2 among them; by 2^(-1/8) without the trapezoid check on 15 of 300 rows of 4096,
+    seed 162 the worst at 1.033)."""
     v = _row(kind, n, seed=seed)
     amax = np.float32(v.max())
     alpha = rs.search_row(v, amax)
