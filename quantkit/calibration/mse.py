@@ -269,10 +269,11 @@ def _exact_search(evaluate, center: float, step: float, top: float, extra=(), ri
     the data per call). First the pair ``center * (1 +- step / 2)`` (at most ``top``), the same
     pair around each of ``rivals`` (other minima of a model) and ``extra``; then, while the
     steepest rise from the best (relative error per relative alpha, over the points of the
-    search) times the step exceeds 0.1% (a minimum sharper than the step, e.g.
-    values crowded just below max|x| such as tanh outputs, where the model's bins of relative width
-    2^-7 cannot follow the curve), the step is cut by 3 and the best's neighbours at that step are
-    added. The lowest exact error wins, on a tie the larger alpha.
+    search) times the step exceeds 0.01% (a minimum sharper than the step, e.g. values crowded
+    just below max|x| such as tanh or sigmoid outputs, where the model's bins of relative width
+    2^-7 cannot follow the curve; at 0.1% a sigmoid array stopped 0.09% above the optimum), the
+    step is cut by 3 and the best's neighbours at that step are added. The lowest exact error
+    wins, on a tie the larger alpha.
     """
     known: dict = {}
 
@@ -294,7 +295,7 @@ def _exact_search(evaluate, center: float, step: float, top: float, extra=(), ri
         # aside) bounds how much lower the error can be within one step of it
         slope = max(((known[a] / known[b] - 1) / abs(a / b - 1) for a in known
                      if a != b and a not in extras and known[b] > 0), default=0.0)
-        if slope * step <= 1e-3 or step < 2.0 ** -20:
+        if slope * step <= 1e-4 or step < 2.0 ** -20:
             break
         step /= 3
         run([b * (1 - step), min(b * (1 + step), top)])
@@ -357,7 +358,7 @@ def _search_sampled(k: FlatKernels, flat, n: int, sample: np.ndarray, nonfinite)
        exact count there and taken as a smooth density (s^2 / 12 per value that a step splits):
        ``a_c``. It stands only if ``a_c`` lies above T (every value that the candidates clip or
        round near the top is in the exact tail) and that model with exact cells shows no dips
-       near it (a gap of one to _DIP_GAP noise units: its minimum joins the exact search).
+       near it.
     4. Exact errors of the data decide (_decide_exact with sse_chunked_many).
     """
     h = _args.host_kernels()
@@ -384,7 +385,7 @@ def _search_sampled(k: FlatKernels, flat, n: int, sample: np.ndarray, nonfinite)
     # error that a smooth bulk cannot show: when the sample's own model with exact rounding cells,
     # over a_s +-20% at 1% steps, falls below its error at a_s by more than _DIP_GAP times
     # the sample's noise, the full histogram decides
-    if _cell_model_gap(h, cnt, mean, var, a_s, amax_s, nonzero_s)[0] > _DIP_GAP:
+    if _cell_model_gap(h, cnt, mean, var, a_s, amax_s, nonzero_s) > _DIP_GAP:
         return None
 
     def stands(alpha):  # every value the exact search can clip or round near the top is >= T
@@ -414,26 +415,21 @@ def _search_sampled(k: FlatKernels, flat, n: int, sample: np.ndarray, nonfinite)
     a_c = float(h.model_search(cnt_c, mean_c, var_c, amax, t_value))
     if not stands(a_c):
         return None
-    gap, a_e = _cell_model_gap(h, cnt_c, mean_c, var_c, a_c, amax, nonzero_s)
-    if gap > _DIP_GAP:
+    if _cell_model_gap(h, cnt_c, mean_c, var_c, a_c, amax, nonzero_s) > _DIP_GAP:
         return None
-    # a shallower dip than the sample can prove: its alpha competes in the exact search
-    centres = [a_c] + ([a_e] if gap > 1 and abs(a_e / a_c - 1) > 0.005 and stands(a_e) else [])
-    return np.float32(_decide_exact(lambda a: k.sse_chunked_many(flat, a, chunk_max), centres,
+    return np.float32(_decide_exact(lambda a: k.sse_chunked_many(flat, a, chunk_max), [a_c],
                                     n - int(zeros), float(amax),
                                     _pile_candidates(h, sample, counts_s, a_c, amax)))
 
 
-def _cell_model_gap(h, cnt, mean, var, alpha: float, top, sample_nonzero: int) -> tuple:
-    """(gap, alpha_min): how far the histogram model with exact rounding cells falls below its
-    value at ``alpha`` over alpha * (1 + j / 100), j = -20..20 (at most ``top``), relative to that
-    minimum and in units of the noise of a sample of ``sample_nonzero`` values (1 / sqrt of it),
-    and the grid alpha of that minimum. A gap of a few units: the error has dips that a smooth
-    model of the bulk cannot place (_search_sampled)."""
+def _cell_model_gap(h, cnt, mean, var, alpha: float, top, sample_nonzero: int) -> float:
+    """How far the histogram model with exact rounding cells falls below its value at ``alpha``
+    over alpha * (1 + j / 100), j = -20..20 (at most ``top``), relative to that minimum and in
+    units of the noise of a sample of ``sample_nonzero`` values (1 / sqrt of it). A gap of a few
+    units: the error has dips that a smooth model of the bulk cannot place (_search_sampled)."""
     grid = np.minimum(alpha * (1 + 0.01 * np.arange(-20, 21)), float(top)).astype(np.float32)
     cells = h.model_sse_many(cnt, mean, var, grid, 0.0)
-    j = int(np.argmin(cells))
-    return float((cells[20] / cells[j] - 1) * np.sqrt(sample_nonzero)), float(grid[j])
+    return float((cells[20] / cells.min() - 1) * np.sqrt(sample_nonzero))
 
 
 # ------------------------------------------------------------------------ rows and blocks
