@@ -242,8 +242,8 @@ def model_minima(cnt, mean, var, amax, smooth_below, within, count):
        SiLU, a saturated level) make narrow dips where the rounding grid meets them, a few percent
        wide and 10-20% apart in alpha, which the coarse scan steps over.
     3. Every local minimum of that scan (the ends included) within ``within`` + 1% of its lowest
-       point is refined by two geometric rounds (to ~0.01%); those within ``within`` of the lowest
-       refined error are returned.
+       point is refined by three geometric rounds of 17 points (to ~0.005%); those within
+       ``within`` of the lowest refined error are returned.
 
     ``smooth_below``: see model_search.
     """
@@ -294,7 +294,7 @@ def model_minima(cnt, mean, var, amax, smooth_below, within, count):
             break
         if (j > 0 and fs[j - 1] < fs[j]) or (j + 1 < nf and fs[j + 1] < fs[j]):
             continue  # not a local minimum of the scan
-        a_r, s_r = _refine(cnt, mean, var, tables, smooth_below, a64, fa[j], ratio, 2)
+        a_r, s_r = _refine(cnt, mean, var, tables, smooth_below, a64, fa[j], ratio, 3)
         out_a[m] = a_r
         out_s[m] = s_r
         m += 1

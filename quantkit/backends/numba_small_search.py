@@ -361,9 +361,9 @@ def _search_mse_normalized(values, counts, amax):
        clusters (numba_rowsearch.clustered, sent here, as the smooth model cannot
        place their dips; clustered values take the better, by exact error, of this and the row
        sweep of step 2, since repeated values also mark a row clustered and this scan's 1% grid
-       can miss a narrow minimum there: 1.06-1.18 of the optimum on MiniLM activation rows): a coarse
-       scan from amax down by 2^(-1/8), stopped as soon as the clip bound (a lower bound of the
-       error at every smaller alpha) reaches the best error found; then exact scans ever finer
+       can miss a narrow minimum there: 1.06-1.18 of the optimum on MiniLM activation rows): a
+       coarse scan from amax down by 2^(-1/8), stopped as soon as the clip bound (a lower bound of
+       the error at every smaller alpha) reaches the best error found; then exact scans ever finer
        around the best: +-9% at 1%, the near-optimal window at 0.1% (every 1% point within
        max(4%, 2.7 / sqrt(n)) of the best; at most 200 points), then 0.2, 0.4 and 0.6 of its step
        on each side of the three lowest points of that scan.

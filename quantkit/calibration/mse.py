@@ -429,6 +429,8 @@ def _cell_model_gap(h, cnt, mean, var, alpha: float, top, sample_nonzero: int) -
     units: the error has dips that a smooth model of the bulk cannot place (_search_sampled)."""
     grid = np.minimum(alpha * (1 + 0.01 * np.arange(-20, 21)), float(top)).astype(np.float32)
     cells = h.model_sse_many(cnt, mean, var, grid, 0.0)
+    if not cells.min() > 0:  # a model error of zero: no smooth bulk at all
+        return np.inf
     return float((cells[20] / cells.min() - 1) * np.sqrt(sample_nonzero))
 
 
