@@ -275,7 +275,10 @@ def test_calibration_quality_and_speed(bench):
     timing_rows.insert(2, ["torch.ao HistogramObserver (forward + qparams)", t_hist * 1e3,
                            t_hist / t_def["quantize"]])
 
+    cpu = result["cpu"]
     md = ["## Calibration: MSE / brute-force optimum (1.0 is the optimum)", "",
+          f"CPU: {cpu['model']}, AVX2 {cpu['avx2']}, AVX-512F {cpu['avx512f']}, "
+          f"AVX-512 VNNI {cpu['avx512_vnni']}.", "",
           f"Per tensor, n = {n} unless noted; exact int8 MSE at each method's alpha divided by the "
           "brute-force optimum (2000-point grid, refined twice).", "",
           markdown_table(header, rows), "",
