@@ -381,17 +381,17 @@ def _search_sampled(k: FlatKernels, flat, n: int, sample: np.ndarray, nonfinite)
         tail_bin = guess_bin
     tail_bin = max(tail_bin, 1)
     t_value = float(np.array([tail_bin << h.HIST_SHIFT], np.int32).view(np.float32)[0])
-    # values piled near some magnitude (the minimum of GELU or SiLU outputs) make dips in the
-    # error that a smooth bulk cannot show: when the sample's own model with exact rounding cells,
-    # over a_s +-20% at 1% steps, falls below its error at a_s by more than _DIP_GAP times
-    # the sample's noise, the full histogram decides
-    if _cell_model_gap(h, cnt, mean, var, a_s, amax_s, nonzero_s) > _DIP_GAP:
-        return None
 
     def stands(alpha):  # every value the exact search can clip or round near the top is >= T
         return alpha * (1 - _SAMPLED_MARGIN) * ((QMAX - 0.5) / QMAX) >= t_value
 
     if not stands(a_s * 0.97):
+        return None
+    # values piled near some magnitude (the minimum of GELU or SiLU outputs) make dips in the
+    # error that a smooth bulk cannot show: when the sample's own model with exact rounding cells,
+    # over a_s +-20% at 1% steps, falls below its error at a_s by more than _DIP_GAP times
+    # the sample's noise, the full histogram decides (tested after the cheaper test above)
+    if _cell_model_gap(h, cnt, mean, var, a_s, amax_s, nonzero_s) > _DIP_GAP:
         return None
     tail = np.zeros(h.HIST_BINS - tail_bin, np.int64)
     chunk_max = np.zeros((n + h.CHUNK - 1) // h.CHUNK, np.float32)
@@ -410,7 +410,8 @@ def _search_sampled(k: FlatKernels, flat, n: int, sample: np.ndarray, nonfinite)
     exact_tail = np.zeros(h.HIST_BINS, np.int64)
     exact_tail[tail_bin:] = tail
     c2, m2, v2 = h.count_moments(exact_tail, False)
-    cnt_c, mean_c = np.concatenate([c1 * (below_full / below_sample), c2]), np.concatenate([m1, m2])
+    cnt_c = np.concatenate([c1 * (below_full / below_sample), c2])
+    mean_c = np.concatenate([m1, m2])
     var_c = np.concatenate([v1, v2])
     a_c = float(h.model_search(cnt_c, mean_c, var_c, amax, t_value))
     if not stands(a_c):
