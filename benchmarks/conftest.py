@@ -87,7 +87,8 @@ def machine() -> dict:
         from quantkit import matmul
 
         chosen = matmul.describe()
-        info["cpu_features"] = {k: chosen[k] for k in ("avx2", "fma", "avx512", "avx512_vnni")}
+        info["cpu_features"] = {k: chosen[k] for k in ("avx2", "fma", "avx512", "avx512_vnni",
+                                                              "amx_int8")}
         info["int8_linear_paths"] = {k: chosen[k] for k in ("w8a8", "weight_only_batch1",
                                                             "weight_only_batch256", "forced")}
     except ImportError:
@@ -107,7 +108,7 @@ def cpu_class() -> str:
     """The results folder of this machine: its widest int8-relevant SIMD feature set."""
     f = machine().get("cpu_features", {})
     if f.get("avx512_vnni"):
-        return "avx512_vnni"
+        return "avx512_vnni_amx" if f.get("amx_int8") else "avx512_vnni"
     if f.get("avx512"):
         return "avx512"
     return "avx2" if f.get("avx2") and f.get("fma") else "generic"
@@ -118,7 +119,8 @@ def cpu_line() -> str:
     """One line naming the CPU and its SIMD features, for the head of every result section."""
     m = machine()
     f = m.get("cpu_features", {})
-    flags = ", ".join(name for name in ("avx2", "fma", "avx512", "avx512_vnni") if f.get(name))
+    flags = ", ".join(name for name in ("avx2", "fma", "avx512", "avx512_vnni", "amx_int8")
+                      if f.get(name))
     missing = ", ".join(name for name in ("avx512", "avx512_vnni") if not f.get(name))
     return (f"CPU: {m['processor']}, {m['cpus']} CPUs; features: {flags or 'none detected'}"
             + (f" (no {missing})" if missing else "") + f"; torch {m.get('torch', '-')}.")

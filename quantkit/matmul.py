@@ -104,14 +104,15 @@ _row_sums: dict = {}  # id(weight) -> (weakref to it, version, data_ptr, shape, 
 
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> dict:
-    """{"model", "avx2", "fma", "avx512", "avx512_vnni", "native"}: this CPU and the library.
+    """{"model", "avx2", "fma", "avx512", "avx512_vnni", "amx_int8", "native"}: this CPU and the
+    library.
 
     ``native`` is None when quantkit's CPU library is usable, else the reason it is not.
     """
     from .backends import native_cpu
 
     info = {"model": platform.processor() or platform.machine(), "avx2": False, "fma": False,
-            "avx512": False, "avx512_vnni": False}
+            "avx512": False, "avx512_vnni": False, "amx_int8": False}
     flags = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -134,6 +135,7 @@ def cpu_info() -> dict:
         info["avx2"], info["fma"] = "avx2" in flags, "fma" in flags
         info["avx512"] = {"avx512f", "avx512bw", "avx512vl"} <= flags
         info["avx512_vnni"] = "avx512_vnni" in flags
+    info["amx_int8"] = {"amx_tile", "amx_int8"} <= flags
     return info
 
 
