@@ -15,6 +15,8 @@ Paths (``QUANTKIT_MATMUL`` forces one for every CPU tensor; unset or ``auto`` ch
 ============  =================================================  =============================
 path          W8A8 int32 product                                 weight-only
 ============  =================================================  =============================
+``amx``       quantkit's AMX-INT8 kernel (csrc/cpu; tiles of     quantkit's fused AVX2 kernel
+              16 x 64 codes, signed x signed, no offset)
 ``vnni``      quantkit's AVX-512 VNNI kernel (csrc/cpu)          quantkit's fused AVX2 kernel
 ``avx2``      quantkit's AVX2 kernel (csrc/cpu)                  quantkit's fused AVX2 kernel
 ``generic``   quantkit's portable C kernel (any CPU; slow)       quantkit's fused portable C
@@ -35,7 +37,9 @@ VNNI EPYC generations ``torch._int_mm`` won at one row on one and lost on the ot
 first products of each shape class (rows rounded up to a power of two, K, N, threads) run the
 candidates in turn, each timed, and the class keeps the fastest (:func:`tuned_paths`); one row
 without VNNI always takes ``avx2``, and more than :data:`TUNE_MAX_ROWS` rows on a VNNI CPU take
-``int_mm``. Every W8A8 path gives the same bits, so timing changes only speed. The VNNI kernel
+``int_mm``. On a CPU with AMX-INT8 (and the OS's grant of its tile state), products of at least
+:data:`AMX_MIN_ROWS` rows time ``amx`` as well, at every size. Every W8A8 path gives the same bits,
+so timing changes only speed. The VNNI kernel
 subtracts 128 times each weight row's sum; :func:`weight_row_sums` keeps those per weight tensor.
 Weight-only: the fused AVX2 kernel (few rows: memory-bound) up to
 :data:`FUSED_W8_MAX_ROWS_AVX512` rows on AVX-512 CPUs and at every size on AVX2 ones, dense
@@ -43,10 +47,11 @@ otherwise: a fixed rule, because its paths agree only to float32 rounding. CUDA 
 take ``int_mm`` and dense.
 
 Block-scaled weights (``block_size`` B: one scale per B consecutive weights of a row, scales
-(N, K / B)) take the same choice for weight-only (the fused kernel dequantizes each weight before
-its multiply-add), and for W8A8 quantkit's kernel of the CPU's best path (``vnni``, ``avx2``) for
-every shape, one exact int32 product per block; the torch paths (``int_mm``, ``float``) loop
-over the blocks in torch ops with the same float32 operations, so every path gives the same bits.
+(N, K / B)) take the same choice for weight-only (the fused kernel dequantizes each weight before its
+multiply-add), and for W8A8 quantkit's kernel of the CPU's best path (``vnni``, ``avx2``; a forced
+``amx`` runs ``vnni`` there) for every shape, one exact int32 product per block; the torch paths
+(``int_mm``, ``float``) loop over the blocks in torch ops with the same float32 operations, so
+every path gives the same bits.
 
 A forced path this CPU cannot run raises RuntimeError naming the path and what it needs; an
 unknown ``QUANTKIT_MATMUL`` value is a ValueError listing the choices.
@@ -65,9 +70,9 @@ import torch
 
 from ._constants import QMAX
 
-PATHS = ("auto", "vnni", "avx2", "generic", "int_mm", "float")
+PATHS = ("auto", "amx", "vnni", "avx2", "generic", "int_mm", "float")
 #: quantkit's own kernels (csrc/cpu); the others are torch products.
-NATIVE_PATHS = ("vnni", "avx2", "generic")
+NATIVE_PATHS = ("amx", "vnni", "avx2", "generic")
 ENV = "QUANTKIT_MATMUL"
 #: Largest K whose int8 products sum exactly in float32: 1040 * 127 * 127 = 16774160 < 2^24.
 EXACT_FLOAT_K = (1 << 24) // (QMAX * QMAX)
@@ -76,6 +81,9 @@ EXACT_FLOAT_K = (1 << 24) // (QMAX * QMAX)
 #: torch._int_mm otherwise (the Zen 5 crossovers, docs/PERF-NOTES.md).
 VNNI_MAX_ROWS = 32
 VNNI_MIN_K = 2048
+#: On a CPU with AMX-INT8, products of at least this many rows (one full activation tile) also
+#: time quantkit's AMX kernel.
+AMX_MIN_ROWS = 16
 #: auto on an AVX-512 CPU: the fused weight-only kernel up to this many rows, dense above (the
 #: crossover measured at 64 rows on a Zen 4 EPYC and below 16 on a Zen 5 one; at 32 the two
 #: paths were level on the Zen 4).
@@ -107,7 +115,9 @@ def cpu_info() -> dict:
     """{"model", "avx2", "fma", "avx512", "avx512_vnni", "amx_int8", "native"}: this CPU and the
     library.
 
-    ``native`` is None when quantkit's CPU library is usable, else the reason it is not.
+    ``native`` is None when quantkit's CPU library is usable, else the reason it is not. With the
+    library, the features are what it detects (``amx_int8``: AMX-TILE and AMX-INT8 with the tile
+    state granted by the OS); without it, the ``/proc/cpuinfo`` flags.
     """
     from .backends import native_cpu
 
@@ -131,11 +141,12 @@ def cpu_info() -> dict:
         info["avx2"] = info["fma"] = bool(bits & native_cpu.FEATURE_AVX2)
         info["avx512"] = bool(bits & native_cpu.FEATURE_AVX512)
         info["avx512_vnni"] = bool(bits & native_cpu.FEATURE_AVX512_VNNI)
+        info["amx_int8"] = bool(bits & native_cpu.FEATURE_AMX_INT8)
     else:
         info["avx2"], info["fma"] = "avx2" in flags, "fma" in flags
         info["avx512"] = {"avx512f", "avx512bw", "avx512vl"} <= flags
         info["avx512_vnni"] = "avx512_vnni" in flags
-    info["amx_int8"] = {"amx_tile", "amx_int8"} <= flags
+        info["amx_int8"] = {"amx_tile", "amx_int8"} <= flags
     return info
 
 
@@ -164,12 +175,16 @@ def _require(path: str) -> None:
     info = cpu_info()
     if info["native"] is not None:
         raise RuntimeError(f"{ENV}={path} needs quantkit's CPU library: {info['native']}")
-    if path in ("avx2", "vnni") and not (info["avx2"] and info["fma"]):
+    if path in ("avx2", "vnni", "amx") and not (info["avx2"] and info["fma"]):
         raise RuntimeError(f"{ENV}={path} cannot run on this CPU ({info['model']}): it lacks "
                            "AVX2/FMA; use generic, int_mm or float")
-    if path == "vnni" and not (info["avx512"] and info["avx512_vnni"]):
-        raise RuntimeError(f"{ENV}=vnni cannot run on this CPU ({info['model']}): it lacks "
+    if path in ("vnni", "amx") and not (info["avx512"] and info["avx512_vnni"]):
+        raise RuntimeError(f"{ENV}={path} cannot run on this CPU ({info['model']}): it lacks "
                            "AVX-512 BW/VL or AVX-512 VNNI; use avx2, generic, int_mm or float")
+    if path == "amx" and not info["amx_int8"]:
+        raise RuntimeError(f"{ENV}=amx cannot run on this CPU ({info['model']}): it lacks "
+                           "AMX-INT8 (or the OS does not grant its tile state); use vnni, avx2, "
+                           "generic, int_mm or float")
 
 
 def _forced_int8_path():
@@ -190,11 +205,14 @@ def _int8_candidates_cpu(rows: int, k: int) -> tuple:
         return (forced,)
     info = cpu_info()
     if info["avx512_vnni"]:
-        if info["native"] is not None or rows > TUNE_MAX_ROWS:
+        if info["native"] is not None:
             return ("int_mm",)
+        amx = ("amx",) if info["amx_int8"] and rows >= AMX_MIN_ROWS else ()
+        if rows > TUNE_MAX_ROWS:
+            return ("int_mm",) + amx
         if rows <= VNNI_MAX_ROWS and k >= VNNI_MIN_K:
-            return ("vnni", "int_mm")
-        return ("int_mm", "vnni")
+            return ("vnni", "int_mm") + amx
+        return ("int_mm", "vnni") + amx
     if info["native"] is None and info["avx2"] and info["fma"]:
         return ("avx2",) if rows == 1 else ("avx2", "float")
     return ("float",)
@@ -224,7 +242,7 @@ def _weight_only_path_cpu(rows: int, blocks: bool = False) -> str:
     forced = _forced()
     if forced in NATIVE_PATHS:
         _require(forced)
-        return "avx2" if forced == "vnni" else forced
+        return "avx2" if forced in ("vnni", "amx") else forced
     if forced != "auto":
         return "dense"
     info = cpu_info()

@@ -8,8 +8,8 @@ import pytest
 from quantkit import matmul
 from quantkit.backends import native_cpu
 
-INT8_PATHS = ("vnni", "avx2", "generic", "int_mm", "float")
-FUSED_PATHS = ("vnni", "avx2", "generic")
+INT8_PATHS = ("amx", "vnni", "avx2", "generic", "int_mm", "float")
+FUSED_PATHS = ("amx", "vnni", "avx2", "generic")
 
 
 def skip_unless_runnable(path: str) -> None:
@@ -19,5 +19,6 @@ def skip_unless_runnable(path: str) -> None:
         if reason is not None:
             pytest.skip(reason)
         if not native_cpu.path_supported(path):
-            need = "AVX-512 BW/VL and VNNI" if path == "vnni" else "AVX2/FMA"
+            need = {"vnni": "AVX-512 BW/VL and VNNI",
+                    "amx": "AMX-INT8 (with the tile state granted by the OS)"}.get(path, "AVX2/FMA")
             pytest.skip(f"this CPU ({matmul.cpu_info()['model']}) lacks {need} for {path!r}")

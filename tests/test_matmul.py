@@ -75,7 +75,8 @@ def test_int8_product_empty(monkeypatch, path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(1, 9), k=st.integers(1, 300), n=st.integers(1, 40), seed=st.integers(0, 2**31))
+@given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 40),
+       seed=st.integers(0, 2**31))
 def test_native_paths_equal_int64_any_shape(m, k, n, seed):
     if native_cpu.unavailable_reason() is not None:
         pytest.skip(native_cpu.unavailable_reason())
@@ -86,6 +87,35 @@ def test_native_paths_equal_int64_any_shape(m, k, n, seed):
             for threads in (1, 2):
                 got = native_cpu.gemm_s8s8s32(a, b, path=path, threads=threads)
                 assert np.array_equal(got, _exact(a, b))
+
+
+# Shapes at the AMX kernel's edges: rows around its tiles of 16 activation rows and pairs of
+# them, weight rows around its work items of 32 (one or two weight tiles), K around its tiles of 64,
+# and several passes over the weight (K = 4096 and 4097: 14-16 activation tiles per pass).
+AMX_EDGES = [(15, 64, 16), (16, 64, 16), (17, 65, 17), (31, 127, 31), (32, 128, 32),
+             (33, 129, 33), (47, 63, 48), (48, 192, 49), (1, 1, 1), (3, 2, 70),
+             (600, 4096, 40), (513, 4097, 33), (40, 20000, 3)]
+
+
+@pytest.mark.parametrize("m, k, n", AMX_EDGES)
+def test_amx_kernel_at_its_tile_edges(m, k, n):
+    """The AMX kernel (packed activation tiles, a padded weight panel per work item, passes over
+    the weight) against int64 products, also from row-strided views, with 1 and 2 threads; the
+    rescaled product gives the bits of the generic path."""
+    skip_unless_runnable("amx")
+    rng = np.random.default_rng(m * 7919 + k * 31 + n)
+    for extremes in (False, True):
+        big_a, b = _codes(rng, (m, k + 9), extremes), _codes(rng, (n, k), extremes)
+        a = big_a[:, 5:5 + k]                            # row stride k + 9
+        s_a = rng.uniform(1e-3, 1, m).astype(np.float32)
+        s_b = rng.uniform(1e-3, 1, n).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        want = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, bias, path="generic")
+        for threads in (1, 2):
+            assert np.array_equal(native_cpu.gemm_s8s8s32(a, b, path="amx", threads=threads),
+                                  _exact(a, b))
+            got = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, bias, path="amx", threads=threads)
+            assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 
 def test_native_gemm_takes_strided_rows():
@@ -142,7 +172,8 @@ def test_row_sums_are_exact_and_checked():
 
 @pytest.mark.parametrize("path", FUSED_PATHS)
 @settings(max_examples=30, deadline=None)
-@given(m=st.integers(1, 9), k=st.integers(1, 300), n=st.integers(1, 40), seed=st.integers(0, 2**31))
+@given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 40),
+       seed=st.integers(0, 2**31))
 def test_given_row_sums_give_the_same_bits(path, m, k, n, seed):
     """Every native path with the weight's row sums passed equals the int64 product (and the
     W8A8 rescale equals the path's own without them), the sums' only user being "vnni"."""
@@ -272,7 +303,7 @@ def test_fused_weight_only_nonfinite_input_propagates():
 
 def test_unknown_path_is_a_value_error_listing_the_choices(monkeypatch):
     monkeypatch.setenv(matmul.ENV, "fast")
-    with pytest.raises(ValueError, match="auto, vnni, avx2, generic, int_mm, float"):
+    with pytest.raises(ValueError, match="auto, amx, vnni, avx2, generic, int_mm, float"):
         matmul.int8_product(torch.ones((2, 3), dtype=torch.int8),
                             torch.ones((4, 3), dtype=torch.int8))
 
@@ -300,6 +331,28 @@ def test_forced_vnni_without_the_feature_names_it(monkeypatch):
                             torch.ones((4, 3), dtype=torch.int8))
 
 
+def test_forced_amx_without_the_feature_names_it(monkeypatch):
+    info = dict(matmul.cpu_info(), avx2=True, fma=True, avx512=True, avx512_vnni=True,
+                amx_int8=False, native=None, model="a VNNI CPU without AMX")
+    monkeypatch.setattr(matmul, "cpu_info", lambda: info)
+    monkeypatch.setenv(matmul.ENV, "amx")
+    with pytest.raises(RuntimeError, match="amx cannot run on this CPU .*lacks AMX-INT8"):
+        matmul.int8_product(torch.ones((2, 3), dtype=torch.int8),
+                            torch.ones((4, 3), dtype=torch.int8))
+
+
+def test_library_refuses_amx_on_a_cpu_without_it():
+    """As for VNNI: the library checks the CPU and the OS's grant itself."""
+    if native_cpu.unavailable_reason() is not None:
+        pytest.skip(native_cpu.unavailable_reason())
+    a = np.ones((2, 3), np.int8)
+    if native_cpu.path_supported("amx"):
+        assert np.array_equal(native_cpu.gemm_s8s8s32(a, a, path="amx"), np.full((2, 2), 3))
+    else:
+        with pytest.raises(RuntimeError, match="'amx'.*need AVX-512 BW/VL, VNNI and AMX-INT8"):
+            native_cpu.gemm_s8s8s32(a, a, path="amx")
+
+
 def test_library_refuses_vnni_on_a_cpu_without_it():
     """The C library checks the CPU itself: a forced VNNI call never runs an illegal instruction."""
     if native_cpu.unavailable_reason() is not None:
@@ -322,15 +375,20 @@ def test_forced_native_without_the_library_says_how_to_build(monkeypatch):
 
 
 @pytest.mark.parametrize("features, w8a8_1, w8a8, weight_only_1, weight_only_256", [
-    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, native=None),
+    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, amx_int8=False,
+          native=None),
      "avx2", "avx2", "avx2", "avx2"),
-    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=False,
+          native=None),
      "vnni", "int_mm", "avx2", "dense"),
-    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native="not built"),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=False,
+          native="not built"),
      "int_mm", "int_mm", "dense", "dense"),
-    (dict(avx2=False, fma=False, avx512=False, avx512_vnni=False, native=None),
+    (dict(avx2=False, fma=False, avx512=False, avx512_vnni=False, amx_int8=False,
+          native=None),
      "float", "float", "dense", "dense"),
-    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, native="not built"),
+    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, amx_int8=False,
+          native="not built"),
      "float", "float", "dense", "dense"),
 ])
 def test_auto_choice_by_cpu_features(monkeypatch, features, w8a8_1, w8a8, weight_only_1,
@@ -345,7 +403,8 @@ def test_auto_choice_by_cpu_features(monkeypatch, features, w8a8_1, w8a8, weight
 
 def test_vnni_choice_depends_on_the_shape(monkeypatch):
     """On a VNNI CPU: quantkit's kernel for few rows of a long K, torch._int_mm otherwise."""
-    info = dict(model="test CPU", avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None)
+    info = dict(model="test CPU", avx2=True, fma=True, avx512=True, avx512_vnni=True,
+                amx_int8=False, native=None)
     monkeypatch.setattr(matmul, "cpu_info", lambda: info)
     monkeypatch.delenv(matmul.ENV, raising=False)
     assert matmul._int8_path_cpu(matmul.VNNI_MAX_ROWS, matmul.VNNI_MIN_K) == "vnni"
@@ -356,7 +415,7 @@ def test_vnni_choice_depends_on_the_shape(monkeypatch):
 def test_cpu_info_reports_the_features():
     info = matmul.cpu_info()
     assert isinstance(info["model"], str) and info["model"]
-    for key in ("avx2", "fma", "avx512", "avx512_vnni"):
+    for key in ("avx2", "fma", "avx512", "avx512_vnni", "amx_int8"):
         assert isinstance(info[key], bool)
 
 
@@ -488,16 +547,33 @@ def test_forced_path_is_never_timed(monkeypatch):
 
 
 @pytest.mark.parametrize("features, rows, w8a8", [
-    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None), 1, ("vnni", "int_mm")),
-    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None), 100,
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=False,
+          native=None), 1, ("vnni", "int_mm")),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=False,
+          native=None), 100,
      ("int_mm", "vnni")),
-    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native=None), 1000, ("int_mm",)),
-    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, native="not built"), 1,
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=False,
+          native=None), 1000, ("int_mm",)),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=False,
+          native="not built"), 1,
      ("int_mm",)),
-    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, native=None), 1, ("avx2",)),
-    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, native=None), 1000,
+    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, amx_int8=False,
+          native=None), 1, ("avx2",)),
+    (dict(avx2=True, fma=True, avx512=False, avx512_vnni=False, amx_int8=False,
+          native=None), 1000,
      ("avx2", "float")),
-    (dict(avx2=False, fma=False, avx512=False, avx512_vnni=False, native=None), 16, ("float",)),
+    (dict(avx2=False, fma=False, avx512=False, avx512_vnni=False, amx_int8=False,
+          native=None), 16, ("float",)),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=True,
+          native=None), 1, ("vnni", "int_mm")),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=True,
+          native=None), 16, ("vnni", "int_mm", "amx")),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=True,
+          native=None), 100, ("int_mm", "vnni", "amx")),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=True,
+          native=None), 1000, ("int_mm", "amx")),
+    (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=True,
+          native="not built"), 1000, ("int_mm",)),
 ])
 def test_w8a8_candidates_by_cpu_features_and_rows(monkeypatch, features, rows, w8a8):
     info = dict(model="test CPU", **features)

@@ -2,9 +2,11 @@
  * int8-weight float32 product. Plain C ABI (loaded with ctypes by quantkit/backends/native_cpu.py).
  *
  * Every entry point takes a `path`: QK_PATH_GENERIC (portable C, any CPU), QK_PATH_AVX2 (AVX2 +
- * FMA intrinsics) or QK_PATH_VNNI (AVX-512 BW/VL + VNNI for the int8 products; the weight-only
- * product takes its AVX2 kernels there), chosen at run time and refused with QK_ERR_UNSUPPORTED
- * on a CPU without the features. All paths of a product give identical bits:
+ * FMA intrinsics), QK_PATH_VNNI (AVX-512 BW/VL + VNNI for the int8 products; the weight-only
+ * product takes its AVX2 kernels there) or QK_PATH_AMX (AMX-INT8 tiles for the per-row-scaled int8
+ * products, Linux only; the block-scaled one takes the VNNI kernel there, the weight-only ones the
+ * AVX2 kernels), chosen at run time and refused with QK_ERR_UNSUPPORTED on a CPU without the
+ * features. All paths of a product give identical bits:
  *
  *   qk_cpu_gemm_s8s8s32:  C[i][j] = sum_k A[i][k] * B[j][k]          (exact int32)
  *       A (M, K) and B (N, K) int8 rows, codes in [-127, 127] (DESIGN.md section 1 never makes
@@ -18,7 +20,8 @@
  *       int32 (|C| <= 127^2 K, any K below 133144). The weight row sums are a property of the
  *       weight: a caller that keeps them passes `bsum` (bsum[j] = sum_k B[j][k], exact in int32
  *       for K up to 2^24); with bsum NULL each call computes them, one more vpdpbusd pass
- *       over B (as much work as the product itself at one row of A).
+ *       over B (as much work as the product itself at one row of A). AMX has a signed x signed
+ *       tile product (tdpbssd): no offset, the codes go in as they are (section AMX below).
  *
  *   qk_cpu_linear_w8a8_f32: Y[i][j] = float32(C[i][j]) * (sx[i] * sw[j]) + bias[j], C as above,
  *       each float32 operation rounded once in that order (the W8A8 rescale of DESIGN.md
@@ -49,16 +52,27 @@
  *
  * Work is split over the N outputs (rows of B / W) between `threads` OpenMP threads.
  */
+#define _GNU_SOURCE   /* syscall(), for the AMX permission request */
 #include <stdint.h>
 #include <stddef.h>
+#include <string.h>
 #include <math.h>
 #include <stdlib.h>
 #include <immintrin.h>
+/* The AMX kernels: Linux (which grants the tile state per process), a compiler that knows AMX. */
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define QK_HAVE_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
-#define QK_CPU_ABI_VERSION 4
+#define QK_CPU_ABI_VERSION 5
 #define QK_PATH_GENERIC 0
 #define QK_PATH_AVX2 1
 #define QK_PATH_VNNI 2
+#define QK_PATH_AMX 3
 #define QK_OK 0
 #define QK_ERR_UNSUPPORTED 1
 #define QK_ERR_ARGUMENT 2
@@ -67,10 +81,15 @@
 #define QK_FEATURE_AVX2 1          /* avx2 and fma */
 #define QK_FEATURE_AVX512 2        /* avx512f, avx512bw, avx512vl */
 #define QK_FEATURE_AVX512_VNNI 4
+#define QK_FEATURE_AMX_INT8 8      /* amx-tile and amx-int8, granted by the OS */
 
 #define EXPORT __attribute__((visibility("default")))
 
 EXPORT int qk_cpu_abi_version(void) { return QK_CPU_ABI_VERSION; }
+
+#ifdef QK_HAVE_AMX
+static int amx_usable(void);
+#endif
 
 EXPORT int qk_cpu_features(void) {
     int f = 0;
@@ -81,6 +100,9 @@ EXPORT int qk_cpu_features(void) {
         && __builtin_cpu_supports("avx512vl")) f |= QK_FEATURE_AVX512;
     if (__builtin_cpu_supports("avx512vnni")) f |= QK_FEATURE_AVX512_VNNI;
 #endif
+#ifdef QK_HAVE_AMX
+    if (amx_usable()) f |= QK_FEATURE_AMX_INT8;
+#endif
     return f;
 }
 
@@ -90,6 +112,9 @@ static int path_supported(int path) {
     if (path == QK_PATH_AVX2) return (f & QK_FEATURE_AVX2) != 0;
     if (path == QK_PATH_VNNI)
         return (f & QK_FEATURE_AVX2) && (f & QK_FEATURE_AVX512) && (f & QK_FEATURE_AVX512_VNNI);
+    if (path == QK_PATH_AMX)   /* the block-scaled product takes the VNNI kernel on this path */
+        return (f & QK_FEATURE_AVX2) && (f & QK_FEATURE_AVX512) && (f & QK_FEATURE_AVX512_VNNI)
+               && (f & QK_FEATURE_AMX_INT8);
     return 0;
 }
 
@@ -604,6 +629,230 @@ VNNI static void gemm_vnni_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
 }
 #endif
 
+/* -------------------------------------------------------------------------------- AMX */
+
+/* AMX (Intel Sapphire Rapids and later): tdpbssd multiplies signed by signed bytes, so the codes
+ * need no offset. Tile registers of 16 rows x 64 bytes; a product tile is
+ *   T[r][c] += sum_{k < 16, q < 4} S1[r][4k + q] * S2[k][4c + q]   (int32, wrapping)
+ * The weight is S1 as it lies in memory (16 weight rows, 64 consecutive k each); the activations
+ * are S2 in the pair-interleaved layout (amx_pack): tile (b, kc) holds, in row r, the four codes
+ * k = 64 kc + 4r .. 64 kc + 4r + 3 of each of the sixteen activation rows 16 b .. 16 b + 15, zeros
+ * past M and K. A product tile is then C transposed: T[j][i] = sum_k W[j][k] A[i][k]. The
+ * tile's sums run over k in a different order from the other paths, which changes no bit: every
+ * path computes the exact integer (modulo 2^32). */
+#ifdef QK_HAVE_AMX
+#define AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")))
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+/* Activation rows per tile (and weight rows per tile). */
+#define AMX_ROWS 16
+/* Bytes of k per tile row; one packed activation tile is AMX_ROWS * AMX_K bytes. */
+#define AMX_K 64
+#define AMX_TILE_BYTES (AMX_ROWS * AMX_K)
+/* Weight rows per work item: two weight tiles. */
+#define AMX_N_BLOCK 32
+/* Bytes of packed activations per pass over the weight, sized to stay in L2 while every work item
+ * of the pass reads them. */
+#define AMX_PASS_BYTES (1 << 20)
+
+/* 1 when the CPU has AMX-TILE and AMX-INT8, the OS saves tile state, and Linux grants this process
+ * the tile data (asked once; the grant holds for every thread of the process). */
+static int amx_usable(void) {
+    static int state = -1;
+    int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
+    if (s >= 0) return s;
+    unsigned a, b, c, d;
+    int ok = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 24)) && (d & (1u << 25))
+        && __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 27))) {          /* OSXSAVE */
+        unsigned lo, hi;
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        if ((lo & (3u << 17)) == (3u << 17))                     /* XTILECFG and XTILEDATA */
+            ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }
+    __atomic_store_n(&state, ok, __ATOMIC_RELEASE);
+    return ok;
+}
+
+/* Every tile register 16 rows x 64 bytes (palette 1), for the calling thread. */
+AMX static void amx_configure(void) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } __attribute__((aligned(64))) cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = AMX_K;
+        cfg.rows[t] = AMX_ROWS;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* Packed activation tile (b, kc) of A (M, K) into P (the layout in the section comment). Full
+ * tiles gather each tile row's sixteen 4-byte groups at once; edge tiles go byte by byte. */
+AMX static void amx_pack_tile(int64_t M, int64_t K, const int8_t *A, int64_t lda, int64_t b,
+                              int64_t kc, int8_t *P) {
+    int64_t i0 = b * AMX_ROWS, k0 = kc * AMX_K;
+    if (i0 + AMX_ROWS <= M && k0 + AMX_K <= K && lda <= (INT32_MAX / AMX_ROWS)) {
+        const __m512i rows = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32((int)lda));
+        const int8_t *base = A + i0 * lda + k0;
+        for (int r = 0; r < AMX_ROWS; r++)
+            _mm512_storeu_si512((void *)(P + r * AMX_K),
+                                _mm512_i32gather_epi32(rows, (const void *)(base + 4 * r), 1));
+        return;
+    }
+    for (int r = 0; r < AMX_ROWS; r++)
+        for (int i = 0; i < AMX_ROWS; i++)
+            for (int q = 0; q < 4; q++) {
+                int64_t row = i0 + i, k = k0 + 4 * r + q;
+                P[r * AMX_K + 4 * i + q] = row < M && k < K ? A[row * lda + k] : 0;
+            }
+}
+
+/* Where a work item's product tiles go: the int32 C (Y NULL), or Y = float32(C) * (sx[i] * sw[j])
+ * + bias[j] (each float32 operation rounded once, in that order). */
+typedef struct {
+    int32_t *C;
+    int64_t ldc;
+    float *Y;
+    int64_t ldy;
+    const float *sx, *sw, *bias;
+} amx_out;
+
+/* Rows i0 .. i0 + mi - 1 of the output at columns j0 .. j0 + nj - 1 from acc[jj][ii] (row stride
+ * 2 * AMX_ROWS): the product tiles of weight rows j0 + jj and activation rows i0 + ii. */
+static void amx_store(const int32_t *acc, int64_t i0, int64_t mi, int64_t j0, int64_t nj,
+                      const amx_out *out) {
+    for (int64_t ii = 0; ii < mi; ii++) {
+        int64_t i = i0 + ii;
+        if (!out->Y) {
+            for (int64_t jj = 0; jj < nj; jj++)
+                out->C[i * out->ldc + j0 + jj] = acc[jj * 2 * AMX_ROWS + ii];
+            continue;
+        }
+        for (int64_t jj = 0; jj < nj; jj++) {
+            int64_t j = j0 + jj;
+            float y = (float)acc[jj * 2 * AMX_ROWS + ii] * (out->sx[i] * out->sw[j]);
+            out->Y[i * out->ldy + j] = out->bias ? y + out->bias[j] : y;
+        }
+    }
+}
+
+/* Weight rows [0, nj) of W (row stride ldw), nj <= AMX_N_BLOCK, as the tiles amx_block loads: for
+ * each kc, weight tile 0 (rows 0-15) then tile 1 (rows 16-31), each 16 rows of the 64 bytes
+ * k = 64 kc .. 64 kc + 63 (zeros past K and past row nj - 1). Contiguous tiles: the rows of a
+ * weight lie a power of two apart in memory, and loading a tile straight from them would put its
+ * sixteen lines into one L1 set. */
+static void amx_pack_weight(const int8_t *W, int64_t ldw, int64_t nj, int64_t K, int64_t kcs,
+                            int8_t *Wp) {
+    const int64_t rows = nj > AMX_ROWS ? 2 * AMX_ROWS : AMX_ROWS;
+    for (int64_t r = 0; r < rows; r++) {
+        int8_t *dst = Wp + (r / AMX_ROWS) * AMX_TILE_BYTES + (r % AMX_ROWS) * AMX_K;
+        for (int64_t kc = 0; kc < kcs; kc++, dst += 2 * AMX_TILE_BYTES) {
+            int64_t k0 = kc * AMX_K, len = r >= nj ? 0 : K - k0 < AMX_K ? K - k0 : AMX_K;
+            if (len) memcpy(dst, W + r * ldw + k0, (size_t)len);
+            if (len < AMX_K) memset(dst + len, 0, (size_t)(AMX_K - len));
+        }
+    }
+}
+
+/* The output of weight rows [j0, j0 + nj), nj <= AMX_N_BLOCK, for activation tiles [b0, b1) of
+ * the packed P (kcs tiles of k each), from those rows packed in Wp (amx_pack_weight). Two weight
+ * tiles by two activation tiles at a time, four product tiles; a single weight tile when
+ * nj <= 16, and a single activation tile last when b1 - b0 is odd. */
+AMX static void amx_block(int64_t M, int64_t j0, int64_t nj, int64_t kcs, const int8_t *Wp,
+                          const int8_t *P, int64_t b0, int64_t b1, const amx_out *out) {
+    int32_t acc[AMX_N_BLOCK * 2 * AMX_ROWS] __attribute__((aligned(64)));
+    const int64_t ld_acc = 2 * AMX_ROWS * (int64_t)sizeof(int32_t);
+    const int two_w = nj > AMX_ROWS;
+    for (int64_t b = b0; b < b1; b += 2) {
+        const int two_a = b + 1 < b1;
+        const int8_t *P0 = P + b * kcs * AMX_TILE_BYTES, *P1 = P0 + kcs * AMX_TILE_BYTES;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        if (two_a && two_w) {
+            for (int64_t kc = 0; kc < kcs; kc++) {
+                const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
+                _tile_loadd(4, w, AMX_K);
+                _tile_loadd(5, w + AMX_TILE_BYTES, AMX_K);
+                _tile_loadd(6, P0 + kc * AMX_TILE_BYTES, AMX_K);
+                _tile_loadd(7, P1 + kc * AMX_TILE_BYTES, AMX_K);
+                _tile_dpbssd(0, 4, 6);
+                _tile_dpbssd(1, 4, 7);
+                _tile_dpbssd(2, 5, 6);
+                _tile_dpbssd(3, 5, 7);
+            }
+        } else for (int64_t kc = 0; kc < kcs; kc++) {
+            const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
+            _tile_loadd(4, w, AMX_K);
+            _tile_loadd(6, P0 + kc * AMX_TILE_BYTES, AMX_K);
+            _tile_dpbssd(0, 4, 6);
+            if (two_a) {
+                _tile_loadd(7, P1 + kc * AMX_TILE_BYTES, AMX_K);
+                _tile_dpbssd(1, 4, 7);
+            }
+            if (two_w) {
+                _tile_loadd(5, w + AMX_TILE_BYTES, AMX_K);
+                _tile_dpbssd(2, 5, 6);
+                if (two_a) _tile_dpbssd(3, 5, 7);
+            }
+        }
+        _tile_stored(0, acc, ld_acc);
+        _tile_stored(1, acc + AMX_ROWS, ld_acc);
+        _tile_stored(2, acc + AMX_ROWS * 2 * AMX_ROWS, ld_acc);
+        _tile_stored(3, acc + AMX_ROWS * 2 * AMX_ROWS + AMX_ROWS, ld_acc);
+        int64_t i0 = b * AMX_ROWS, mi = M - i0 < 2 * AMX_ROWS ? M - i0 : 2 * AMX_ROWS;
+        amx_store(acc, i0, mi, j0, nj, out);
+    }
+}
+
+/* The AMX product of A (M, K) and B (N, K), K > 0, into `out`. The activations are packed once;
+ * then, pass by pass over row ranges of A whose packed bytes stay in L2, the work items (32
+ * weight rows each, packed into a panel per item) are shared among the threads. Returns
+ * QK_ERR_MEMORY when a buffer cannot be allocated. */
+AMX static int amx_product(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda,
+                           const int8_t *B, int64_t ldb, const amx_out *out, int threads) {
+    const int64_t kcs = (K + AMX_K - 1) / AMX_K, tiles = (M + AMX_ROWS - 1) / AMX_ROWS;
+    const int64_t items = (N + AMX_N_BLOCK - 1) / AMX_N_BLOCK;
+    int64_t pass = AMX_PASS_BYTES / (kcs * AMX_TILE_BYTES) / 2 * 2;   /* activation tiles */
+    if (pass < 2) pass = 2;
+    int8_t *P = aligned_alloc(64, (size_t)(tiles * kcs * AMX_TILE_BYTES));
+    if (!P) return QK_ERR_MEMORY;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
+    {
+        int8_t *Wp = aligned_alloc(64, (size_t)(kcs * 2 * AMX_TILE_BYTES));
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles * kcs; t++)
+            amx_pack_tile(M, K, A, lda, t / kcs, t % kcs, P + t * AMX_TILE_BYTES);
+        amx_configure();
+        for (int64_t b0 = 0; b0 < tiles; b0 += pass) {
+            int64_t b1 = b0 + pass < tiles ? b0 + pass : tiles;
+            #pragma omp for schedule(static)
+            for (int64_t item = 0; item < items; item++) {
+                if (!Wp) {
+                    failed = 1;
+                    continue;
+                }
+                int64_t j0 = item * AMX_N_BLOCK, nj = N - j0 < AMX_N_BLOCK ? N - j0 : AMX_N_BLOCK;
+                amx_pack_weight(B + j0 * ldb, ldb, nj, K, kcs, Wp);
+                amx_block(M, j0, nj, kcs, Wp, P, b0, b1, out);
+            }
+        }
+        _tile_release();
+        free(Wp);
+    }
+    free(P);
+    return failed ? QK_ERR_MEMORY : QK_OK;
+}
+#endif
+
 /* A XOR 0x80 (a + 128 as unsigned bytes) with row stride K, for the VNNI path; NULL when out of
  * memory. */
 static uint8_t *offset_copy(int64_t M, int64_t K, const int8_t *A, int64_t lda) {
@@ -630,6 +879,12 @@ EXPORT int qk_cpu_gemm_s8s8s32(int path, int64_t M, int64_t N, int64_t K, const 
     if (M == 0 || N == 0) return QK_OK;
     int64_t blocks = (N + INT8_N_BLOCK - 1) / INT8_N_BLOCK;
     if (threads < 1) threads = 1;
+#ifdef QK_HAVE_AMX
+    if (path == QK_PATH_AMX && K > 0) {
+        amx_out out = {C, ldc, NULL, 0, NULL, NULL, NULL};
+        return amx_product(M, N, K, A, lda, B, ldb, &out, threads);
+    }
+#endif
     uint8_t *ap = NULL;
     if (path == QK_PATH_VNNI && K > 0 && !(ap = offset_copy(M, K, A, lda))) return QK_ERR_MEMORY;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
@@ -662,7 +917,8 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
     if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
     if (!check_shapes(M, N, K, ldx, ldw, ldy)) return QK_ERR_ARGUMENT;
     if (M == 0 || N == 0) return QK_OK;
-    if (path == QK_PATH_VNNI) path = QK_PATH_AVX2;     /* no VNNI kernel of the float product */
+    if (path == QK_PATH_VNNI || path == QK_PATH_AMX)   /* the float product's kernel: AVX2 */
+        path = QK_PATH_AVX2;
     int64_t blocks = (N + N_BLOCK - 1) / N_BLOCK;
     if (threads < 1) threads = 1;
     int failed = 0;
@@ -705,6 +961,12 @@ EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, con
     if (M == 0 || N == 0) return QK_OK;
     int64_t blocks = (N + INT8_N_BLOCK - 1) / INT8_N_BLOCK;
     if (threads < 1) threads = 1;
+#ifdef QK_HAVE_AMX
+    if (path == QK_PATH_AMX && K > 0) {
+        amx_out out = {NULL, 0, Y, ldy, sx, sw, bias};
+        return amx_product(M, N, K, A, lda, B, ldb, &out, threads);
+    }
+#endif
     uint8_t *ap = NULL;
     if (path == QK_PATH_VNNI && K > 0 && !(ap = offset_copy(M, K, A, lda))) return QK_ERR_MEMORY;
     int failed = 0;
@@ -780,6 +1042,7 @@ EXPORT int qk_cpu_linear_w8a8b_f32(int path, int64_t M, int64_t N, int64_t K, co
     if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
     if (!check_shapes(M, N, K, lda, ldb, ldy) || !check_block(K, block, 1)) return QK_ERR_ARGUMENT;
     if (M == 0 || N == 0) return QK_OK;
+    if (path == QK_PATH_AMX) path = QK_PATH_VNNI;   /* one int32 product per block: VNNI's */
     int64_t blocks = (N + INT8_N_BLOCK - 1) / INT8_N_BLOCK, groups = K / block;
     if (threads < 1) threads = 1;
     uint8_t *ap = NULL;

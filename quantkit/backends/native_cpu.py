@@ -26,16 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 LIBRARY_PATH = Path(__file__).resolve().parent.parent / "_libquantkit_cpu.so"
 BUILD_HINT = ("Reinstall quantkit with a C compiler present (pip install -e .) or run "
               "`python3 csrc/build.py --cpu` in its source tree.")
-PATHS = {"generic": 0, "avx2": 1, "vnni": 2}
+PATHS = {"generic": 0, "avx2": 1, "vnni": 2, "amx": 3}
 
 #: Feature bits of qk_cpu_features().
 FEATURE_AVX2 = 1
 FEATURE_AVX512 = 2
 FEATURE_AVX512_VNNI = 4
+#: AMX-TILE and AMX-INT8, with the tile state granted to this process by the OS (Linux).
+FEATURE_AMX_INT8 = 8
 #: Rows of at most this many int8 values sum exactly in int32: -2^31 <= 128 * -(2^24), 127 * 2^24
 #: < 2^31.
 MAX_SUM_K = 1 << 24
@@ -126,12 +128,14 @@ def features() -> int:
 
 def path_supported(path: str) -> bool:
     """Whether this CPU can run ``path`` ("generic" always; "avx2" needs AVX2 and FMA; "vnni"
-    also AVX-512 F/BW/VL and AVX-512 VNNI)."""
+    also AVX-512 F/BW/VL and AVX-512 VNNI; "amx" also AMX-TILE and AMX-INT8, granted by the OS)."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
     bits = features()
-    if path == "vnni":
+    if path in ("vnni", "amx"):
         need = FEATURE_AVX2 | FEATURE_AVX512 | FEATURE_AVX512_VNNI
+        if path == "amx":
+            need |= FEATURE_AMX_INT8
         return bits & need == need
     return path == "generic" or bool(bits & FEATURE_AVX2)
 
@@ -155,7 +159,9 @@ def _ld(a: np.ndarray) -> int:
 
 def _check(code: int, path: str) -> None:
     if code == _ERR_UNSUPPORTED:
-        need = "AVX-512 BW/VL and VNNI" if path == "vnni" else "AVX2 and FMA"
+        need = {"vnni": "AVX-512 BW/VL and VNNI",
+                "amx": "AVX-512 BW/VL, VNNI and AMX-INT8 granted by the OS"}.get(path,
+                                                                                 "AVX2 and FMA")
         raise RuntimeError(f"the {path!r} int8 kernels cannot run on this CPU (they need {need})")
     if code == _ERR_MEMORY:
         raise MemoryError("quantkit's CPU library could not allocate its work buffers")
