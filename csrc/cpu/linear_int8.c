@@ -634,19 +634,19 @@ VNNI static void gemm_vnni_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
 /* AMX (Intel Sapphire Rapids and later): tdpbssd multiplies signed by signed bytes, so the codes
  * need no offset. Tile registers of 16 rows x 64 bytes; a product tile is
  *   T[r][c] += sum_{k < 16, q < 4} S1[r][4k + q] * S2[k][4c + q]   (int32, wrapping)
- * The weight is S1 as it lies in memory (16 weight rows, 64 consecutive k each); the activations
- * are S2 in the pair-interleaved layout (amx_pack): tile (b, kc) holds, in row r, the four codes
- * k = 64 kc + 4r .. 64 kc + 4r + 3 of each of the sixteen activation rows 16 b .. 16 b + 15, zeros
- * past M and K. A product tile is then C transposed: T[j][i] = sum_k W[j][k] A[i][k]. The
- * tile's sums run over k in a different order from the other paths, which changes no bit: every
- * path computes the exact integer (modulo 2^32). */
+ * S1 is a tile of activation rows as they are (16 rows i, 64 consecutive k each), copied into
+ * contiguous tiles (amx_pack_rows); S2 holds sixteen weight rows in the pair-interleaved layout
+ * (amx_pack_weight): row r of weight tile (t, kc) holds the four codes k = 64 kc + 4r .. 64 kc +
+ * 4r + 3 of each of the weight rows 16 t .. 16 t + 15. Zeros past M, N and K. The product tile is
+ * then C itself: T[i][j] = sum_k A[i][k] B[j][k], summed over k in another order than the other
+ * paths, which changes no bit: every path computes the exact integer (modulo 2^32). */
 #ifdef QK_HAVE_AMX
 #define AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")))
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-/* Activation rows per tile (and weight rows per tile). */
+/* Rows per tile (activation rows of S1, weight rows of S2). */
 #define AMX_ROWS 16
-/* Bytes of k per tile row; one packed activation tile is AMX_ROWS * AMX_K bytes. */
+/* Bytes of k per tile row of S1; one tile is AMX_ROWS * AMX_K bytes. */
 #define AMX_K 64
 #define AMX_TILE_BYTES (AMX_ROWS * AMX_K)
 /* Weight rows per work item: two weight tiles. */
@@ -690,27 +690,50 @@ AMX static void amx_configure(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* Packed activation tile (b, kc) of A (M, K) into P (the layout in the section comment). Full
- * tiles gather each tile row's sixteen 4-byte groups at once; edge tiles go byte by byte. */
-AMX static void amx_pack_tile(int64_t M, int64_t K, const int8_t *A, int64_t lda, int64_t b,
+/* Activation tile (b, kc) of A (M, K): rows 16 b .. 16 b + 15, bytes 64 kc .. 64 kc + 63 of each,
+ * zeros past M and K, into P (16 rows of 64 bytes). Contiguous tiles: rows a power of two apart in
+ * memory would put a tile's sixteen lines into one L1 set. */
+AMX static void amx_pack_rows(int64_t M, int64_t K, const int8_t *A, int64_t lda, int64_t b,
                               int64_t kc, int8_t *P) {
-    int64_t i0 = b * AMX_ROWS, k0 = kc * AMX_K;
-    if (i0 + AMX_ROWS <= M && k0 + AMX_K <= K && lda <= (INT32_MAX / AMX_ROWS)) {
-        const __m512i rows = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32((int)lda));
-        const int8_t *base = A + i0 * lda + k0;
-        for (int r = 0; r < AMX_ROWS; r++)
-            _mm512_storeu_si512((void *)(P + r * AMX_K),
-                                _mm512_i32gather_epi32(rows, (const void *)(base + 4 * r), 1));
-        return;
+    int64_t k0 = kc * AMX_K, len = K - k0 < AMX_K ? K - k0 : AMX_K;
+    __mmask64 m = (__mmask64)((~0ULL) >> (AMX_K - len));
+    for (int64_t r = 0; r < AMX_ROWS; r++) {
+        int64_t i = b * AMX_ROWS + r;
+        __m512i v = i < M ? _mm512_maskz_loadu_epi8(m, (const void *)(A + i * lda + k0))
+                          : _mm512_setzero_si512();
+        _mm512_store_si512((void *)(P + r * AMX_K), v);
     }
-    for (int r = 0; r < AMX_ROWS; r++)
-        for (int i = 0; i < AMX_ROWS; i++)
-            for (int q = 0; q < 4; q++) {
-                int64_t row = i0 + i, k = k0 + 4 * r + q;
-                P[r * AMX_K + 4 * i + q] = row < M && k < K ? A[row * lda + k] : 0;
+}
+
+/* Weight rows [0, nj) of W (row stride ldw), nj <= AMX_N_BLOCK, as the S2 tiles amx_block loads:
+ * for each kc, weight tile 0 (rows 0-15) then tile 1 (rows 16-31), each in the pair-interleaved
+ * layout (section comment), zeros past K and past row nj - 1. A full group of sixteen rows and 64
+ * bytes gathers each tile row's sixteen 4-byte groups at once; edges go byte by byte. */
+AMX static void amx_pack_weight(const int8_t *W, int64_t ldw, int64_t nj, int64_t K, int64_t kcs,
+                                int8_t *Wp) {
+    const int tiles = nj > AMX_ROWS ? 2 : 1;
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)(ldw <= INT32_MAX / AMX_ROWS ? ldw : 0)));
+    for (int64_t kc = 0; kc < kcs; kc++)
+        for (int t = 0; t < tiles; t++) {
+            int8_t *dst = Wp + (kc * 2 + t) * AMX_TILE_BYTES;
+            int64_t j0 = t * AMX_ROWS, k0 = kc * AMX_K;
+            if (j0 + AMX_ROWS <= nj && k0 + AMX_K <= K && ldw <= INT32_MAX / AMX_ROWS) {
+                const int8_t *base = W + j0 * ldw + k0;
+                for (int r = 0; r < AMX_ROWS; r++)
+                    _mm512_store_si512((void *)(dst + r * AMX_K),
+                                       _mm512_i32gather_epi32(rows, (const void *)(base + 4 * r),
+                                                              1));
+                continue;
             }
+            for (int r = 0; r < AMX_ROWS; r++)
+                for (int c = 0; c < AMX_ROWS; c++)
+                    for (int q = 0; q < 4; q++) {
+                        int64_t j = j0 + c, k = k0 + 4 * r + q;
+                        dst[r * AMX_K + 4 * c + q] = j < nj && k < K ? W[j * ldw + k] : 0;
+                    }
+        }
 }
 
 /* Where a work item's product tiles go: the int32 C (Y NULL), or Y = float32(C) * (sx[i] * sw[j])
@@ -723,51 +746,36 @@ typedef struct {
     const float *sx, *sw, *bias;
 } amx_out;
 
-/* Rows i0 .. i0 + mi - 1 of the output at columns j0 .. j0 + nj - 1 from acc[jj][ii] (row stride
- * 2 * AMX_ROWS): the product tiles of weight rows j0 + jj and activation rows i0 + ii. */
-static void amx_store(const int32_t *acc, int64_t i0, int64_t mi, int64_t j0, int64_t nj,
-                      const amx_out *out) {
+/* Rows i0 .. i0 + mi - 1 of the output at columns j0 .. j0 + nj - 1 from acc[ii][jj] (row stride
+ * AMX_N_BLOCK): the product tiles of activation rows i0 + ii and weight rows j0 + jj. */
+AMX static void amx_store(const int32_t *acc, int64_t i0, int64_t mi, int64_t j0, int64_t nj,
+                          const amx_out *out) {
     for (int64_t ii = 0; ii < mi; ii++) {
+        const int32_t *a = acc + ii * AMX_N_BLOCK;
         int64_t i = i0 + ii;
         if (!out->Y) {
-            for (int64_t jj = 0; jj < nj; jj++)
-                out->C[i * out->ldc + j0 + jj] = acc[jj * 2 * AMX_ROWS + ii];
+            memcpy(out->C + i * out->ldc + j0, a, sizeof(int32_t) * (size_t)nj);
             continue;
         }
-        for (int64_t jj = 0; jj < nj; jj++) {
-            int64_t j = j0 + jj;
-            float y = (float)acc[jj * 2 * AMX_ROWS + ii] * (out->sx[i] * out->sw[j]);
-            out->Y[i * out->ldy + j] = out->bias ? y + out->bias[j] : y;
+        const float sx = out->sx[i], *sw = out->sw + j0;
+        float *y = out->Y + i * out->ldy + j0;
+        if (out->bias) {
+            const float *bias = out->bias + j0;
+            for (int64_t jj = 0; jj < nj; jj++) y[jj] = (float)a[jj] * (sx * sw[jj]) + bias[jj];
+        } else {
+            for (int64_t jj = 0; jj < nj; jj++) y[jj] = (float)a[jj] * (sx * sw[jj]);
         }
     }
 }
 
-/* Weight rows [0, nj) of W (row stride ldw), nj <= AMX_N_BLOCK, as the tiles amx_block loads: for
- * each kc, weight tile 0 (rows 0-15) then tile 1 (rows 16-31), each 16 rows of the 64 bytes
- * k = 64 kc .. 64 kc + 63 (zeros past K and past row nj - 1). Contiguous tiles: the rows of a
- * weight lie a power of two apart in memory, and loading a tile straight from them would put its
- * sixteen lines into one L1 set. */
-static void amx_pack_weight(const int8_t *W, int64_t ldw, int64_t nj, int64_t K, int64_t kcs,
-                            int8_t *Wp) {
-    const int64_t rows = nj > AMX_ROWS ? 2 * AMX_ROWS : AMX_ROWS;
-    for (int64_t r = 0; r < rows; r++) {
-        int8_t *dst = Wp + (r / AMX_ROWS) * AMX_TILE_BYTES + (r % AMX_ROWS) * AMX_K;
-        for (int64_t kc = 0; kc < kcs; kc++, dst += 2 * AMX_TILE_BYTES) {
-            int64_t k0 = kc * AMX_K, len = r >= nj ? 0 : K - k0 < AMX_K ? K - k0 : AMX_K;
-            if (len) memcpy(dst, W + r * ldw + k0, (size_t)len);
-            if (len < AMX_K) memset(dst + len, 0, (size_t)(AMX_K - len));
-        }
-    }
-}
-
-/* The output of weight rows [j0, j0 + nj), nj <= AMX_N_BLOCK, for activation tiles [b0, b1) of
- * the packed P (kcs tiles of k each), from those rows packed in Wp (amx_pack_weight). Two weight
- * tiles by two activation tiles at a time, four product tiles; a single weight tile when
- * nj <= 16, and a single activation tile last when b1 - b0 is odd. */
+/* The output of weight rows [j0, j0 + nj), nj <= AMX_N_BLOCK, packed in Wp (amx_pack_weight), for
+ * activation tiles [b0, b1) of the packed P (kcs tiles of k each). Two activation tiles by two
+ * weight tiles at a time, four product tiles; a single weight tile when nj <= 16, and a single
+ * activation tile last when b1 - b0 is odd. */
 AMX static void amx_block(int64_t M, int64_t j0, int64_t nj, int64_t kcs, const int8_t *Wp,
                           const int8_t *P, int64_t b0, int64_t b1, const amx_out *out) {
-    int32_t acc[AMX_N_BLOCK * 2 * AMX_ROWS] __attribute__((aligned(64)));
-    const int64_t ld_acc = 2 * AMX_ROWS * (int64_t)sizeof(int32_t);
+    int32_t acc[2 * AMX_ROWS * AMX_N_BLOCK] __attribute__((aligned(64)));
+    const int64_t ld_acc = AMX_N_BLOCK * (int64_t)sizeof(int32_t);
     const int two_w = nj > AMX_ROWS;
     for (int64_t b = b0; b < b1; b += 2) {
         const int two_a = b + 1 < b1;
@@ -779,34 +787,35 @@ AMX static void amx_block(int64_t M, int64_t j0, int64_t nj, int64_t kcs, const 
         if (two_a && two_w) {
             for (int64_t kc = 0; kc < kcs; kc++) {
                 const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
-                _tile_loadd(4, w, AMX_K);
-                _tile_loadd(5, w + AMX_TILE_BYTES, AMX_K);
-                _tile_loadd(6, P0 + kc * AMX_TILE_BYTES, AMX_K);
-                _tile_loadd(7, P1 + kc * AMX_TILE_BYTES, AMX_K);
+                _tile_loadd(4, P0 + kc * AMX_TILE_BYTES, AMX_K);
+                _tile_loadd(5, P1 + kc * AMX_TILE_BYTES, AMX_K);
+                _tile_loadd(6, w, AMX_K);
+                _tile_loadd(7, w + AMX_TILE_BYTES, AMX_K);
                 _tile_dpbssd(0, 4, 6);
                 _tile_dpbssd(1, 4, 7);
                 _tile_dpbssd(2, 5, 6);
                 _tile_dpbssd(3, 5, 7);
             }
-        } else for (int64_t kc = 0; kc < kcs; kc++) {
-            const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
-            _tile_loadd(4, w, AMX_K);
-            _tile_loadd(6, P0 + kc * AMX_TILE_BYTES, AMX_K);
-            _tile_dpbssd(0, 4, 6);
-            if (two_a) {
-                _tile_loadd(7, P1 + kc * AMX_TILE_BYTES, AMX_K);
-                _tile_dpbssd(1, 4, 7);
-            }
-            if (two_w) {
-                _tile_loadd(5, w + AMX_TILE_BYTES, AMX_K);
-                _tile_dpbssd(2, 5, 6);
-                if (two_a) _tile_dpbssd(3, 5, 7);
+        } else {
+            for (int64_t kc = 0; kc < kcs; kc++) {
+                const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
+                _tile_loadd(4, P0 + kc * AMX_TILE_BYTES, AMX_K);
+                _tile_loadd(6, w, AMX_K);
+                _tile_dpbssd(0, 4, 6);
+                if (two_w) {
+                    _tile_loadd(7, w + AMX_TILE_BYTES, AMX_K);
+                    _tile_dpbssd(1, 4, 7);
+                }
+                if (two_a) {
+                    _tile_loadd(5, P1 + kc * AMX_TILE_BYTES, AMX_K);
+                    _tile_dpbssd(2, 5, 6);
+                }
             }
         }
         _tile_stored(0, acc, ld_acc);
         _tile_stored(1, acc + AMX_ROWS, ld_acc);
-        _tile_stored(2, acc + AMX_ROWS * 2 * AMX_ROWS, ld_acc);
-        _tile_stored(3, acc + AMX_ROWS * 2 * AMX_ROWS + AMX_ROWS, ld_acc);
+        _tile_stored(2, acc + AMX_ROWS * AMX_N_BLOCK, ld_acc);
+        _tile_stored(3, acc + AMX_ROWS * AMX_N_BLOCK + AMX_ROWS, ld_acc);
         int64_t i0 = b * AMX_ROWS, mi = M - i0 < 2 * AMX_ROWS ? M - i0 : 2 * AMX_ROWS;
         amx_store(acc, i0, mi, j0, nj, out);
     }
@@ -830,7 +839,7 @@ AMX static int amx_product(int64_t M, int64_t N, int64_t K, const int8_t *A, int
         int8_t *Wp = aligned_alloc(64, (size_t)(kcs * 2 * AMX_TILE_BYTES));
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles * kcs; t++)
-            amx_pack_tile(M, K, A, lda, t / kcs, t % kcs, P + t * AMX_TILE_BYTES);
+            amx_pack_rows(M, K, A, lda, t / kcs, t % kcs, P + t * AMX_TILE_BYTES);
         amx_configure();
         for (int64_t b0 = 0; b0 < tiles; b0 += pass) {
             int64_t b1 = b0 + pass < tiles ? b0 + pass : tiles;
