@@ -747,23 +747,30 @@ typedef struct {
 } amx_out;
 
 /* Rows i0 .. i0 + mi - 1 of the output at columns j0 .. j0 + nj - 1 from acc[ii][jj] (row stride
- * AMX_N_BLOCK): the product tiles of activation rows i0 + ii and weight rows j0 + jj. */
+ * AMX_N_BLOCK): the product tiles of activation rows i0 + ii and weight rows j0 + jj. Sixteen
+ * columns per vector; the int32 to float32 conversion rounds to nearest, as a C cast does. */
 AMX static void amx_store(const int32_t *acc, int64_t i0, int64_t mi, int64_t j0, int64_t nj,
                           const amx_out *out) {
-    for (int64_t ii = 0; ii < mi; ii++) {
-        const int32_t *a = acc + ii * AMX_N_BLOCK;
-        int64_t i = i0 + ii;
+    for (int h = 0; h * AMX_ROWS < nj; h++) {
+        int64_t c0 = h * AMX_ROWS, nc = nj - c0 < AMX_ROWS ? nj - c0 : AMX_ROWS;
+        __mmask16 m = (__mmask16)((1u << nc) - 1u);
         if (!out->Y) {
-            memcpy(out->C + i * out->ldc + j0, a, sizeof(int32_t) * (size_t)nj);
+            for (int64_t ii = 0; ii < mi; ii++)
+                _mm512_mask_storeu_epi32((void *)(out->C + (i0 + ii) * out->ldc + j0 + c0), m,
+                                         _mm512_loadu_si512((const void *)(acc + ii * AMX_N_BLOCK
+                                                                           + c0)));
             continue;
         }
-        const float sx = out->sx[i], *sw = out->sw + j0;
-        float *y = out->Y + i * out->ldy + j0;
-        if (out->bias) {
-            const float *bias = out->bias + j0;
-            for (int64_t jj = 0; jj < nj; jj++) y[jj] = (float)a[jj] * (sx * sw[jj]) + bias[jj];
-        } else {
-            for (int64_t jj = 0; jj < nj; jj++) y[jj] = (float)a[jj] * (sx * sw[jj]);
+        const __m512 sw = _mm512_maskz_loadu_ps(m, out->sw + j0 + c0);
+        const __m512 bias = out->bias ? _mm512_maskz_loadu_ps(m, out->bias + j0 + c0)
+                                      : _mm512_setzero_ps();
+        for (int64_t ii = 0; ii < mi; ii++) {
+            const __m512 s = _mm512_mul_ps(_mm512_set1_ps(out->sx[i0 + ii]), sw);
+            __m512 y = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(acc + ii * AMX_N_BLOCK + c0))),
+                s);
+            if (out->bias) y = _mm512_add_ps(y, bias);
+            _mm512_mask_storeu_ps(out->Y + (i0 + ii) * out->ldy + j0 + c0, m, y);
         }
     }
 }
