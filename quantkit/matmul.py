@@ -15,9 +15,12 @@ Paths (``QUANTKIT_MATMUL`` forces one for every CPU tensor; unset or ``auto`` ch
 ============  =================================================  =============================
 path          W8A8 int32 product                                 weight-only
 ============  =================================================  =============================
-``amx``       quantkit's AMX-INT8 kernel (csrc/cpu; tiles of     quantkit's fused AVX2 kernel
+``amx``       quantkit's AMX-INT8 kernel (csrc/cpu; tiles of     as ``vnni``
               16 x 64 codes, signed x signed, no offset)
-``vnni``      quantkit's AVX-512 VNNI kernel (csrc/cpu)          quantkit's fused AVX2 kernel
+``vnni``      quantkit's AVX-512 VNNI kernel (csrc/cpu)          quantkit's fused AVX-512
+                                                                 kernel below 32 rows (the
+                                                                 AVX2 kernel's bits), AVX2
+                                                                 from 32
 ``avx2``      quantkit's AVX2 kernel (csrc/cpu)                  quantkit's fused AVX2 kernel
 ``generic``   quantkit's portable C kernel (any CPU; slow)       quantkit's fused portable C
 ``int_mm``    ``torch._int_mm`` (oneDNN)                         dense (torch.mm on chunks)
@@ -39,19 +42,19 @@ candidates in turn, each timed, and the class keeps the fastest (:func:`tuned_pa
 without VNNI always takes ``avx2``, and more than :data:`TUNE_MAX_ROWS` rows on a VNNI CPU take
 ``int_mm``. On a CPU with AMX-INT8 (and the OS's grant of its tile state), products of at least
 :data:`AMX_MIN_ROWS` rows time ``amx`` as well, at every size. Every W8A8 path gives the same bits,
-so timing changes only speed. The VNNI kernel
-subtracts 128 times each weight row's sum; :func:`weight_row_sums` keeps those per weight tensor.
-Weight-only: the fused AVX2 kernel (few rows: memory-bound) up to
+so timing changes only speed. The VNNI kernel subtracts 128 times each weight row's sum;
+:func:`weight_row_sums` keeps those per weight tensor. Weight-only: the fused kernel (few rows:
+memory-bound; its AVX-512 form on AVX-512 VNNI CPUs, AVX2 elsewhere, the same bits) up to
 :data:`FUSED_W8_MAX_ROWS_AVX512` rows on AVX-512 CPUs and at every size on AVX2 ones, dense
 otherwise: a fixed rule, because its paths agree only to float32 rounding. CUDA tensors always
 take ``int_mm`` and dense.
 
 Block-scaled weights (``block_size`` B: one scale per B consecutive weights of a row, scales
-(N, K / B)) take the same choice for weight-only (the fused kernel dequantizes each weight before its
-multiply-add), and for W8A8 quantkit's kernel of the CPU's best path (``vnni``, ``avx2``; a forced
-``amx`` runs ``vnni`` there) for every shape, one exact int32 product per block; the torch paths
-(``int_mm``, ``float``) loop over the blocks in torch ops with the same float32 operations, so
-every path gives the same bits.
+(N, K / B)) take the same choice for weight-only (the fused AVX2 kernel dequantizes each weight
+before its multiply-add), and for W8A8 quantkit's kernel of the CPU's best path (``vnni``,
+``avx2``; a forced ``amx`` runs ``vnni`` there) for every shape, one exact int32 product per block;
+the torch paths (``int_mm``, ``float``) loop over the blocks in torch ops with the same float32
+operations, so every path gives the same bits.
 
 A forced path this CPU cannot run raises RuntimeError naming the path and what it needs; an
 unknown ``QUANTKIT_MATMUL`` value is a ValueError listing the choices.
@@ -242,7 +245,7 @@ def _weight_only_path_cpu(rows: int, blocks: bool = False) -> str:
     forced = _forced()
     if forced in NATIVE_PATHS:
         _require(forced)
-        return "avx2" if forced in ("vnni", "amx") else forced
+        return "vnni" if forced == "amx" else forced
     if forced != "auto":
         return "dense"
     info = cpu_info()
@@ -252,7 +255,8 @@ def _weight_only_path_cpu(rows: int, blocks: bool = False) -> str:
         return "dense"
     if blocks and rows > FUSED_W8_BLOCKS_MAX_ROWS:
         return "dense"
-    return "avx2"
+    # the AVX-512 form exists for per-row scales (block scales: the AVX2 kernel on every CPU)
+    return "vnni" if info["avx512"] and info["avx512_vnni"] and not blocks else "avx2"
 
 
 def _row_class(rows: int) -> int:

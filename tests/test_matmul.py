@@ -259,13 +259,15 @@ def test_fused_weight_only_paths_agree_bit_for_bit(shape):
     _close_to_float64(generic, x, w, scale, bias)
     assert np.array_equal(native_cpu.linear_w8_f32(x, w, scale, bias, path="generic", threads=2),
                           generic)
-    if native_cpu.path_supported("avx2"):
+    for path in FUSED_PATHS:     # vnni, amx: the AVX-512 form below 32 rows, AVX2 above
+        if path == "generic" or not native_cpu.path_supported(path):
+            continue
         for threads in (1, 2):
-            got = native_cpu.linear_w8_f32(x, w, scale, bias, path="avx2", threads=threads)
-            assert np.array_equal(got, generic)
-        no_bias = native_cpu.linear_w8_f32(x, w, scale, None, path="avx2")
+            got = native_cpu.linear_w8_f32(x, w, scale, bias, path=path, threads=threads)
+            assert np.array_equal(got, generic), path
+        no_bias = native_cpu.linear_w8_f32(x, w, scale, None, path=path)
         assert np.array_equal(no_bias, native_cpu.linear_w8_f32(x, w, scale, None,
-                                                                path="generic"))
+                                                                path="generic")), path
 
 
 @pytest.mark.parametrize("path", ("avx2", "generic", "float"))
@@ -281,6 +283,27 @@ def test_weight_only_linear_every_path(monkeypatch, path):
                                       torch.from_numpy(bias)).numpy()
         _close_to_float64(y, x, w, scale, bias)
         assert torch.equal(xt, before)
+
+
+@pytest.mark.parametrize("m", list(range(1, 14)) + [29, 30, 31, 32, 33])
+def test_fused_weight_only_rows_around_its_tiles(m):
+    """The AVX-512 form (tiles of six rows of x by four weight rows, two rows per vector) and the
+    AVX2 one (pairs of rows) give the portable kernel's bits for every remainder of rows, weight
+    rows past the last group of four, and K with and without a tail of K % 8 terms; from 32 rows
+    every path takes the chain order."""
+    if native_cpu.unavailable_reason() is not None:
+        pytest.skip(native_cpu.unavailable_reason())
+    rng = np.random.default_rng(m)
+    for k, n in ((131, 23), (8, 4), (1, 5), (1040, 9)):
+        x, w, scale, bias = _weight_only_inputs(rng, m, k, n)
+        for b in (bias, None):
+            want = native_cpu.linear_w8_f32(x, w, scale, b, path="generic")
+            for path in FUSED_PATHS:
+                if path != "generic" and native_cpu.path_supported(path):
+                    for threads in (1, 2):
+                        got = native_cpu.linear_w8_f32(x, w, scale, b, path=path,
+                                                       threads=threads)
+                        assert np.array_equal(got.view(np.int32), want.view(np.int32)), path
 
 
 def test_fused_weight_only_nonfinite_input_propagates():
@@ -380,7 +403,7 @@ def test_forced_native_without_the_library_says_how_to_build(monkeypatch):
      "avx2", "avx2", "avx2", "avx2"),
     (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=False,
           native=None),
-     "vnni", "int_mm", "avx2", "dense"),
+     "vnni", "int_mm", "vnni", "dense"),
     (dict(avx2=True, fma=True, avx512=True, avx512_vnni=True, amx_int8=False,
           native="not built"),
      "int_mm", "int_mm", "dense", "dense"),

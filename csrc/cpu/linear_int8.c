@@ -3,10 +3,10 @@
  *
  * Every entry point takes a `path`: QK_PATH_GENERIC (portable C, any CPU), QK_PATH_AVX2 (AVX2 +
  * FMA intrinsics), QK_PATH_VNNI (AVX-512 BW/VL + VNNI for the int8 products; the weight-only
- * product takes its AVX2 kernels there) or QK_PATH_AMX (AMX-INT8 tiles for the per-row-scaled int8
- * products, Linux only; the block-scaled one takes the VNNI kernel there, the weight-only ones the
- * AVX2 kernels), chosen at run time and refused with QK_ERR_UNSUPPORTED on a CPU without the
- * features. All paths of a product give identical bits:
+ * product takes an AVX-512 form of the "lanes" kernel below QK_W8_PACKED_MIN_ROWS rows and the
+ * AVX2 kernels otherwise) or QK_PATH_AMX (AMX-INT8 tiles for the per-row-scaled int8 products,
+ * Linux only; the other products run as on QK_PATH_VNNI), chosen at run time and refused with
+ * QK_ERR_UNSUPPORTED on a CPU without the features. All paths of a product give identical bits:
  *
  *   qk_cpu_gemm_s8s8s32:  C[i][j] = sum_k A[i][k] * B[j][k]          (exact int32)
  *       A (M, K) and B (N, K) int8 rows, codes in [-127, 127] (DESIGN.md section 1 never makes
@@ -627,6 +627,90 @@ VNNI static void gemm_vnni_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
     }
     if (j4 < j1) gemm_generic_block(M, j4, j1, K, A, lda, B, ldb, C, ldc);
 }
+
+/* The weight-only "lanes" order (header comment) with AVX-512: a vector holds the eight lane sums
+ * of two weight rows (lanes 0-7 row q, lanes 8-15 row q + 1), and every lane runs the same chain
+ * of fused multiply-adds as in the AVX2 kernel, so the bits are the same. A tile is four weight
+ * rows by ROWS rows of X: each weight byte is converted once per tile, not once per pair of
+ * rows. */
+VNNI INLINE __m512 w8_widen16(const int8_t *w0, const int8_t *w1) {
+    __m128i b = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)w0),
+                                   _mm_loadl_epi64((const __m128i *)w1));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+/* x[0..7] in both halves of a vector. */
+VNNI INLINE __m512 w8_twice8(const float *x) {
+    return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(x))));
+}
+
+/* Y[r][0..3] for r < ROWS: rows X + r ldx against weight rows w0 .. w0 + 3 ldw, then scale and
+ * bias. `next`: the next four weight rows, prefetched into L2 a line per row per 64 k, or NULL. */
+VNNI INLINE void w8_avx512_tile(const int ROWS, const float *X, int64_t ldx, const int8_t *w0,
+                                int64_t ldw, int64_t K, const float *scale, const float *bias,
+                                float *Y, int64_t ldy, const int8_t *next) {
+    const int8_t *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+    __m512 acc[6][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t k8 = K - K % 8;
+    for (int64_t k = 0; k < k8; k += 8) {
+        if (next && (k & 63) == 0)
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++)
+                _mm_prefetch((const char *)(next + q * ldw + k), _MM_HINT_T1);
+        const __m512 f01 = w8_widen16(w0 + k, w1 + k), f23 = w8_widen16(w2 + k, w3 + k);
+#pragma GCC unroll 6
+        for (int r = 0; r < ROWS; r++) {
+            const __m512 x = w8_twice8(X + r * ldx + k);
+            acc[r][0] = _mm512_fmadd_ps(x, f01, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(x, f23, acc[r][1]);
+        }
+    }
+    const int8_t *ws[4] = {w0, w1, w2, w3};
+    for (int r = 0; r < ROWS; r++) {
+        float l[32];
+        _mm512_storeu_ps(l, acc[r][0]);
+        _mm512_storeu_ps(l + 16, acc[r][1]);
+        for (int q = 0; q < 4; q++) {
+            const float *a = l + 8 * q;
+            float s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+            float y = dot_w8_tail(X + r * ldx, ws[q], k8, K, s) * scale[q];
+            Y[r * ldy + q] = bias ? y + bias[q] : y;
+        }
+    }
+}
+
+/* Rows j0..j1 of W (of N) against every row of X (M < QK_W8_PACKED_MIN_ROWS), six rows of X per
+ * tile; the first tile over each group of four weight rows prefetches the next group, past j1
+ * too. The rows of W past the last group of four take the portable kernel (the same order). */
+VNNI static void w8_avx512_block(int64_t M, int64_t j0, int64_t j1, int64_t K, const float *X,
+                                 int64_t ldx, const int8_t *W, int64_t ldw, const float *scale,
+                                 const float *bias, float *Y, int64_t ldy, int64_t N) {
+    int64_t j4 = j0 + (j1 - j0) / 4 * 4;
+    for (int64_t j = j0; j < j4; j += 4) {
+        const int8_t *next = j + 8 <= N ? W + (j + 4) * ldw : NULL, *w = W + j * ldw;
+        const float *b = bias ? bias + j : NULL;
+        int64_t i = 0;
+        for (; i + 6 <= M; i += 6, next = NULL)
+            w8_avx512_tile(6, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j, ldy,
+                           next);
+        switch (M - i) {
+        case 5: w8_avx512_tile(5, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j,
+                               ldy, next); break;
+        case 4: w8_avx512_tile(4, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j,
+                               ldy, next); break;
+        case 3: w8_avx512_tile(3, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j,
+                               ldy, next); break;
+        case 2: w8_avx512_tile(2, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j,
+                               ldy, next); break;
+        case 1: w8_avx512_tile(1, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j,
+                               ldy, next); break;
+        default: break;
+        }
+    }
+    if (j4 < j1) w8_generic_block(M, j4, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
+}
 #endif
 
 /* -------------------------------------------------------------------------------- AMX */
@@ -933,8 +1017,7 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
     if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
     if (!check_shapes(M, N, K, ldx, ldw, ldy)) return QK_ERR_ARGUMENT;
     if (M == 0 || N == 0) return QK_OK;
-    if (path == QK_PATH_VNNI || path == QK_PATH_AMX)   /* the float product's kernel: AVX2 */
-        path = QK_PATH_AVX2;
+    if (path == QK_PATH_AMX) path = QK_PATH_VNNI;   /* no AMX kernel of the float product */
     int64_t blocks = (N + N_BLOCK - 1) / N_BLOCK;
     if (threads < 1) threads = 1;
     int failed = 0;
@@ -943,7 +1026,11 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
     for (int64_t b = 0; b < blocks; b++) {
         int64_t j0 = b * N_BLOCK, j1 = j0 + N_BLOCK < N ? j0 + N_BLOCK : N;
 #if defined(__x86_64__)
-        if (path == QK_PATH_AVX2 && M >= QK_W8_PACKED_MIN_ROWS) {
+        if (path == QK_PATH_VNNI && M < QK_W8_PACKED_MIN_ROWS) {
+            w8_avx512_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy, N);
+            continue;
+        }
+        if (path != QK_PATH_GENERIC && M >= QK_W8_PACKED_MIN_ROWS) {
             float *panel = aligned_alloc(32, sizeof(float) * W8_KC * N_BLOCK);
             float *sums = malloc(sizeof(float) * W8_M_BLOCK * N_BLOCK);
             if (panel && sums) {
@@ -958,7 +1045,7 @@ EXPORT int qk_cpu_linear_w8_f32(int path, int64_t M, int64_t N, int64_t K, const
             free(sums);
             continue;
         }
-        if (path == QK_PATH_AVX2) {
+        if (path != QK_PATH_GENERIC) {
             w8_avx2_block(M, j0, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy, N);
             continue;
         }
