@@ -71,6 +71,13 @@ def build_cpu(out=CPU_DEFAULT_OUT, *, cc=None, quiet=False) -> Path:
     cmd = cpu_command(cc, tmp)
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:   # a toolchain without AMX support (an old assembler): without it
+        retry = subprocess.run(cmd[:1] + ["-DQK_NO_AMX"] + cmd[1:], capture_output=True,
+                               text=True)
+        if retry.returncode == 0:
+            print("quantkit: the CPU library's AMX kernels did not compile here; built without "
+                  "them:\n" + result.stdout + result.stderr)
+            result = retry
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError("building quantkit's CPU library failed:\n  " + " ".join(cmd) + "\n"

@@ -105,17 +105,40 @@ def test_amx_kernel_at_its_tile_edges(m, k, n):
     skip_unless_runnable("amx")
     rng = np.random.default_rng(m * 7919 + k * 31 + n)
     for extremes in (False, True):
-        big_a, b = _codes(rng, (m, k + 9), extremes), _codes(rng, (n, k), extremes)
-        a = big_a[:, 5:5 + k]                            # row stride k + 9
-        s_a = rng.uniform(1e-3, 1, m).astype(np.float32)
-        s_b = rng.uniform(1e-3, 1, n).astype(np.float32)
+        big_a, big_b = _codes(rng, (m, k + 9), extremes), _codes(rng, (n, k + 70), extremes)
+        a, b = big_a[:, 5:5 + k], big_b[:, 3:3 + k]     # row strides k + 9 and k + 70
+        # scales of both signs with exact zeros (a zero product without a bias stays -0.0 or
+        # +0.0, as on every path)
+        s_a = (rng.uniform(1e-3, 1, m) * rng.choice([-1, 0, 1], m)).astype(np.float32)
+        s_b = (rng.uniform(1e-3, 1, n) * rng.choice([-1, 1], n)).astype(np.float32)
         bias = rng.standard_normal(n).astype(np.float32)
-        want = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, bias, path="generic")
         for threads in (1, 2):
             assert np.array_equal(native_cpu.gemm_s8s8s32(a, b, path="amx", threads=threads),
                                   _exact(a, b))
-            got = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, bias, path="amx", threads=threads)
-            assert np.array_equal(got.view(np.int32), want.view(np.int32))
+            for b_ in (bias, None):
+                want = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, b_, path="generic")
+                got = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, b_, path="amx", threads=threads)
+                assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+def test_amx_rescale_keeps_the_scalar_nan_order():
+    """Where the activation scale, the weight scale and the bias are NaN with different payloads,
+    the AMX kernel's vector rescale returns the same NaN bits as the scalar rescale of the other
+    paths (the first operand's NaN, as each float32 operation is written)."""
+    skip_unless_runnable("amx")
+    rng = np.random.default_rng(5)
+    a, b = _codes(rng, (20, 70)), _codes(rng, (21, 70))
+    s_a = rng.uniform(0.5, 1, 20).astype(np.float32)
+    s_b = rng.uniform(0.5, 1, 21).astype(np.float32)
+    bias = rng.standard_normal(21).astype(np.float32)
+    s_a[4] = np.array([0x7FC00000], np.uint32).view(np.float32)[0]
+    s_a[7] = np.array([0x7F812345], np.uint32).view(np.float32)[0]      # signalling
+    s_b[[4, 7, 9]] = np.array([0xFFC54321] * 3, np.uint32).view(np.float32)
+    bias[[9, 11]] = np.array([0x7FC0BEEF] * 2, np.uint32).view(np.float32)
+    for b_ in (bias, None):
+        want = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, b_, path="generic")
+        got = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, b_, path="amx")
+        assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 
 def test_native_gemm_takes_strided_rows():
@@ -289,13 +312,14 @@ def test_weight_only_linear_every_path(monkeypatch, path):
 def test_fused_weight_only_rows_around_its_tiles(m):
     """The AVX-512 form (tiles of six rows of x by four weight rows, two rows per vector) and the
     AVX2 one (pairs of rows) give the portable kernel's bits for every remainder of rows, weight
-    rows past the last group of four, and K with and without a tail of K % 8 terms; from 32 rows
-    every path takes the chain order."""
+    rows past the last group of four, K with and without a tail of K % 8 terms, and row strides
+    beyond K; from 32 rows every path takes the chain order."""
     if native_cpu.unavailable_reason() is not None:
         pytest.skip(native_cpu.unavailable_reason())
     rng = np.random.default_rng(m)
     for k, n in ((131, 23), (8, 4), (1, 5), (1040, 9)):
-        x, w, scale, bias = _weight_only_inputs(rng, m, k, n)
+        x, w, scale, bias = _weight_only_inputs(rng, m, k + 7, n)
+        x, w = x[:, 3:3 + k], w[:, 2:2 + k]                 # row strides k + 7
         for b in (bias, None):
             want = native_cpu.linear_w8_f32(x, w, scale, b, path="generic")
             for path in FUSED_PATHS:

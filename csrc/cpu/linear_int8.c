@@ -59,8 +59,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <immintrin.h>
-/* The AMX kernels: Linux (which grants the tile state per process), a compiler that knows AMX. */
-#if defined(__x86_64__) && defined(__linux__) && \
+/* The AMX kernels: Linux (which grants the tile state per process), a compiler that knows AMX;
+ * -DQK_NO_AMX leaves them out (csrc/build.py retries with it where the assembler lacks AMX). */
+#if defined(__x86_64__) && defined(__linux__) && !defined(QK_NO_AMX) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
 #define QK_HAVE_AMX 1
 #include <cpuid.h>
@@ -738,6 +739,24 @@ VNNI static void w8_avx512_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
 /* Bytes of packed activations per pass over the weight, sized to stay in L2 while every work item
  * of the pass reads them. */
 #define AMX_PASS_BYTES (1 << 20)
+/* The tile loads and stores are asm statements that do not tell the compiler they touch memory:
+ * a compiler barrier keeps the stores that fill a buffer before the tile loads that read it, and
+ * the reads of a tile store's buffer after it. */
+#define AMX_MEMORY_BARRIER() __asm__ volatile("" ::: "memory")
+
+/* a * b and a + b with a as the first source operand, as the scalar kernels compute them: where
+ * both operands are NaN, x86 returns the first source's NaN, and a compiler is free to swap the
+ * operands of a vector multiply or add (it did, to embed a broadcast). */
+AMX static inline __m512 amx_mul_ps(__m512 a, __m512 b) {
+    __m512 r;
+    __asm__("vmulps %2, %1, %0" : "=v"(r) : "v"(a), "v"(b));
+    return r;
+}
+AMX static inline __m512 amx_add_ps(__m512 a, __m512 b) {
+    __m512 r;
+    __asm__("vaddps %2, %1, %0" : "=v"(r) : "v"(a), "v"(b));
+    return r;
+}
 
 /* 1 when the CPU has AMX-TILE and AMX-INT8, the OS saves tile state, and Linux grants this process
  * the tile data (asked once; the grant holds for every thread of the process). */
@@ -771,8 +790,13 @@ AMX static void amx_configure(void) {
         cfg.colsb[t] = AMX_K;
         cfg.rows[t] = AMX_ROWS;
     }
+    AMX_MEMORY_BARRIER();
     _tile_loadconfig(&cfg);
 }
+
+/* The calling thread's tile state released (a function of its own: an OpenMP region's body is
+ * outlined without the AMX target). */
+AMX static void amx_release(void) { _tile_release(); }
 
 /* Activation tile (b, kc) of A (M, K): rows 16 b .. 16 b + 15, bytes 64 kc .. 64 kc + 63 of each,
  * zeros past M and K, into P (16 rows of 64 bytes). Contiguous tiles: rows a power of two apart in
@@ -849,11 +873,11 @@ AMX static void amx_store(const int32_t *acc, int64_t i0, int64_t mi, int64_t j0
         const __m512 bias = out->bias ? _mm512_maskz_loadu_ps(m, out->bias + j0 + c0)
                                       : _mm512_setzero_ps();
         for (int64_t ii = 0; ii < mi; ii++) {
-            const __m512 s = _mm512_mul_ps(_mm512_set1_ps(out->sx[i0 + ii]), sw);
-            __m512 y = _mm512_mul_ps(
+            const __m512 s = amx_mul_ps(_mm512_set1_ps(out->sx[i0 + ii]), sw);
+            __m512 y = amx_mul_ps(
                 _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(acc + ii * AMX_N_BLOCK + c0))),
                 s);
-            if (out->bias) y = _mm512_add_ps(y, bias);
+            if (out->bias) y = amx_add_ps(y, bias);
             _mm512_mask_storeu_ps(out->Y + (i0 + ii) * out->ldy + j0 + c0, m, y);
         }
     }
@@ -868,6 +892,7 @@ AMX static void amx_block(int64_t M, int64_t j0, int64_t nj, int64_t kcs, const 
     int32_t acc[2 * AMX_ROWS * AMX_N_BLOCK] __attribute__((aligned(64)));
     const int64_t ld_acc = AMX_N_BLOCK * (int64_t)sizeof(int32_t);
     const int two_w = nj > AMX_ROWS;
+    AMX_MEMORY_BARRIER();                       /* Wp and P are written before this call */
     for (int64_t b = b0; b < b1; b += 2) {
         const int two_a = b + 1 < b1;
         const int8_t *P0 = P + b * kcs * AMX_TILE_BYTES, *P1 = P0 + kcs * AMX_TILE_BYTES;
@@ -907,6 +932,7 @@ AMX static void amx_block(int64_t M, int64_t j0, int64_t nj, int64_t kcs, const 
         _tile_stored(1, acc + AMX_ROWS, ld_acc);
         _tile_stored(2, acc + AMX_ROWS * AMX_N_BLOCK, ld_acc);
         _tile_stored(3, acc + AMX_ROWS * AMX_N_BLOCK + AMX_ROWS, ld_acc);
+        AMX_MEMORY_BARRIER();
         int64_t i0 = b * AMX_ROWS, mi = M - i0 < 2 * AMX_ROWS ? M - i0 : 2 * AMX_ROWS;
         amx_store(acc, i0, mi, j0, nj, out);
     }
@@ -945,7 +971,7 @@ AMX static int amx_product(int64_t M, int64_t N, int64_t K, const int8_t *A, int
                 amx_block(M, j0, nj, kcs, Wp, P, b0, b1, out);
             }
         }
-        _tile_release();
+        amx_release();
         free(Wp);
     }
     free(P);
