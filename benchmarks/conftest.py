@@ -2,8 +2,8 @@
 
 ``pytest benchmarks/`` measures at full size (median of repeats after warm-up) and writes
 ``benchmarks/results/<cpu class>/<name>.json`` plus ``summary.md`` in the same folder, where the
-CPU class (``avx512_vnni``, ``avx512``, ``avx2`` or ``generic``, :func:`cpu_class`) keeps each
-kind of machine's figures apart: a run on one never overwrites another's.
+CPU class (``avx512_vnni_amx``, ``avx512_vnni``, ``avx512``, ``avx2`` or ``generic``,
+:func:`cpu_class`) keeps each kind of machine's figures apart: a run on one never overwrites another's.
 ``pytest benchmarks/ --quick`` runs the same code at small sizes with one repeat (CI uses it so the
 benchmarks cannot rot) and writes to a temporary folder instead, leaving the committed results alone.
 ``--gpu`` adds the CUDA benchmarks and fails if no CUDA device is present.
