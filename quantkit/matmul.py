@@ -51,10 +51,11 @@ take ``int_mm`` and dense.
 
 Block-scaled weights (``block_size`` B: one scale per B consecutive weights of a row, scales
 (N, K / B)) take the same choice for weight-only (the fused AVX2 kernel dequantizes each weight
-before its multiply-add), and for W8A8 quantkit's kernel of the CPU's best path (``vnni``,
-``avx2``; a forced ``amx`` runs ``vnni`` there) for every shape, one exact int32 product per block;
-the torch paths (``int_mm``, ``float``) loop over the blocks in torch ops with the same float32
-operations, so every path gives the same bits.
+before its multiply-add); for W8A8, quantkit's kernel of the CPU's best path (``vnni``, ``avx2``)
+for every shape, one exact int32 product per block, with the AMX kernel timed beside ``vnni``
+from :data:`AMX_MIN_ROWS` rows where the CPU has it and B is a multiple of 64 (a forced ``amx``
+runs ``vnni`` for other B); the torch paths (``int_mm``, ``float``) loop over the blocks in
+torch ops with the same float32 operations, so every path gives the same bits.
 
 A forced path this CPU cannot run raises RuntimeError naming the path and what it needs; an
 unknown ``QUANTKIT_MATMUL`` value is a ValueError listing the choices.
@@ -227,7 +228,7 @@ def _int8_path_cpu(rows: int, k: int) -> str:
 
 
 def _int8_blocks_path_cpu() -> str:
-    """The W8A8 path for block-scaled weights on the CPU (any shape)."""
+    """The static W8A8 path for block-scaled weights on the CPU (any shape)."""
     forced = _forced_int8_path()
     if forced is not None:
         return forced
@@ -235,6 +236,17 @@ def _int8_blocks_path_cpu() -> str:
     if info["native"] is None and info["avx2"] and info["fma"]:
         return "vnni" if info["avx512"] and info["avx512_vnni"] else "avx2"
     return "float"
+
+
+def _int8_blocks_candidates_cpu(rows: int, block_size: int) -> tuple:
+    """The W8A8 paths worth timing for block-scaled weights: the static one, and on a CPU with
+    AMX-INT8 the AMX kernel too where it takes the blocks (a multiple of 64 long) and the rows
+    fill a tile."""
+    path = _int8_blocks_path_cpu()
+    if (path == "vnni" and _forced() == "auto" and cpu_info()["amx_int8"]
+            and rows >= AMX_MIN_ROWS and block_size % 64 == 0):
+        return ("vnni", "amx")
+    return (path,)
 
 
 def _weight_only_path_cpu(rows: int, blocks: bool = False) -> str:
@@ -460,14 +472,18 @@ def w8a8_linear_blocks(codes: torch.Tensor, s_x: torch.Tensor, weight: torch.Ten
     ``C_g`` the exact int32 product over block g; the same bits on every path."""
     m, n = codes.shape[0], weight.shape[0]
     if codes.device.type == "cpu" and m and n:
-        path = _int8_blocks_path_cpu()
-        if path in NATIVE_PATHS:
+        candidates = _int8_blocks_candidates_cpu(m, block_size)
+        if candidates[0] in NATIVE_PATHS:
             from .backends import native_cpu
 
-            return torch.from_numpy(native_cpu.linear_w8a8_f32(
-                codes.numpy(), weight.numpy(), s_x.numpy(), weight_scale.numpy(),
-                None if bias is None else bias.detach().numpy(), block_size=block_size,
-                path=path, threads=_threads()))
+            def run(path):
+                return torch.from_numpy(native_cpu.linear_w8a8_f32(
+                    codes.numpy(), weight.numpy(), s_x.numpy(), weight_scale.numpy(),
+                    None if bias is None else bias.detach().numpy(), block_size=block_size,
+                    path=path, threads=_threads()))
+
+            return _fastest(f"w8a8 blocks of {block_size}", m, codes.shape[1], n, candidates,
+                            run)
     t = torch.zeros((m, n), dtype=torch.float32, device=codes.device)
     for g in range(weight_scale.shape[1]):
         cols = slice(g * block_size, (g + 1) * block_size)

@@ -56,6 +56,49 @@ def test_w8a8_blocks_every_path_is_the_reference(monkeypatch, path, shape):
             assert np.array_equal(y.numpy(), want), (extremes, with_bias)
 
 
+@pytest.mark.parametrize("m, k, n, b", [(15, 128, 16, 64), (16, 64, 17, 64), (17, 192, 31, 64),
+                                        (33, 256, 32, 128), (47, 384, 33, 192), (1, 128, 5, 64),
+                                        (64, 96, 40, 32), (300, 4096, 20, 64)])
+def test_w8a8_blocks_amx_kernel_at_its_tile_edges(m, k, n, b):
+    """The AMX kernel with block scales (each block's four product tiles rescaled into float32
+    sums before the next block) gives the reference's bits around its tiles of 16 rows, its work
+    items of 32 weight rows and its passes, from row-strided codes, with scales of both signs,
+    exact zeros and NaN payloads; blocks that are not a multiple of 64 take the VNNI kernel."""
+    skip_unless_runnable("amx")
+    rng = np.random.default_rng(m * k + n + b)
+    q_x, codes, scale, s_x, bias = _problem(rng, m, k + 16, n, b)
+    q_x, codes = q_x[:, 16:], codes[:, 8:8 + k]
+    scale = scale * rng.choice(np.array([-1, 1], np.float32), size=scale.shape)
+    s_x = s_x * rng.choice(np.array([-1, 0, 1], np.float32), size=m)
+    s_x[0] = np.array([0x7FC01234], np.uint32).view(np.float32)[0]
+    scale[min(1, n - 1), 0] = np.array([0xFFC54321], np.uint32).view(np.float32)[0]
+    bias[n // 2] = np.array([0x7FC0BEEF], np.uint32).view(np.float32)[0]
+    for b_ in (bias, None):
+        want = native_cpu.linear_w8a8_f32(q_x, codes, s_x, scale, b_, block_size=b,
+                                          path="generic")
+        ref = reference.linear_w8a8_blocks(q_x, s_x, codes, scale, b, b_)
+        assert np.array_equal(np.isnan(want), np.isnan(ref))
+        assert np.array_equal(want[~np.isnan(want)], ref[~np.isnan(ref)])
+        for threads in (1, 2):
+            got = native_cpu.linear_w8a8_f32(q_x, codes, s_x, scale, b_, block_size=b,
+                                             path="amx", threads=threads)
+            assert np.array_equal(got.view(np.int32), want.view(np.int32)), threads
+
+
+@pytest.mark.parametrize("amx, rows, block, candidates", [
+    (True, 16, 64, ("vnni", "amx")), (True, 15, 64, ("vnni",)), (True, 100, 32, ("vnni",)),
+    (True, 100, 128, ("vnni", "amx")), (False, 100, 64, ("vnni",))])
+def test_w8a8_blocks_time_the_amx_kernel_where_it_applies(monkeypatch, amx, rows, block,
+                                                          candidates):
+    info = dict(model="test CPU", avx2=True, fma=True, avx512=True, avx512_vnni=True,
+                amx_int8=amx, native=None)
+    monkeypatch.setattr(matmul, "cpu_info", lambda: info)
+    monkeypatch.delenv(matmul.ENV, raising=False)
+    assert matmul._int8_blocks_candidates_cpu(rows, block) == candidates
+    monkeypatch.setenv(matmul.ENV, "vnni")
+    assert matmul._int8_blocks_candidates_cpu(rows, block) == ("vnni",)
+
+
 def test_w8a8_blocks_per_block_sums_are_not_one_product():
     """The block sum differs from per-row scaling when scales differ between blocks: the
     reference really applies S[:, g] to block g (a wrong block order would fail here)."""

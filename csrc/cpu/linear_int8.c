@@ -4,9 +4,10 @@
  * Every entry point takes a `path`: QK_PATH_GENERIC (portable C, any CPU), QK_PATH_AVX2 (AVX2 +
  * FMA intrinsics), QK_PATH_VNNI (AVX-512 BW/VL + VNNI for the int8 products; the weight-only
  * product takes an AVX-512 form of the "lanes" kernel below QK_W8_PACKED_MIN_ROWS rows and the
- * AVX2 kernels otherwise) or QK_PATH_AMX (AMX-INT8 tiles for the per-row-scaled int8 products,
- * Linux only; the other products run as on QK_PATH_VNNI), chosen at run time and refused with
- * QK_ERR_UNSUPPORTED on a CPU without the features. All paths of a product give identical bits:
+ * AVX2 kernels otherwise) or QK_PATH_AMX (AMX-INT8 tiles for the int8 products, block scales
+ * with blocks of a multiple of 64, Linux only; the rest runs as on QK_PATH_VNNI), chosen at run
+ * time and refused with QK_ERR_UNSUPPORTED on a CPU without the features. All paths of a product
+ * give identical bits:
  *
  *   qk_cpu_gemm_s8s8s32:  C[i][j] = sum_k A[i][k] * B[j][k]          (exact int32)
  *       A (M, K) and B (N, K) int8 rows, codes in [-127, 127] (DESIGN.md section 1 never makes
@@ -845,13 +846,16 @@ AMX static void amx_pack_weight(const int8_t *W, int64_t ldw, int64_t nj, int64_
 }
 
 /* Where a work item's product tiles go: the int32 C (Y NULL), or Y = float32(C) * (sx[i] * sw[j])
- * + bias[j] (each float32 operation rounded once, in that order). */
+ * + bias[j] (S NULL), or, with block scales S[j][g] (N, groups; blocks of `block` k, a multiple of
+ * 64), Y = t * sx[i] + bias[j] with t = 0 and, for g = 0, 1, ..., t = t + float32(C_g) * S[j][g]
+ * (C_g the product over block g). Each float32 operation rounded once, in that order. */
 typedef struct {
     int32_t *C;
     int64_t ldc;
     float *Y;
     int64_t ldy;
-    const float *sx, *sw, *bias;
+    const float *sx, *sw, *bias, *S;
+    int64_t groups, block;
 } amx_out;
 
 /* Rows i0 .. i0 + mi - 1 of the output at columns j0 .. j0 + nj - 1 from acc[ii][jj] (row stride
@@ -883,58 +887,98 @@ AMX static void amx_store(const int32_t *acc, int64_t i0, int64_t mi, int64_t j0
     }
 }
 
-/* The output of weight rows [j0, j0 + nj), nj <= AMX_N_BLOCK, packed in Wp (amx_pack_weight), for
- * activation tiles [b0, b1) of the packed P (kcs tiles of k each). Two activation tiles by two
- * weight tiles at a time, four product tiles; a single weight tile when nj <= 16, and a single
- * activation tile last when b1 - b0 is odd. */
-AMX static void amx_block(int64_t M, int64_t j0, int64_t nj, int64_t kcs, const int8_t *Wp,
-                          const int8_t *P, int64_t b0, int64_t b1, const amx_out *out) {
-    int32_t acc[2 * AMX_ROWS * AMX_N_BLOCK] __attribute__((aligned(64)));
+/* acc[ii][jj] (row stride AMX_N_BLOCK) = the product over k tiles [kc0, kc1) of the activation
+ * tiles P0 (rows 0-15) and P1 (rows 16-31, when two_a) and the weight tiles of Wp (columns 0-15,
+ * and 16-31 when two_w). Four product tiles from two activation and two weight tiles per k tile
+ * (all eight tile registers); fewer where one side has a single tile. */
+AMX INLINE void amx_tiles(const int8_t *P0, const int8_t *P1, const int8_t *Wp, int64_t kc0,
+                          int64_t kc1, int two_a, int two_w, int32_t *acc) {
     const int64_t ld_acc = AMX_N_BLOCK * (int64_t)sizeof(int32_t);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    if (two_a && two_w) {
+        for (int64_t kc = kc0; kc < kc1; kc++) {
+            const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
+            _tile_loadd(4, P0 + kc * AMX_TILE_BYTES, AMX_K);
+            _tile_loadd(5, P1 + kc * AMX_TILE_BYTES, AMX_K);
+            _tile_loadd(6, w, AMX_K);
+            _tile_loadd(7, w + AMX_TILE_BYTES, AMX_K);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+        }
+    } else {
+        for (int64_t kc = kc0; kc < kc1; kc++) {
+            const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
+            _tile_loadd(4, P0 + kc * AMX_TILE_BYTES, AMX_K);
+            _tile_loadd(6, w, AMX_K);
+            _tile_dpbssd(0, 4, 6);
+            if (two_w) {
+                _tile_loadd(7, w + AMX_TILE_BYTES, AMX_K);
+                _tile_dpbssd(1, 4, 7);
+            }
+            if (two_a) {
+                _tile_loadd(5, P1 + kc * AMX_TILE_BYTES, AMX_K);
+                _tile_dpbssd(2, 5, 6);
+            }
+        }
+    }
+    _tile_stored(0, acc, ld_acc);
+    _tile_stored(1, acc + AMX_ROWS, ld_acc);
+    _tile_stored(2, acc + AMX_ROWS * AMX_N_BLOCK, ld_acc);
+    _tile_stored(3, acc + AMX_ROWS * AMX_N_BLOCK + AMX_ROWS, ld_acc);
+    AMX_MEMORY_BARRIER();
+}
+
+/* The output of weight rows [j0, j0 + nj), nj <= AMX_N_BLOCK, packed in Wp (amx_pack_weight), for
+ * activation tiles [b0, b1) of the packed P (kcs tiles of k each), two activation tiles at a
+ * time (one last when b1 - b0 is odd). With block scales, Sp holds them for these rows
+ * (Sp[g][jj] = S[j0 + jj][g], zeros past nj) and each block's product is rescaled into the float32
+ * sums t before the next one. */
+AMX static void amx_block(int64_t M, int64_t j0, int64_t nj, int64_t kcs, const int8_t *Wp,
+                          const float *Sp, const int8_t *P, int64_t b0, int64_t b1,
+                          const amx_out *out) {
+    int32_t acc[2 * AMX_ROWS * AMX_N_BLOCK] __attribute__((aligned(64)));
+    float t[2 * AMX_ROWS * AMX_N_BLOCK] __attribute__((aligned(64)));
     const int two_w = nj > AMX_ROWS;
     AMX_MEMORY_BARRIER();                       /* Wp and P are written before this call */
     for (int64_t b = b0; b < b1; b += 2) {
         const int two_a = b + 1 < b1;
         const int8_t *P0 = P + b * kcs * AMX_TILE_BYTES, *P1 = P0 + kcs * AMX_TILE_BYTES;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        if (two_a && two_w) {
-            for (int64_t kc = 0; kc < kcs; kc++) {
-                const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
-                _tile_loadd(4, P0 + kc * AMX_TILE_BYTES, AMX_K);
-                _tile_loadd(5, P1 + kc * AMX_TILE_BYTES, AMX_K);
-                _tile_loadd(6, w, AMX_K);
-                _tile_loadd(7, w + AMX_TILE_BYTES, AMX_K);
-                _tile_dpbssd(0, 4, 6);
-                _tile_dpbssd(1, 4, 7);
-                _tile_dpbssd(2, 5, 6);
-                _tile_dpbssd(3, 5, 7);
-            }
-        } else {
-            for (int64_t kc = 0; kc < kcs; kc++) {
-                const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
-                _tile_loadd(4, P0 + kc * AMX_TILE_BYTES, AMX_K);
-                _tile_loadd(6, w, AMX_K);
-                _tile_dpbssd(0, 4, 6);
-                if (two_w) {
-                    _tile_loadd(7, w + AMX_TILE_BYTES, AMX_K);
-                    _tile_dpbssd(1, 4, 7);
-                }
-                if (two_a) {
-                    _tile_loadd(5, P1 + kc * AMX_TILE_BYTES, AMX_K);
-                    _tile_dpbssd(2, 5, 6);
+        int64_t i0 = b * AMX_ROWS, mi = M - i0 < 2 * AMX_ROWS ? M - i0 : 2 * AMX_ROWS;
+        if (!out->S) {
+            amx_tiles(P0, P1, Wp, 0, kcs, two_a, two_w, acc);
+            amx_store(acc, i0, mi, j0, nj, out);
+            continue;
+        }
+        const int64_t per = out->block / AMX_K;     /* k tiles per block */
+        for (int64_t e = 0; e < 2 * AMX_ROWS * AMX_N_BLOCK; e++) t[e] = 0.0f;
+        for (int64_t g = 0; g < out->groups; g++) {
+            amx_tiles(P0, P1, Wp, g * per, (g + 1) * per, two_a, two_w, acc);
+            for (int h = 0; h < 2; h++) {
+                const __m512 sg = _mm512_loadu_ps(Sp + g * AMX_N_BLOCK + h * AMX_ROWS);
+                for (int64_t ii = 0; ii < mi; ii++) {
+                    int64_t e = ii * AMX_N_BLOCK + h * AMX_ROWS;
+                    __m512 c = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(acc + e)));
+                    _mm512_store_ps(t + e, amx_add_ps(_mm512_load_ps(t + e), amx_mul_ps(c, sg)));
                 }
             }
         }
-        _tile_stored(0, acc, ld_acc);
-        _tile_stored(1, acc + AMX_ROWS, ld_acc);
-        _tile_stored(2, acc + AMX_ROWS * AMX_N_BLOCK, ld_acc);
-        _tile_stored(3, acc + AMX_ROWS * AMX_N_BLOCK + AMX_ROWS, ld_acc);
-        AMX_MEMORY_BARRIER();
-        int64_t i0 = b * AMX_ROWS, mi = M - i0 < 2 * AMX_ROWS ? M - i0 : 2 * AMX_ROWS;
-        amx_store(acc, i0, mi, j0, nj, out);
+        for (int h = 0; h * AMX_ROWS < nj; h++) {
+            int64_t c0 = h * AMX_ROWS, nc = nj - c0 < AMX_ROWS ? nj - c0 : AMX_ROWS;
+            __mmask16 m = (__mmask16)((1u << nc) - 1u);
+            const __m512 bias = out->bias ? _mm512_maskz_loadu_ps(m, out->bias + j0 + c0)
+                                          : _mm512_setzero_ps();
+            for (int64_t ii = 0; ii < mi; ii++) {
+                __m512 y = amx_mul_ps(_mm512_load_ps(t + ii * AMX_N_BLOCK + c0),
+                                      _mm512_set1_ps(out->sx[i0 + ii]));
+                if (out->bias) y = amx_add_ps(y, bias);
+                _mm512_mask_storeu_ps(out->Y + (i0 + ii) * out->ldy + j0 + c0, m, y);
+            }
+        }
     }
 }
 
@@ -954,6 +998,7 @@ AMX static int amx_product(int64_t M, int64_t N, int64_t K, const int8_t *A, int
     #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
     {
         int8_t *Wp = aligned_alloc(64, (size_t)(kcs * 2 * AMX_TILE_BYTES));
+        float *Sp = out->S ? malloc(sizeof(float) * (size_t)(out->groups * AMX_N_BLOCK)) : NULL;
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles * kcs; t++)
             amx_pack_rows(M, K, A, lda, t / kcs, t % kcs, P + t * AMX_TILE_BYTES);
@@ -962,17 +1007,23 @@ AMX static int amx_product(int64_t M, int64_t N, int64_t K, const int8_t *A, int
             int64_t b1 = b0 + pass < tiles ? b0 + pass : tiles;
             #pragma omp for schedule(static)
             for (int64_t item = 0; item < items; item++) {
-                if (!Wp) {
+                if (!Wp || (out->S && !Sp)) {
                     failed = 1;
                     continue;
                 }
                 int64_t j0 = item * AMX_N_BLOCK, nj = N - j0 < AMX_N_BLOCK ? N - j0 : AMX_N_BLOCK;
                 amx_pack_weight(B + j0 * ldb, ldb, nj, K, kcs, Wp);
-                amx_block(M, j0, nj, kcs, Wp, P, b0, b1, out);
+                if (Sp)
+                    for (int64_t g = 0; g < out->groups; g++)
+                        for (int64_t jj = 0; jj < AMX_N_BLOCK; jj++)
+                            Sp[g * AMX_N_BLOCK + jj] = jj < nj ? out->S[(j0 + jj) * out->groups + g]
+                                                               : 0.0f;
+                amx_block(M, j0, nj, kcs, Wp, Sp, P, b0, b1, out);
             }
         }
         amx_release();
         free(Wp);
+        free(Sp);
     }
     free(P);
     return failed ? QK_ERR_MEMORY : QK_OK;
@@ -1007,7 +1058,7 @@ EXPORT int qk_cpu_gemm_s8s8s32(int path, int64_t M, int64_t N, int64_t K, const 
     if (threads < 1) threads = 1;
 #ifdef QK_HAVE_AMX
     if (path == QK_PATH_AMX && K > 0) {
-        amx_out out = {C, ldc, NULL, 0, NULL, NULL, NULL};
+        amx_out out = {C, ldc, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
         return amx_product(M, N, K, A, lda, B, ldb, &out, threads);
     }
 #endif
@@ -1092,7 +1143,7 @@ EXPORT int qk_cpu_linear_w8a8_f32(int path, int64_t M, int64_t N, int64_t K, con
     if (threads < 1) threads = 1;
 #ifdef QK_HAVE_AMX
     if (path == QK_PATH_AMX && K > 0) {
-        amx_out out = {NULL, 0, Y, ldy, sx, sw, bias};
+        amx_out out = {NULL, 0, Y, ldy, sx, sw, bias, NULL, 0, 0};
         return amx_product(M, N, K, A, lda, B, ldb, &out, threads);
     }
 #endif
@@ -1171,7 +1222,14 @@ EXPORT int qk_cpu_linear_w8a8b_f32(int path, int64_t M, int64_t N, int64_t K, co
     if (!path_supported(path)) return QK_ERR_UNSUPPORTED;
     if (!check_shapes(M, N, K, lda, ldb, ldy) || !check_block(K, block, 1)) return QK_ERR_ARGUMENT;
     if (M == 0 || N == 0) return QK_OK;
-    if (path == QK_PATH_AMX) path = QK_PATH_VNNI;   /* one int32 product per block: VNNI's */
+    if (threads < 1) threads = 1;
+#ifdef QK_HAVE_AMX
+    if (path == QK_PATH_AMX && K > 0 && block % AMX_K == 0) {
+        amx_out out = {NULL, 0, Y, ldy, sx, NULL, bias, S, K / block, block};
+        return amx_product(M, N, K, A, lda, B, ldb, &out, threads);
+    }
+#endif
+    if (path == QK_PATH_AMX) path = QK_PATH_VNNI;   /* blocks of other sizes: VNNI's kernel */
     int64_t blocks = (N + INT8_N_BLOCK - 1) / INT8_N_BLOCK, groups = K / block;
     if (threads < 1) threads = 1;
     uint8_t *ap = NULL;
