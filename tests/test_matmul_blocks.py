@@ -86,7 +86,7 @@ def test_w8a8_blocks_amx_kernel_at_its_tile_edges(m, k, n, b):
 
 
 @pytest.mark.parametrize("amx, rows, block, candidates", [
-    (True, 16, 64, ("vnni", "amx")), (True, 15, 64, ("vnni",)), (True, 100, 32, ("vnni",)),
+    (True, 2, 64, ("vnni", "amx")), (True, 1, 64, ("vnni",)), (True, 100, 32, ("vnni",)),
     (True, 100, 128, ("vnni", "amx")), (False, 100, 64, ("vnni",))])
 def test_w8a8_blocks_time_the_amx_kernel_where_it_applies(monkeypatch, amx, rows, block,
                                                           candidates):
