@@ -56,22 +56,31 @@ def test_w8a8_blocks_every_path_is_the_reference(monkeypatch, path, shape):
             assert np.array_equal(y.numpy(), want), (extremes, with_bias)
 
 
-@pytest.mark.parametrize("m, k, n, b", [(15, 128, 16, 64), (16, 64, 17, 64), (17, 192, 31, 64),
-                                        (33, 256, 32, 128), (47, 384, 33, 192), (1, 128, 5, 64),
-                                        (64, 96, 40, 32), (300, 4096, 20, 64)])
-def test_w8a8_blocks_amx_kernel_at_its_tile_edges(m, k, n, b):
-    """The AMX kernel with block scales (each block's four product tiles rescaled into float32
-    sums before the next block) gives the reference's bits around its tiles of 16 rows, its work
-    items of 32 weight rows and its passes, from row-strided codes, with scales of both signs,
-    exact zeros and NaN payloads; blocks that are not a multiple of 64 take the VNNI kernel."""
-    skip_unless_runnable("amx")
+# Shapes at the packed kernels' edges: rows around the VNNI kernel's tiles of six and the AMX
+# kernel's tiles of 16 (pairs of them), weight rows around their work items of 32 (vectors or
+# tiles of 16), blocks of 4 to 192 (AMX: multiples of 64; others take its VNNI fallback), one
+# block of 3 (the per-block kernel), several AMX passes.
+PACKED_EDGES = [(15, 128, 16, 64), (16, 64, 17, 64), (17, 192, 31, 64), (33, 256, 32, 128),
+                (47, 384, 33, 192), (1, 128, 5, 64), (64, 96, 40, 32), (300, 4096, 20, 64),
+                (5, 12, 3, 4), (7, 24, 9, 8), (13, 36, 48, 12), (6, 9, 7, 3), (2, 4096, 64, 4096)]
+
+
+@pytest.mark.parametrize("path", ("vnni", "amx"))
+@pytest.mark.parametrize("m, k, n, b", PACKED_EDGES)
+def test_w8a8_blocks_packed_kernels_at_their_edges(path, m, k, n, b):
+    """The kernels that pack the weight (VNNI: sixteen weight rows' four codes per vector; AMX:
+    each block's product tiles added into float32 sums before the next block) give the
+    reference's bits at their edges, from row-strided codes, with scales of both signs, exact
+    zeros and NaN scales and biases (NaN where the generic path gives NaN)."""
+    skip_unless_runnable(path)
     rng = np.random.default_rng(m * k + n + b)
     q_x, codes, scale, s_x, bias = _problem(rng, m, k + 16, n, b)
     q_x, codes = q_x[:, 16:], codes[:, 8:8 + k]
-    scale = scale * rng.choice(np.array([-1, 1], np.float32), size=scale.shape)
+    scale = scale[:, :k // b] * rng.choice(np.array([-1, 1], np.float32), size=(n, k // b))
     s_x = s_x * rng.choice(np.array([-1, 0, 1], np.float32), size=m)
     s_x[0] = np.array([0x7FC01234], np.uint32).view(np.float32)[0]
     scale[min(1, n - 1), 0] = np.array([0xFFC54321], np.uint32).view(np.float32)[0]
+    scale[min(1, n - 1), -1] = np.array([0x7FC06789], np.uint32).view(np.float32)[0]  # NaN + NaN
     bias[n // 2] = np.array([0x7FC0BEEF], np.uint32).view(np.float32)[0]
     for b_ in (bias, None):
         want = native_cpu.linear_w8a8_f32(q_x, codes, s_x, scale, b_, block_size=b,
@@ -81,8 +90,10 @@ def test_w8a8_blocks_amx_kernel_at_its_tile_edges(m, k, n, b):
         assert np.array_equal(want[~np.isnan(want)], ref[~np.isnan(ref)])
         for threads in (1, 2):
             got = native_cpu.linear_w8a8_f32(q_x, codes, s_x, scale, b_, block_size=b,
-                                             path="amx", threads=threads)
-            assert np.array_equal(got.view(np.int32), want.view(np.int32)), threads
+                                             path=path, threads=threads)
+            nan = np.isnan(want)     # a NaN matches any NaN: the payload where two NaNs meet
+            assert np.array_equal(np.isnan(got), nan), threads     # is the compiler's choice
+            assert np.array_equal(got[~nan].view(np.int32), want[~nan].view(np.int32)), threads
 
 
 @pytest.mark.parametrize("amx, rows, block, candidates", [

@@ -7,7 +7,9 @@
  * AVX2 kernels otherwise) or QK_PATH_AMX (AMX-INT8 tiles for the int8 products, block scales
  * with blocks of a multiple of 64, Linux only; the rest runs as on QK_PATH_VNNI), chosen at run
  * time and refused with QK_ERR_UNSUPPORTED on a CPU without the features. All paths of a product
- * give identical bits:
+ * give identical bits, NaN payloads aside: a NaN result is NaN on every path, but where two NaNs
+ * meet in one operation (a NaN scale and a NaN bias, say) which payload survives depends on the
+ * operand order the compiler chose for that path, as IEEE 754 leaves it open:
  *
  *   qk_cpu_gemm_s8s8s32:  C[i][j] = sum_k A[i][k] * B[j][k]          (exact int32)
  *       A (M, K) and B (N, K) int8 rows, codes in [-127, 127] (DESIGN.md section 1 never makes
@@ -563,7 +565,7 @@ VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const
                 _mm_prefetch((const char *)(next + q * ldb + k), _MM_HINT_T1);
 #pragma GCC unroll 4
         for (int q = 0; q < 4; q++) w[q] = _mm512_loadu_si512((const void *)(b0 + q * ldb + k));
-#pragma GCC unroll 4
+#pragma GCC unroll 6
         for (int r = 0; r < ROWS; r++) {
             __m512i x = _mm512_loadu_si512((const void *)(ap + r * lda + k));
 #pragma GCC unroll 4
@@ -575,7 +577,7 @@ VNNI INLINE void vnni_tile(const int ROWS, const uint8_t *ap, int64_t lda, const
 #pragma GCC unroll 4
         for (int q = 0; q < 4; q++)
             w[q] = _mm512_maskz_loadu_epi8(m, (const void *)(b0 + q * ldb + k));
-#pragma GCC unroll 4
+#pragma GCC unroll 6
         for (int r = 0; r < ROWS; r++) {
             __m512i x = _mm512_maskz_loadu_epi8(m, (const void *)(ap + r * lda + k));
 #pragma GCC unroll 4
@@ -713,6 +715,151 @@ VNNI static void w8_avx512_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
     }
     if (j4 < j1) w8_generic_block(M, j4, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
 }
+
+/* Block-scaled W8A8 on VNNI (blocks a multiple of 4 long): the weight is packed per work item of
+ * 32 weight rows so that one vector holds sixteen weight rows' four codes at one k group (row kg
+ * of the packing: the bytes k = 4 kg .. 4 kg + 3 of weight rows 0-15, then of rows 16-31); an
+ * activation row's four codes (a + 128) broadcast against it give sixteen outputs' lane sums at
+ * once, with no horizontal reduction. Per block g: C_g = sum_k (a + 128) b - 128 sum_k b (the
+ * block's weight sums taken from the packing), then t = t + float32(C_g) * S[j][g]; finally
+ * y = t * sx[i] + bias[j], each float32 operation rounded once, as in the other kernels. */
+#define VB_COLS 32      /* weight rows per work item: two vectors of sixteen outputs */
+#define VB_ROWS 6       /* activation rows per tile */
+
+/* Weight rows [0, nj) of B (row stride ldb), nj <= VB_COLS, packed into Wp (K / 4 rows of 128
+ * bytes, zeros past row nj - 1), each block's weight row sums into bsum[g][jj] and the scales
+ * transposed into Sp[g][jj] (S[jj][g]; zeros past nj). */
+VNNI static void vb_pack(const int8_t *B, int64_t ldb, int64_t nj, int64_t K, int64_t block,
+                         const float *S, int64_t groups, int8_t *Wp, int32_t *bsum, float *Sp) {
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)(ldb <= INT32_MAX / 16 ? ldb : 0)));
+    for (int h = 0; h < 2; h++) {
+        int64_t c0 = 16 * h;
+        if (c0 + 16 <= nj && ldb <= INT32_MAX / 16) {
+            for (int64_t kg = 0; kg < K / 4; kg++)
+                _mm512_storeu_si512(
+                    (void *)(Wp + kg * 128 + 64 * h),
+                    _mm512_i32gather_epi32(rows, (const void *)(B + c0 * ldb + 4 * kg), 1));
+            continue;
+        }
+        for (int64_t kg = 0; kg < K / 4; kg++)
+            for (int c = 0; c < 16; c++)
+                for (int q = 0; q < 4; q++)
+                    Wp[kg * 128 + 64 * h + 4 * c + q] =
+                        c0 + c < nj ? B[(c0 + c) * ldb + 4 * kg + q] : 0;
+    }
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+        for (int64_t kg = g * block / 4; kg < (g + 1) * block / 4; kg++) {
+            s0 = _mm512_dpbusd_epi32(s0, ones, _mm512_loadu_si512((const void *)(Wp + kg * 128)));
+            s1 = _mm512_dpbusd_epi32(s1, ones,
+                                     _mm512_loadu_si512((const void *)(Wp + kg * 128 + 64)));
+        }
+        _mm512_storeu_si512((void *)(bsum + g * VB_COLS), s0);
+        _mm512_storeu_si512((void *)(bsum + g * VB_COLS + 16), s1);
+        for (int64_t jj = 0; jj < VB_COLS; jj++)
+            Sp[g * VB_COLS + jj] = jj < nj ? S[jj * groups + g] : 0.0f;
+    }
+}
+
+/* Y[r][0 .. nj - 1] for the ROWS activation rows ap + r ldap (a + 128) against a packed item. */
+VNNI INLINE void vb_tile(const int ROWS, const uint8_t *ap, int64_t ldap, const int8_t *Wp,
+                         const int32_t *bsum, const float *Sp, int64_t groups, int64_t block,
+                         const float *sx, const float *bias, int64_t nj, float *Y, int64_t ldy) {
+    __m512 t[VB_ROWS][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < ROWS; r++) t[r][0] = t[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i acc[VB_ROWS][2];
+#pragma GCC unroll 6
+        for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+        for (int64_t kg = g * block / 4; kg < (g + 1) * block / 4; kg++) {
+            const __m512i w0 = _mm512_loadu_si512((const void *)(Wp + kg * 128));
+            const __m512i w1 = _mm512_loadu_si512((const void *)(Wp + kg * 128 + 64));
+#pragma GCC unroll 6
+            for (int r = 0; r < ROWS; r++) {
+                int32_t four;
+                memcpy(&four, ap + r * ldap + 4 * kg, 4);
+                const __m512i x = _mm512_set1_epi32(four);
+                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x, w0);
+                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x, w1);
+            }
+        }
+        const int32_t *bs = bsum + g * VB_COLS;
+        const __m512i off0 = _mm512_slli_epi32(_mm512_loadu_si512((const void *)bs), 7);
+        const __m512i off1 = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(bs + 16)), 7);
+        const __m512 s0 = _mm512_loadu_ps(Sp + g * VB_COLS);
+        const __m512 s1 = _mm512_loadu_ps(Sp + g * VB_COLS + 16);
+#pragma GCC unroll 6
+        for (int r = 0; r < ROWS; r++) {
+            const __m512 c0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], off0));
+            const __m512 c1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], off1));
+            t[r][0] = _mm512_add_ps(t[r][0], _mm512_mul_ps(c0, s0));
+            t[r][1] = _mm512_add_ps(t[r][1], _mm512_mul_ps(c1, s1));
+        }
+    }
+    for (int h = 0; h * 16 < nj; h++) {
+        int64_t nc = nj - 16 * h < 16 ? nj - 16 * h : 16;
+        __mmask16 m = (__mmask16)((1u << nc) - 1u);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + 16 * h) : _mm512_setzero_ps();
+        for (int r = 0; r < ROWS; r++) {
+            __m512 y = _mm512_mul_ps(t[r][h], _mm512_set1_ps(sx[r]));
+            if (bias) y = _mm512_add_ps(y, b);
+            _mm512_mask_storeu_ps(Y + r * ldy + 16 * h, m, y);
+        }
+    }
+}
+
+/* qk_cpu_linear_w8a8b_f32 on VNNI with blocks a multiple of 4 long (K > 0): work items of
+ * VB_COLS weight rows shared among the threads, each packed once and passed over by every row
+ * of ap (A + 128, row stride K). */
+VNNI static int vb_product(int64_t M, int64_t N, int64_t K, const uint8_t *ap, const int8_t *B,
+                           int64_t ldb, const float *sx, const float *S, int64_t block,
+                           const float *bias, float *Y, int64_t ldy, int threads) {
+    const int64_t items = (N + VB_COLS - 1) / VB_COLS, groups = K / block;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if (threads > 1 && items > 1) reduction(| : failed)
+    {
+        int8_t *Wp = malloc((size_t)(K / 4 * 128));
+        int32_t *bsum = malloc(sizeof(int32_t) * (size_t)(groups * VB_COLS));
+        float *Sp = malloc(sizeof(float) * (size_t)(groups * VB_COLS));
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            if (!Wp || !bsum || !Sp) {
+                failed = 1;
+                continue;
+            }
+            int64_t j0 = item * VB_COLS, nj = N - j0 < VB_COLS ? N - j0 : VB_COLS;
+            vb_pack(B + j0 * ldb, ldb, nj, K, block, S + j0 * groups, groups, Wp, bsum, Sp);
+            const float *b = bias ? bias + j0 : NULL;
+            int64_t i = 0;
+            for (; i + VB_ROWS <= M; i += VB_ROWS)
+                vb_tile(VB_ROWS, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
+                        Y + i * ldy + j0, ldy);
+            if (M - i == 5)
+                vb_tile(5, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
+                        Y + i * ldy + j0, ldy);
+            else if (M - i == 4)
+                vb_tile(4, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
+                        Y + i * ldy + j0, ldy);
+            else if (M - i == 3)
+                vb_tile(3, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
+                        Y + i * ldy + j0, ldy);
+            else if (M - i == 2)
+                vb_tile(2, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
+                        Y + i * ldy + j0, ldy);
+            else if (M - i == 1)
+                vb_tile(1, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
+                        Y + i * ldy + j0, ldy);
+        }
+        free(Wp);
+        free(bsum);
+        free(Sp);
+    }
+    return failed ? QK_ERR_MEMORY : QK_OK;
+}
 #endif
 
 /* -------------------------------------------------------------------------------- AMX */
@@ -744,20 +891,6 @@ VNNI static void w8_avx512_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
  * a compiler barrier keeps the stores that fill a buffer before the tile loads that read it, and
  * the reads of a tile store's buffer after it. */
 #define AMX_MEMORY_BARRIER() __asm__ volatile("" ::: "memory")
-
-/* a * b and a + b with a as the first source operand, as the scalar kernels compute them: where
- * both operands are NaN, x86 returns the first source's NaN, and a compiler is free to swap the
- * operands of a vector multiply or add (it did, to embed a broadcast). */
-AMX static inline __m512 amx_mul_ps(__m512 a, __m512 b) {
-    __m512 r;
-    __asm__("vmulps %2, %1, %0" : "=v"(r) : "v"(a), "v"(b));
-    return r;
-}
-AMX static inline __m512 amx_add_ps(__m512 a, __m512 b) {
-    __m512 r;
-    __asm__("vaddps %2, %1, %0" : "=v"(r) : "v"(a), "v"(b));
-    return r;
-}
 
 /* 1 when the CPU has AMX-TILE and AMX-INT8, the OS saves tile state, and Linux grants this process
  * the tile data (asked once; the grant holds for every thread of the process). */
@@ -877,11 +1010,11 @@ AMX static void amx_store(const int32_t *acc, int64_t i0, int64_t mi, int64_t j0
         const __m512 bias = out->bias ? _mm512_maskz_loadu_ps(m, out->bias + j0 + c0)
                                       : _mm512_setzero_ps();
         for (int64_t ii = 0; ii < mi; ii++) {
-            const __m512 s = amx_mul_ps(_mm512_set1_ps(out->sx[i0 + ii]), sw);
-            __m512 y = amx_mul_ps(
+            const __m512 s = _mm512_mul_ps(_mm512_set1_ps(out->sx[i0 + ii]), sw);
+            __m512 y = _mm512_mul_ps(
                 _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(acc + ii * AMX_N_BLOCK + c0))),
                 s);
-            if (out->bias) y = amx_add_ps(y, bias);
+            if (out->bias) y = _mm512_add_ps(y, bias);
             _mm512_mask_storeu_ps(out->Y + (i0 + ii) * out->ldy + j0 + c0, m, y);
         }
     }
@@ -963,7 +1096,8 @@ AMX static void amx_block(int64_t M, int64_t j0, int64_t nj, int64_t kcs, const 
                 for (int64_t ii = 0; ii < mi; ii++) {
                     int64_t e = ii * AMX_N_BLOCK + h * AMX_ROWS;
                     __m512 c = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(acc + e)));
-                    _mm512_store_ps(t + e, amx_add_ps(_mm512_load_ps(t + e), amx_mul_ps(c, sg)));
+                    _mm512_store_ps(t + e, _mm512_add_ps(_mm512_load_ps(t + e),
+                                                         _mm512_mul_ps(c, sg)));
                 }
             }
         }
@@ -973,9 +1107,9 @@ AMX static void amx_block(int64_t M, int64_t j0, int64_t nj, int64_t kcs, const 
             const __m512 bias = out->bias ? _mm512_maskz_loadu_ps(m, out->bias + j0 + c0)
                                           : _mm512_setzero_ps();
             for (int64_t ii = 0; ii < mi; ii++) {
-                __m512 y = amx_mul_ps(_mm512_load_ps(t + ii * AMX_N_BLOCK + c0),
+                __m512 y = _mm512_mul_ps(_mm512_load_ps(t + ii * AMX_N_BLOCK + c0),
                                       _mm512_set1_ps(out->sx[i0 + ii]));
-                if (out->bias) y = amx_add_ps(y, bias);
+                if (out->bias) y = _mm512_add_ps(y, bias);
                 _mm512_mask_storeu_ps(out->Y + (i0 + ii) * out->ldy + j0 + c0, m, y);
             }
         }
@@ -1234,6 +1368,13 @@ EXPORT int qk_cpu_linear_w8a8b_f32(int path, int64_t M, int64_t N, int64_t K, co
     if (threads < 1) threads = 1;
     uint8_t *ap = NULL;
     if (path == QK_PATH_VNNI && !(ap = offset_copy(M, K, A, lda))) return QK_ERR_MEMORY;
+#if defined(__x86_64__)
+    if (path == QK_PATH_VNNI && K > 0 && block % 4 == 0) {
+        int code = vb_product(M, N, K, ap, B, ldb, sx, S, block, bias, Y, ldy, threads);
+        free(ap);
+        return code;
+    }
+#endif
     int failed = 0;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1) \
         reduction(| : failed)
