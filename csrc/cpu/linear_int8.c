@@ -696,22 +696,18 @@ VNNI static void w8_avx512_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
         const int8_t *next = j + 8 <= N ? W + (j + 4) * ldw : NULL, *w = W + j * ldw;
         const float *b = bias ? bias + j : NULL;
         int64_t i = 0;
-        for (; i + 6 <= M; i += 6, next = NULL)
-            w8_avx512_tile(6, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j, ldy,
-                           next);
-        switch (M - i) {
-        case 5: w8_avx512_tile(5, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j,
-                               ldy, next); break;
-        case 4: w8_avx512_tile(4, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j,
-                               ldy, next); break;
-        case 3: w8_avx512_tile(3, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j,
-                               ldy, next); break;
-        case 2: w8_avx512_tile(2, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j,
-                               ldy, next); break;
-        case 1: w8_avx512_tile(1, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j,
-                               ldy, next); break;
+#define W8_TILE(R) w8_avx512_tile(R, X + i * ldx, ldx, w, ldw, K, scale + j, b, Y + i * ldy + j, \
+                                  ldy, next)
+        for (; i + 6 <= M; i += 6, next = NULL) W8_TILE(6);
+        switch (M - i) {          /* a constant row count, so each tile keeps its registers */
+        case 5: W8_TILE(5); break;
+        case 4: W8_TILE(4); break;
+        case 3: W8_TILE(3); break;
+        case 2: W8_TILE(2); break;
+        case 1: W8_TILE(1); break;
         default: break;
         }
+#undef W8_TILE
     }
     if (j4 < j1) w8_generic_block(M, j4, j1, K, X, ldx, W, ldw, scale, bias, Y, ldy);
 }
@@ -835,24 +831,18 @@ VNNI static int vb_product(int64_t M, int64_t N, int64_t K, const uint8_t *ap, c
             vb_pack(B + j0 * ldb, ldb, nj, K, block, S + j0 * groups, groups, Wp, bsum, Sp);
             const float *b = bias ? bias + j0 : NULL;
             int64_t i = 0;
-            for (; i + VB_ROWS <= M; i += VB_ROWS)
-                vb_tile(VB_ROWS, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
-                        Y + i * ldy + j0, ldy);
-            if (M - i == 5)
-                vb_tile(5, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
-                        Y + i * ldy + j0, ldy);
-            else if (M - i == 4)
-                vb_tile(4, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
-                        Y + i * ldy + j0, ldy);
-            else if (M - i == 3)
-                vb_tile(3, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
-                        Y + i * ldy + j0, ldy);
-            else if (M - i == 2)
-                vb_tile(2, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
-                        Y + i * ldy + j0, ldy);
-            else if (M - i == 1)
-                vb_tile(1, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj,
-                        Y + i * ldy + j0, ldy);
+#define VB_TILE(R) vb_tile(R, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj, \
+                           Y + i * ldy + j0, ldy)
+            for (; i + VB_ROWS <= M; i += VB_ROWS) VB_TILE(VB_ROWS);
+            switch (M - i) {      /* a constant row count, so each tile keeps its registers */
+            case 5: VB_TILE(5); break;
+            case 4: VB_TILE(4); break;
+            case 3: VB_TILE(3); break;
+            case 2: VB_TILE(2); break;
+            case 1: VB_TILE(1); break;
+            default: break;
+            }
+#undef VB_TILE
         }
         free(Wp);
         free(bsum);
