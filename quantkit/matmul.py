@@ -53,7 +53,7 @@ Block-scaled weights (``block_size`` B: one scale per B consecutive weights of a
 (N, K / B)) take the same choice for weight-only (the fused AVX2 kernel dequantizes each weight
 before its multiply-add); for W8A8, quantkit's kernel of the CPU's best path (``vnni``, ``avx2``)
 for every shape, one exact int32 product per block, with the AMX kernel timed beside ``vnni``
-from :data:`AMX_BLOCKS_MIN_ROWS` rows where the CPU has it and B is a multiple of 64 (a forced
+from :data:`AMX_MIN_ROWS` rows where the CPU has it and B is a multiple of 64 (a forced
 ``amx`` runs ``vnni`` for other B); the torch paths (``int_mm``, ``float``) loop over the blocks
 in torch ops with the same float32 operations, so every path gives the same bits.
 
@@ -88,9 +88,6 @@ VNNI_MIN_K = 2048
 #: On a CPU with AMX-INT8, products of at least this many rows (one full activation tile) also
 #: time quantkit's AMX kernel.
 AMX_MIN_ROWS = 16
-#: The same for block-scaled weights, whose VNNI kernel (one reduced product per block) the AMX
-#: kernel overtook from 4 rows of Linear(4096, 4096) on an Intel Xeon (docs/PERF-NOTES.md).
-AMX_BLOCKS_MIN_ROWS = 2
 #: auto on an AVX-512 CPU: the fused weight-only kernel up to this many rows, dense above (the
 #: crossover measured at 64 rows on a Zen 4 EPYC and below 16 on a Zen 5 one; at 32 the two
 #: paths were level on the Zen 4).
@@ -244,10 +241,10 @@ def _int8_blocks_path_cpu() -> str:
 def _int8_blocks_candidates_cpu(rows: int, block_size: int) -> tuple:
     """The W8A8 paths worth timing for block-scaled weights: the static one, and on a CPU with
     AMX-INT8 the AMX kernel too where it takes the blocks (a multiple of 64 long), from
-    :data:`AMX_BLOCKS_MIN_ROWS` rows."""
+    :data:`AMX_MIN_ROWS` rows."""
     path = _int8_blocks_path_cpu()
     if (path == "vnni" and _forced() == "auto" and cpu_info()["amx_int8"]
-            and rows >= AMX_BLOCKS_MIN_ROWS and block_size % 64 == 0):
+            and rows >= AMX_MIN_ROWS and block_size % 64 == 0):
         return ("vnni", "amx")
     return (path,)
 

@@ -18,7 +18,7 @@ from quantkit import matmul
 from quantkit.backends import native_cpu
 from quantkit.nn import QuantLinear
 
-from matmul_cases import FUSED_PATHS, INT8_PATHS, skip_unless_runnable
+from matmul_cases import FUSED_PATHS, INT8_PATHS, guarded, skip_unless_runnable
 
 
 
@@ -147,6 +147,29 @@ def test_amx_rescale_gives_nan_where_the_scalar_paths_do():
         want = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, b_, path="generic")
         got = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, b_, path="amx")
         assert np.isnan(want).any() and _same_bits_nan_anywhere(got, want)
+
+
+@pytest.mark.parametrize("path", FUSED_PATHS)
+@pytest.mark.parametrize("m, k, n", [(1, 100, 20), (7, 64, 33), (17, 129, 31), (40, 1000, 17)])
+def test_native_kernels_read_nothing_past_their_inputs(path, m, k, n):
+    """Every input of the int8 product, the W8A8 rescale and the fused weight-only product ends
+    at an inaccessible page (a read past it crashes the test); results as from ordinary arrays."""
+    skip_unless_runnable(path)
+    rng = np.random.default_rng(m * k + n)
+    a, b = _codes(rng, (m, k)), _codes(rng, (n, k))
+    s_a = rng.uniform(0.5, 1, m).astype(np.float32)
+    s_b = rng.uniform(0.5, 1, n).astype(np.float32)
+    x, w, scale, bias = _weight_only_inputs(rng, m, k, n)
+    assert np.array_equal(native_cpu.gemm_s8s8s32(guarded(a), guarded(b), path=path, threads=2),
+                          _exact(a, b))
+    want = native_cpu.linear_w8a8_f32(a, b, s_a, s_b, bias, path="generic")
+    got = native_cpu.linear_w8a8_f32(guarded(a), guarded(b), guarded(s_a), guarded(s_b),
+                                     guarded(bias), path=path, threads=2)
+    assert np.array_equal(got, want)
+    want = native_cpu.linear_w8_f32(x, w, scale, bias, path="generic")
+    got = native_cpu.linear_w8_f32(guarded(x), guarded(w), guarded(scale), guarded(bias),
+                                   path=path, threads=2)
+    assert np.array_equal(got, want)
 
 
 def test_native_gemm_takes_strided_rows():

@@ -16,7 +16,7 @@ import torch
 from quantkit import matmul, reference
 from quantkit.backends import native_cpu
 
-from matmul_cases import INT8_PATHS, skip_unless_runnable
+from matmul_cases import INT8_PATHS, guarded, skip_unless_runnable
 
 # (M, K, N, B): one block per row, many blocks, the largest block, N past the kernels' tiles.
 SHAPES = [(1, 64, 3, 64), (2, 128, 5, 64), (7, 576, 17, 64), (40, 1024, 33, 128),
@@ -96,8 +96,28 @@ def test_w8a8_blocks_packed_kernels_at_their_edges(path, m, k, n, b):
             assert np.array_equal(got[~nan].view(np.int32), want[~nan].view(np.int32)), threads
 
 
+@pytest.mark.parametrize("path", ("vnni", "amx"))
+@pytest.mark.parametrize("m, k, n, b", [(7, 256, 20, 64), (17, 128, 33, 64), (33, 64, 16, 64),
+                                        (3, 70000, 5, 70000)])
+def test_w8a8_blocks_packed_kernels_read_nothing_past_their_inputs(path, m, k, n, b):
+    """Codes, scales and weights each end at an inaccessible page (a read past them crashes);
+    extreme codes over a block of 70000 make sum (a + 128) b pass 2^31 on the VNNI kernel (a
+    saturating product would differ) while every true sum fits int32."""
+    skip_unless_runnable(path)
+    rng = np.random.default_rng(m + k + n)
+    q_x, codes, scale, s_x, bias = _problem(rng, m, k, n, b, extremes=True)
+    q_x[0], codes[0] = 127, -127                  # the largest sums of a row and a column
+    q_x[1] = 127
+    codes[1] = 127
+    want = reference.linear_w8a8_blocks(q_x, s_x, codes, scale, b, bias)
+    got = native_cpu.linear_w8a8_f32(guarded(q_x), guarded(codes), guarded(s_x),
+                                     guarded(scale), guarded(bias), block_size=b, path=path,
+                                     threads=2)
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("amx, rows, block, candidates", [
-    (True, 2, 64, ("vnni", "amx")), (True, 1, 64, ("vnni",)), (True, 100, 32, ("vnni",)),
+    (True, 16, 64, ("vnni", "amx")), (True, 15, 64, ("vnni",)), (True, 100, 32, ("vnni",)),
     (True, 100, 128, ("vnni", "amx")), (False, 100, 64, ("vnni",))])
 def test_w8a8_blocks_time_the_amx_kernel_where_it_applies(monkeypatch, amx, rows, block,
                                                           candidates):

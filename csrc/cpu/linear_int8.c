@@ -808,6 +808,28 @@ VNNI INLINE void vb_tile(const int ROWS, const uint8_t *ap, int64_t ldap, const 
     }
 }
 
+/* The outputs of weight rows [j0, j0 + nj) for every row of ap, from their packing. A function
+ * of its own (not the body of vb_product's OpenMP region): compilers outline that region without
+ * the AVX-512 target, and the always-inlined tiles must land in a function that has it. */
+VNNI static void vb_item(int64_t M, int64_t K, const uint8_t *ap, const int8_t *Wp,
+                         const int32_t *bsum, const float *Sp, int64_t groups, int64_t block,
+                         const float *sx, const float *b, int64_t j0, int64_t nj, float *Y,
+                         int64_t ldy) {
+    int64_t i = 0;
+#define VB_TILE(R) vb_tile(R, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj, \
+                           Y + i * ldy + j0, ldy)
+    for (; i + VB_ROWS <= M; i += VB_ROWS) VB_TILE(VB_ROWS);
+    switch (M - i) {              /* a constant row count, so each tile keeps its registers */
+    case 5: VB_TILE(5); break;
+    case 4: VB_TILE(4); break;
+    case 3: VB_TILE(3); break;
+    case 2: VB_TILE(2); break;
+    case 1: VB_TILE(1); break;
+    default: break;
+    }
+#undef VB_TILE
+}
+
 /* qk_cpu_linear_w8a8b_f32 on VNNI with blocks a multiple of 4 long (K > 0): work items of
  * VB_COLS weight rows shared among the threads, each packed once and passed over by every row
  * of ap (A + 128, row stride K). */
@@ -829,20 +851,8 @@ VNNI static int vb_product(int64_t M, int64_t N, int64_t K, const uint8_t *ap, c
             }
             int64_t j0 = item * VB_COLS, nj = N - j0 < VB_COLS ? N - j0 : VB_COLS;
             vb_pack(B + j0 * ldb, ldb, nj, K, block, S + j0 * groups, groups, Wp, bsum, Sp);
-            const float *b = bias ? bias + j0 : NULL;
-            int64_t i = 0;
-#define VB_TILE(R) vb_tile(R, ap + i * K, K, Wp, bsum, Sp, groups, block, sx + i, b, nj, \
-                           Y + i * ldy + j0, ldy)
-            for (; i + VB_ROWS <= M; i += VB_ROWS) VB_TILE(VB_ROWS);
-            switch (M - i) {      /* a constant row count, so each tile keeps its registers */
-            case 5: VB_TILE(5); break;
-            case 4: VB_TILE(4); break;
-            case 3: VB_TILE(3); break;
-            case 2: VB_TILE(2); break;
-            case 1: VB_TILE(1); break;
-            default: break;
-            }
-#undef VB_TILE
+            vb_item(M, K, ap, Wp, bsum, Sp, groups, block, sx, bias ? bias + j0 : NULL, j0, nj, Y,
+                    ldy);
         }
         free(Wp);
         free(bsum);
