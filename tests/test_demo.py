@@ -112,3 +112,35 @@ def test_per_channel_mse_of_real_activations_with_repeated_values(demo, minilm):
         sse = nc.sse_fixed_many(w[r], fine, nc.unit_inverse(amax, ax.size))
         ref = quantkit.quantization_mse(w[r], fine[np.argmin(sse)]).mse
         assert got[r] <= ref * 1.001, (r, got[r] / ref)
+
+
+def test_observer_per_channel_on_gelu_activations(demo, minilm):
+    """The Observer per channel on all-MiniLM-L6-v2's layer-5 feed-forward GELU outputs (the demo
+    sentences in four batches, 2565 tokens): within 0.5% of calibrating the same values at once
+    on all but 1% of the 1536 channels. Its model search found the dips of the GELU minimum's
+    pile only near the coarse scan's lowest point: 26 channels over 0.5% (worst 1.08)."""
+    import numpy as np
+    import torch
+
+    import quantkit
+
+    bert = minilm[0].auto_model
+    acts = []
+    hook = bert.encoder.layer[5].intermediate.register_forward_hook(
+        lambda m, i, o: acts.append(o.detach().reshape(-1, o.shape[-1]).numpy().copy()))
+    sentences = demo.TOPIC_SENTENCES + demo.PARAPHRASE_SENTENCES
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(sentences), 27):
+                features = minilm.tokenize(sentences[start:start + 27])
+                bert(**{k: v for k, v in features.items()
+                        if k in ("input_ids", "attention_mask", "token_type_ids")})
+    finally:
+        hook.remove()
+    observer = quantkit.Observer("mse", axis=1)
+    for batch in acts:
+        observer.update(batch)
+    x = np.concatenate(acts)
+    ratio = (quantkit.quantization_mse(x, observer.alpha(), axis=1).mse
+             / quantkit.quantization_mse(x, quantkit.calibrate(x, axis=1), axis=1).mse)
+    assert int((ratio > 1.005).sum()) <= x.shape[1] // 100, np.sort(ratio)[-20:]

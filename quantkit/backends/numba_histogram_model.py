@@ -230,15 +230,15 @@ def _refine(cnt, mean, var, tables, smooth_below, a64, centre, ratio, rounds):
 
 
 @njit(cache=True)
-def model_minima(cnt, mean, var, amax, smooth_below, within, count):
+def model_minima(cnt, mean, var, amax, smooth_below, within, count, rescan=0.1):
     """The local minima of model_sse over (0, amax] whose model error is within ``within``
     (relative) of the lowest: (alphas float32, errors float64), lowest error first, at most
     ``count``.
 
     1. Coarse geometric scan from amax down by 2^(-1/8), stopped once the error has grown 16x past
        the best.
-    2. The region where the coarse error is within 10% of the best, one coarse step wider on each
-       side, scanned again by 2^(-1/32): values piled near one magnitude (the minimum of GELU or
+    2. The region where the coarse error is within ``rescan`` (10%) of the best, one coarse step
+       wider on each side, scanned again by 2^(-1/32): values piled near one magnitude (the minimum of GELU or
        SiLU, a saturated level) make narrow dips where the rounding grid meets them, a few percent
        wide and 10-20% apart in alpha, which the coarse scan steps over.
     3. Every local minimum of that scan (the ends included) within ``within`` + 1% of its lowest
@@ -272,7 +272,7 @@ def model_minima(cnt, mean, var, amax, smooth_below, within, count):
     hi = 0.0
     lo = np.inf
     for j in range(nc):
-        if cs[j] <= 1.1 * best:
+        if cs[j] <= (1.0 + rescan) * best:
             hi = max(hi, ca[j] / COARSE_RATIO)
             lo = min(lo, ca[j] * COARSE_RATIO)
     hi = min(hi, a64)
@@ -316,12 +316,13 @@ def model_sse_many(cnt, mean, var, alphas, smooth_below):
 
 
 @njit(cache=True)
-def model_search(cnt, mean, var, amax, smooth_below=0.0):
-    """The alpha in (0, amax] minimising model_sse: the lowest of model_minima.
+def model_search(cnt, mean, var, amax, smooth_below=0.0, rescan=0.1):
+    """The alpha in (0, amax] minimising model_sse: the lowest of model_minima (``rescan``: its
+    fine scan's reach).
 
     With ``smooth_below > 0`` the bins below it are a sample of a smooth density: one that meets a
     rounding step (neither wholly in cell 0 nor wholly clipped) counts s^2 / 12 per value, the
     average over the phase of the step, instead of the exact integral over its narrow range, whose
     dependence on the step's phase would mirror the sample's count noise (a wiggle of about
     1 / sqrt(sample size) that would move the minimum)."""
-    return model_minima(cnt, mean, var, amax, smooth_below, 0.0, 1)[0][0]
+    return model_minima(cnt, mean, var, amax, smooth_below, 0.0, 1, rescan)[0][0]
