@@ -238,9 +238,9 @@ def model_minima(cnt, mean, var, amax, smooth_below, within, count, rescan=0.1):
     1. Coarse geometric scan from amax down by 2^(-1/8), stopped once the error has grown 16x past
        the best.
     2. The region where the coarse error is within ``rescan`` (10%) of the best, one coarse step
-       wider on each side, scanned again by 2^(-1/32): values piled near one magnitude (the minimum of GELU or
-       SiLU, a saturated level) make narrow dips where the rounding grid meets them, a few percent
-       wide and 10-20% apart in alpha, which the coarse scan steps over.
+       wider on each side, scanned again by 2^(-1/32): values piled near one magnitude (the
+       minimum of GELU or SiLU, a saturated level) make narrow dips where the rounding grid meets
+       them, a few percent wide and 10-20% apart in alpha, which the coarse scan steps over.
     3. Every local minimum of that scan (the ends included) within ``within`` + 1% of its lowest
        point is refined by three geometric rounds of 17 points (to ~0.005%); those within
        ``within`` of the lowest refined error are returned.
