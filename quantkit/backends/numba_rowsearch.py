@@ -93,8 +93,9 @@ _PILE_MIN = 64
 _PILE_SHARE = 0.01
 _PILE_RATIO = 4.0
 _PILE_REACH = 0.15     # a pile's alignments within +-15% of the trend's alpha are swept ...
-_PILE_MAX_CODE = 24.0  # ... where the pile's code there is at most 24 (finer: the window has them)
-_PILE_SWEEPS = 3       # at most this many of them, the nearest to the trend's alpha first
+_PILE_MAX_CODE = 64.0  # ... where the pile's code there is at most 64 (finer alignments lie within
+#                        the trend's own window of +-4%; at code 26 one 4.8% away did not) ...
+_PILE_SWEEPS = 3       # ... at most this many of them, the nearest to the trend's alpha first
 
 
 @njit(cache=True)
