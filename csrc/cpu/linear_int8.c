@@ -722,29 +722,41 @@ VNNI static void w8_avx512_block(int64_t M, int64_t j0, int64_t j1, int64_t K, c
 #define VB_COLS 32      /* weight rows per work item: two vectors of sixteen outputs */
 #define VB_ROWS 6       /* activation rows per tile */
 
-/* Weight rows [0, nj) of B (row stride ldb), nj <= VB_COLS, packed into Wp (K / 4 rows of 128
- * bytes, zeros past row nj - 1), each block's weight row sums into bsum[g][jj] and the scales
- * transposed into Sp[g][jj] (S[jj][g]; zeros past nj). */
-VNNI static void vb_pack(const int8_t *B, int64_t ldb, int64_t nj, int64_t K, int64_t block,
-                         const float *S, int64_t groups, int8_t *Wp, int32_t *bsum, float *Sp) {
+/* Weight rows [0, nj) of W (row stride ldw), nj <= 32, in groups of four k, the layout both the
+ * packed VNNI and the AMX kernels read: row kg of Wp (128 bytes) holds the codes k = 4 kg ..
+ * 4 kg + 3 of weight rows 0-15, then of rows 16-31, for kg < kgs (zeros past K and past row
+ * nj - 1). Sixteen full rows' group within K is one AVX-512 gather; edges go byte by byte. */
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void pack_weight_groups(const int8_t *W, int64_t ldw, int64_t nj, int64_t K, int64_t kgs,
+                               int8_t *Wp) {
+    const int gather = ldw <= INT32_MAX / 16;
     const __m512i rows = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32((int)(ldb <= INT32_MAX / 16 ? ldb : 0)));
+        _mm512_set1_epi32((int)(gather ? ldw : 0)));
     for (int h = 0; h < 2; h++) {
         int64_t c0 = 16 * h;
-        if (c0 + 16 <= nj && ldb <= INT32_MAX / 16) {
-            for (int64_t kg = 0; kg < K / 4; kg++)
-                _mm512_storeu_si512(
-                    (void *)(Wp + kg * 128 + 64 * h),
-                    _mm512_i32gather_epi32(rows, (const void *)(B + c0 * ldb + 4 * kg), 1));
-            continue;
-        }
-        for (int64_t kg = 0; kg < K / 4; kg++)
+        for (int64_t kg = 0; kg < kgs; kg++) {
+            int8_t *dst = Wp + kg * 128 + 64 * h;
+            if (gather && c0 + 16 <= nj && 4 * kg + 4 <= K) {
+                _mm512_storeu_si512((void *)dst, _mm512_i32gather_epi32(
+                    rows, (const void *)(W + c0 * ldw + 4 * kg), 1));
+                continue;
+            }
             for (int c = 0; c < 16; c++)
-                for (int q = 0; q < 4; q++)
-                    Wp[kg * 128 + 64 * h + 4 * c + q] =
-                        c0 + c < nj ? B[(c0 + c) * ldb + 4 * kg + q] : 0;
+                for (int q = 0; q < 4; q++) {
+                    int64_t k = 4 * kg + q;
+                    dst[4 * c + q] = c0 + c < nj && k < K ? W[(c0 + c) * ldw + k] : 0;
+                }
+        }
     }
+}
+
+/* Weight rows [0, nj) of B (row stride ldb), nj <= VB_COLS, packed into Wp (pack_weight_groups,
+ * K / 4 groups), each block's weight row sums into bsum[g][jj] and the scales transposed into
+ * Sp[g][jj] (S[jj][g]; zeros past nj). */
+VNNI static void vb_pack(const int8_t *B, int64_t ldb, int64_t nj, int64_t K, int64_t block,
+                         const float *S, int64_t groups, int8_t *Wp, int32_t *bsum, float *Sp) {
+    pack_weight_groups(B, ldb, nj, K, K / 4, Wp);
     const __m512i ones = _mm512_set1_epi8(1);
     for (int64_t g = 0; g < groups; g++) {
         __m512i s0 = _mm512_setzero_si512(), s1 = s0;
@@ -868,9 +880,10 @@ VNNI static int vb_product(int64_t M, int64_t N, int64_t K, const uint8_t *ap, c
  * need no offset. Tile registers of 16 rows x 64 bytes; a product tile is
  *   T[r][c] += sum_{k < 16, q < 4} S1[r][4k + q] * S2[k][4c + q]   (int32, wrapping)
  * S1 is a tile of activation rows as they are (16 rows i, 64 consecutive k each), copied into
- * contiguous tiles (amx_pack_rows); S2 holds sixteen weight rows in the pair-interleaved layout
- * (amx_pack_weight): row r of weight tile (t, kc) holds the four codes k = 64 kc + 4r .. 64 kc +
- * 4r + 3 of each of the weight rows 16 t .. 16 t + 15. Zeros past M, N and K. The product tile is
+ * contiguous tiles (amx_pack_rows); S2 holds sixteen weight rows in the layout of
+ * pack_weight_groups, shared with the packed VNNI kernel: row r of weight tile (t, kc), 128 bytes
+ * after row r - 1, holds the four codes k = 64 kc + 4r .. 64 kc + 4r + 3 of each of the weight
+ * rows 16 t .. 16 t + 15. Zeros past M, N and K. The product tile is
  * then C itself: T[i][j] = sum_k A[i][k] B[j][k], summed over k in another order than the other
  * paths, which changes no bit: every path computes the exact integer (modulo 2^32). */
 #ifdef QK_HAVE_AMX
@@ -882,6 +895,9 @@ VNNI static int vb_product(int64_t M, int64_t N, int64_t K, const uint8_t *ap, c
 /* Bytes of k per tile row of S1; one tile is AMX_ROWS * AMX_K bytes. */
 #define AMX_K 64
 #define AMX_TILE_BYTES (AMX_ROWS * AMX_K)
+/* Bytes between a weight tile's rows in the packed weight (pack_weight_groups: two tiles' rows
+ * interleaved). */
+#define AMX_W_STRIDE 128
 /* Weight rows per work item: two weight tiles. */
 #define AMX_N_BLOCK 32
 /* Bytes of packed activations per pass over the weight, sized to stay in L2 while every work item
@@ -947,37 +963,6 @@ AMX static void amx_pack_rows(int64_t M, int64_t K, const int8_t *A, int64_t lda
     }
 }
 
-/* Weight rows [0, nj) of W (row stride ldw), nj <= AMX_N_BLOCK, as the S2 tiles amx_block loads:
- * for each kc, weight tile 0 (rows 0-15) then tile 1 (rows 16-31), each in the pair-interleaved
- * layout (section comment), zeros past K and past row nj - 1. A full group of sixteen rows and 64
- * bytes gathers each tile row's sixteen 4-byte groups at once; edges go byte by byte. */
-AMX static void amx_pack_weight(const int8_t *W, int64_t ldw, int64_t nj, int64_t K, int64_t kcs,
-                                int8_t *Wp) {
-    const int tiles = nj > AMX_ROWS ? 2 : 1;
-    const __m512i rows = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32((int)(ldw <= INT32_MAX / AMX_ROWS ? ldw : 0)));
-    for (int64_t kc = 0; kc < kcs; kc++)
-        for (int t = 0; t < tiles; t++) {
-            int8_t *dst = Wp + (kc * 2 + t) * AMX_TILE_BYTES;
-            int64_t j0 = t * AMX_ROWS, k0 = kc * AMX_K;
-            if (j0 + AMX_ROWS <= nj && k0 + AMX_K <= K && ldw <= INT32_MAX / AMX_ROWS) {
-                const int8_t *base = W + j0 * ldw + k0;
-                for (int r = 0; r < AMX_ROWS; r++)
-                    _mm512_store_si512((void *)(dst + r * AMX_K),
-                                       _mm512_i32gather_epi32(rows, (const void *)(base + 4 * r),
-                                                              1));
-                continue;
-            }
-            for (int r = 0; r < AMX_ROWS; r++)
-                for (int c = 0; c < AMX_ROWS; c++)
-                    for (int q = 0; q < 4; q++) {
-                        int64_t j = j0 + c, k = k0 + 4 * r + q;
-                        dst[r * AMX_K + 4 * c + q] = j < nj && k < K ? W[j * ldw + k] : 0;
-                    }
-        }
-}
-
 /* Where a work item's product tiles go: the int32 C (Y NULL), or Y = float32(C) * (sx[i] * sw[j])
  * + bias[j] (S NULL), or, with block scales S[j][g] (N, groups; blocks of `block` k, a multiple of
  * 64), Y = t * sx[i] + bias[j] with t = 0 and, for g = 0, 1, ..., t = t + float32(C_g) * S[j][g]
@@ -1036,8 +1021,8 @@ AMX INLINE void amx_tiles(const int8_t *P0, const int8_t *P1, const int8_t *Wp, 
             const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
             _tile_loadd(4, P0 + kc * AMX_TILE_BYTES, AMX_K);
             _tile_loadd(5, P1 + kc * AMX_TILE_BYTES, AMX_K);
-            _tile_loadd(6, w, AMX_K);
-            _tile_loadd(7, w + AMX_TILE_BYTES, AMX_K);
+            _tile_loadd(6, w, AMX_W_STRIDE);
+            _tile_loadd(7, w + AMX_K, AMX_W_STRIDE);
             _tile_dpbssd(0, 4, 6);
             _tile_dpbssd(1, 4, 7);
             _tile_dpbssd(2, 5, 6);
@@ -1047,10 +1032,10 @@ AMX INLINE void amx_tiles(const int8_t *P0, const int8_t *P1, const int8_t *Wp, 
         for (int64_t kc = kc0; kc < kc1; kc++) {
             const int8_t *w = Wp + kc * 2 * AMX_TILE_BYTES;
             _tile_loadd(4, P0 + kc * AMX_TILE_BYTES, AMX_K);
-            _tile_loadd(6, w, AMX_K);
+            _tile_loadd(6, w, AMX_W_STRIDE);
             _tile_dpbssd(0, 4, 6);
             if (two_w) {
-                _tile_loadd(7, w + AMX_TILE_BYTES, AMX_K);
+                _tile_loadd(7, w + AMX_K, AMX_W_STRIDE);
                 _tile_dpbssd(1, 4, 7);
             }
             if (two_a) {
@@ -1066,8 +1051,8 @@ AMX INLINE void amx_tiles(const int8_t *P0, const int8_t *P1, const int8_t *Wp, 
     AMX_MEMORY_BARRIER();
 }
 
-/* The output of weight rows [j0, j0 + nj), nj <= AMX_N_BLOCK, packed in Wp (amx_pack_weight), for
- * activation tiles [b0, b1) of the packed P (kcs tiles of k each), two activation tiles at a
+/* The output of weight rows [j0, j0 + nj), nj <= AMX_N_BLOCK, packed in Wp (pack_weight_groups),
+ * for activation tiles [b0, b1) of the packed P (kcs tiles of k each), two activation tiles at a
  * time (one last when b1 - b0 is odd). With block scales, Sp holds them for these rows
  * (Sp[g][jj] = S[j0 + jj][g], zeros past nj) and each block's product is rescaled into the float32
  * sums t before the next one. */
@@ -1146,7 +1131,7 @@ AMX static int amx_product(int64_t M, int64_t N, int64_t K, const int8_t *A, int
                     continue;
                 }
                 int64_t j0 = item * AMX_N_BLOCK, nj = N - j0 < AMX_N_BLOCK ? N - j0 : AMX_N_BLOCK;
-                amx_pack_weight(B + j0 * ldb, ldb, nj, K, kcs, Wp);
+                pack_weight_groups(B + j0 * ldb, ldb, nj, K, kcs * AMX_K / 4, Wp);
                 if (Sp)
                     for (int64_t g = 0; g < out->groups; g++)
                         for (int64_t jj = 0; jj < AMX_N_BLOCK; jj++)
