@@ -419,28 +419,19 @@ def test_forced_amx_without_the_feature_names_it(monkeypatch):
                             torch.ones((4, 3), dtype=torch.int8))
 
 
-def test_library_refuses_amx_on_a_cpu_without_it():
-    """As for VNNI: the library checks the CPU and the OS's grant itself."""
+@pytest.mark.parametrize("path, need", [("vnni", "need AVX-512 BW/VL and VNNI"),
+                                        ("amx", "need AVX-512 BW/VL, VNNI and AMX-INT8")])
+def test_library_refuses_a_path_the_cpu_lacks(path, need):
+    """The C library checks the CPU (and for AMX the OS's grant) itself: a forced VNNI or AMX call
+    never runs an illegal instruction."""
     if native_cpu.unavailable_reason() is not None:
         pytest.skip(native_cpu.unavailable_reason())
     a = np.ones((2, 3), np.int8)
-    if native_cpu.path_supported("amx"):
-        assert np.array_equal(native_cpu.gemm_s8s8s32(a, a, path="amx"), np.full((2, 2), 3))
+    if native_cpu.path_supported(path):
+        assert np.array_equal(native_cpu.gemm_s8s8s32(a, a, path=path), np.full((2, 2), 3))
     else:
-        with pytest.raises(RuntimeError, match="'amx'.*need AVX-512 BW/VL, VNNI and AMX-INT8"):
-            native_cpu.gemm_s8s8s32(a, a, path="amx")
-
-
-def test_library_refuses_vnni_on_a_cpu_without_it():
-    """The C library checks the CPU itself: a forced VNNI call never runs an illegal instruction."""
-    if native_cpu.unavailable_reason() is not None:
-        pytest.skip(native_cpu.unavailable_reason())
-    a = np.ones((2, 3), np.int8)
-    if native_cpu.path_supported("vnni"):
-        assert np.array_equal(native_cpu.gemm_s8s8s32(a, a, path="vnni"), np.full((2, 2), 3))
-    else:
-        with pytest.raises(RuntimeError, match="'vnni'.*need AVX-512 BW/VL and VNNI"):
-            native_cpu.gemm_s8s8s32(a, a, path="vnni")
+        with pytest.raises(RuntimeError, match=f"'{path}'.*{need}"):
+            native_cpu.gemm_s8s8s32(a, a, path=path)
 
 
 def test_forced_native_without_the_library_says_how_to_build(monkeypatch):

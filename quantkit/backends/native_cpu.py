@@ -157,11 +157,14 @@ def _ld(a: np.ndarray) -> int:
     return max(a.strides[0] // a.itemsize, a.shape[1])
 
 
+#: What each accelerated path needs beyond AVX2 and FMA, for the error message.
+_NEEDS = {"vnni": "AVX-512 BW/VL and VNNI",
+          "amx": "AVX-512 BW/VL, VNNI and AMX-INT8 granted by the OS"}
+
+
 def _check(code: int, path: str) -> None:
     if code == _ERR_UNSUPPORTED:
-        need = {"vnni": "AVX-512 BW/VL and VNNI",
-                "amx": "AVX-512 BW/VL, VNNI and AMX-INT8 granted by the OS"}.get(path,
-                                                                                 "AVX2 and FMA")
+        need = _NEEDS.get(path, "AVX2 and FMA")
         raise RuntimeError(f"the {path!r} int8 kernels cannot run on this CPU (they need {need})")
     if code == _ERR_MEMORY:
         raise MemoryError("quantkit's CPU library could not allocate its work buffers")

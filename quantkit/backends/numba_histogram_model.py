@@ -316,13 +316,12 @@ def model_sse_many(cnt, mean, var, alphas, smooth_below):
 
 
 @njit(cache=True)
-def model_search(cnt, mean, var, amax, smooth_below=0.0, rescan=0.1):
-    """The alpha in (0, amax] minimising model_sse: the lowest of model_minima (``rescan``: its
-    fine scan's reach).
+def model_search(cnt, mean, var, amax, smooth_below=0.0):
+    """The alpha in (0, amax] minimising model_sse: the lowest of model_minima.
 
     With ``smooth_below > 0`` the bins below it are a sample of a smooth density: one that meets a
     rounding step (neither wholly in cell 0 nor wholly clipped) counts s^2 / 12 per value, the
     average over the phase of the step, instead of the exact integral over its narrow range, whose
     dependence on the step's phase would mirror the sample's count noise (a wiggle of about
     1 / sqrt(sample size) that would move the minimum)."""
-    return model_minima(cnt, mean, var, amax, smooth_below, 0.0, 1, rescan)[0][0]
+    return model_minima(cnt, mean, var, amax, smooth_below, 0.0, 1)[0][0]
